@@ -1,0 +1,6 @@
+"""SimCLR in PyTorch: pretraining, evaluation and tools for contrastive visual representations."""
+from .loss import nt_xent, nt_xent_loss
+from .optim import LARS
+
+__version__ = "0.1.0"
+__all__ = ["nt_xent", "nt_xent_loss", "LARS", "__version__"]

@@ -1,0 +1,112 @@
+"""``simclr <command> [options]``: thin wrappers that parse, build and call.
+
+Each command lives in its own module and is registered in COMMANDS as
+``name: ("module:function", "one-line description")``; the function takes the argument
+list and returns an exit code. Bad input raises :class:`simclr.errors.UserError`, which is
+printed here as one line (exit code 2), never as a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from .errors import UserError
+
+COMMANDS = {
+    "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
+}
+
+
+def pretrain_main(argv: Sequence[str]) -> int:
+    from . import config as config_lib
+    from .config import PretrainConfig
+    if "-h" in argv or "--help" in argv:
+        print(config_lib.help_text(PretrainConfig, "simclr pretrain"))
+        return 0
+    cfg, notes = config_lib.parse(PretrainConfig, argv)
+    if cfg.problem != "sim-clr":
+        raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
+                        f"(or `python train.py`, which picks the job from the config)")
+    config_lib.print_notes(notes)
+    from . import distributed
+    if distributed.maybe_spawn(cfg, list(argv)):
+        return 0
+    from .train import pretrain
+    result = pretrain(cfg, notes)
+    if result.get("run_dir"):
+        summary = [f"run folder: {result['run_dir']}", f"status: {result['status']} at step {result['step']}"]
+        if "knn_start_top1" in result:
+            summary.append(f"kNN top-1 at random init: {result['knn_start_top1']:.2f}%")
+        if "knn_top1" in result:
+            summary.append(f"kNN top-1 after pretraining: {result['knn_top1']:.2f}% "
+                           f"(top-5 {result['knn_top5']:.2f}%)")
+        print("\n".join(summary))
+    return 0
+
+
+def spec_main(argv: Sequence[str]) -> int:
+    """``python train.py ...`` (the spec's form): route to pretrain or eval by ``problem``."""
+    from . import config as config_lib
+    argv = list(argv)
+    try:
+        path, overrides = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
+        problem = overrides.get("problem") or (config_lib.load_yaml(path).get("problem") if path else None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "eval" if problem == "eval" else "pretrain"
+    if problem not in (None, "sim-clr", "eval"):
+        print(f"error: option 'problem' got {problem!r}; allowed: sim-clr, eval", file=sys.stderr)
+        return 2
+    if command not in COMMANDS:
+        print(f"error: `{command}` is not available in this version", file=sys.stderr)
+        return 2
+    return run_command(command, argv)
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: simclr <command> [options]   (simclr <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _clean(msg: str) -> str:
+    # errors raised inside DataLoader workers come back wrapped with the worker's traceback
+    if "Original Traceback" in msg:
+        tail = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+        msg = tail.split(": ", 1)[1] if ": " in tail else tail
+    return msg
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    target, _ = COMMANDS[name]
+    module, func = target.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(list(argv)) or 0)
+    except UserError as e:
+        print(f"error: {_clean(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return run_command(name, argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Datasets: where images come from, with one small interface for all of them.
+
+Every dataset is a :class:`LabeledImages`: ``len()``, ``load(i) -> PIL.Image`` (RGB),
+``targets`` (list of int labels, -1 for unlabeled), ``classes`` and ``image_size``
+(the side the network sees). Small datasets (CIFAR-10/100, STL-10) are held as one
+uint8 array (N, H, W, 3) in memory — decoded once and cached on disk — so workers and
+the GPU path can index them cheaply; large ones (ImageNet, any folder) are read from
+files on demand.
+
+Roots: ``DATA_ROOT`` (CIFAR, STL-10; default ./data), ``IMAGENET_PATH`` (a folder with
+train/ and val/, as in the spec), ``--data_path`` for ``--data folder``. Decoded arrays
+are cached under ``SIMCLR_CACHE`` (default ~/.cache/simclr), never inside the data root,
+which may be read-only.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("DATA_ROOT", "data"))
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class LabeledImages:
+    """Interface: ``len``, ``load(i) -> PIL RGB image``, ``targets``, ``classes``, ``image_size``, ``name``."""
+
+    name: str = ""
+    classes: list
+    targets: list
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, i: int) -> Image.Image:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int]) -> "LabeledImages":
+        return Subset(self, list(indices))
+
+
+class ArrayImages(LabeledImages):
+    """Images held as one uint8 array (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list, name: str, image_size: int):
+        self.images, self.targets, self.classes, self.name = images, list(targets), classes, name
+        self.image_size = image_size
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+class FileImages(LabeledImages):
+    """Images read from files on demand (ImageNet, any image folder)."""
+
+    def __init__(self, files: list, targets: Sequence[int], classes: list, name: str, image_size: int,
+                 skip_bad_images: bool = False):
+        self.files, self.targets, self.classes, self.name = files, list(targets), classes, name
+        self.image_size = image_size
+        self.skip_bad_images = skip_bad_images
+        self.bad_images: list = []
+
+    def load(self, i: int) -> Image.Image:
+        for j in range(len(self.files)):  # with skip_bad_images, fall through to the next readable file
+            k = (i + j) % len(self.files)
+            try:
+                with Image.open(self.files[k]) as im:
+                    return im.convert("RGB")
+            except Exception as e:  # PIL raises many types for broken files
+                if not self.skip_bad_images:
+                    raise DataError(f"cannot read image {self.files[k]}: {e}. Remove or replace the file, "
+                                    f"or pass --skip_bad_images true to skip unreadable files.") from None
+                self.bad_images.append(str(self.files[k]))
+        raise DataError("no readable image in the dataset")
+
+
+class Subset(LabeledImages):
+    def __init__(self, base: LabeledImages, indices: list):
+        self.base, self.indices = base, indices
+        self.targets = [base.targets[i] for i in indices]
+        self.classes, self.name, self.image_size = base.classes, base.name, base.image_size
+        if isinstance(base, ArrayImages):  # keep the array view for the tensor (fast) path
+            self.images = base.images[np.asarray(indices, dtype=np.int64)]
+
+    def load(self, i: int) -> Image.Image:
+        return self.base.load(self.indices[i])
+
+
+def scan_folder(root: Path) -> tuple[list, list, list]:
+    """``root/<class>/<image>`` -> (files, targets, classes), classes sorted (torchvision's order)."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, targets = [], []
+    for ci, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMG_EXTENSIONS:
+                files.append(f)
+                targets.append(ci)
+    if not files:
+        raise DataError(f"image folder {root} holds no images: expected {root}/<class>/<image>.jpg "
+                        f"(extensions: {', '.join(IMG_EXTENSIONS)})")
+    return files, targets, classes
+
+
+def _decode(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def folder_to_array(root: Path, name: str) -> tuple[np.ndarray, list, list]:
+    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content."""
+    files, targets, classes = scan_folder(root)
+    key = hashlib.sha1(("\n".join(str(f) for f in files) + str(root.stat().st_mtime)).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{name}-{key}.npz"
+    if cached.exists():
+        try:
+            with np.load(cached) as z:
+                return z["images"], list(z["targets"]), classes
+        except Exception:
+            cached.unlink(missing_ok=True)  # corrupt cache: rebuild
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
+        arrays = list(ex.map(_decode, files, chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DataError(f"images in {root} differ in size ({sorted(shapes)[:3]} ...); use --data folder for "
+                        f"mixed sizes")
+    images = np.stack(arrays)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, images=images, targets=np.asarray(targets, dtype=np.int64))
+    os.replace(tmp, cached)
+    return images, targets, classes
+
+
+def _missing(name: str, looked: list, extra: str = "") -> DataError:
+    where = "\n  ".join(str(p) for p in looked)
+    return DataError(f"{name} not found. Looked in:\n  {where}\nSet DATA_ROOT to the folder that holds it "
+                     f"(e.g. DATA_ROOT=../shared/data){extra}.")
+
+
+def _cifar(name: str, train: bool) -> ArrayImages:
+    root = data_root()
+    split = "train" if train else "test"
+    folder = root / name / split
+    if folder.is_dir():
+        images, targets, classes = folder_to_array(folder, f"{name}-{split}")
+        return ArrayImages(images, targets, classes, name, 32)
+    from torchvision import datasets as tvd
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    try:
+        ds = cls(root=str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            ds = cls(root=str(root), train=train, download=True)
+        except Exception as e:
+            raise _missing(name, [folder, root / cls.base_folder],
+                           f"; downloading failed too ({type(e).__name__}: offline?)") from None
+    return ArrayImages(np.asarray(ds.data), ds.targets, list(ds.classes), name, 32)
+
+
+def _stl10(split: str) -> ArrayImages:
+    root = data_root()
+    parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
+    arrays, targets, classes = [], [], None
+    for part in parts:
+        folder = root / "stl10" / part
+        if folder.is_dir():
+            if part == "unlabeled":  # flat folder of images, no classes
+                files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+                arrays.append(np.stack([_decode(f) for f in files]))
+                targets += [-1] * len(files)
+            else:
+                a, t, classes = folder_to_array(folder, f"stl10-{part}")
+                arrays.append(a)
+                targets += t
+            continue
+        from torchvision import datasets as tvd
+        try:
+            ds = tvd.STL10(root=str(root), split=part, download=False)
+        except RuntimeError:
+            try:
+                ds = tvd.STL10(root=str(root), split=part, download=True)
+            except Exception as e:
+                raise _missing("stl10", [folder, root / "stl10_binary"],
+                               f"; downloading failed too ({type(e).__name__}: offline?)") from None
+        arrays.append(np.asarray(ds.data).transpose(0, 2, 3, 1))
+        targets += [int(t) for t in ds.labels]
+        classes = list(ds.classes)
+    return ArrayImages(np.concatenate(arrays), targets, classes or [], "stl10", 96)
+
+
+def _split_folder(base: Path, train: bool) -> Path:
+    if train:
+        return base / "train"
+    for name in ("test", "val"):
+        if (base / name).is_dir():
+            return base / name
+    return base / "test"
+
+
+def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
+                skip_bad_images: bool = False) -> LabeledImages:
+    """split: 'pretrain' (what SimCLR trains on), 'train' (labelled train split), 'test'."""
+    if split not in ("pretrain", "train", "test"):
+        raise ValueError(f"split must be pretrain, train or test, got {split!r}")
+    train = split != "test"
+    size = image_size or NATIVE_SIZE.get(data, 224)
+    if data in ("cifar10", "cifar100"):
+        ds = _cifar(data, train)
+    elif data == "stl10":
+        ds = _stl10(split)
+    elif data in ("imagenet", "folder"):
+        if data == "imagenet":
+            env = os.environ.get("IMAGENET_PATH", "")
+            if not env:
+                raise DataError("ImageNet needs IMAGENET_PATH: export IMAGENET_PATH=/path/with/train-and-val")
+            base = Path(env)
+        else:
+            base = Path(data_path)
+        folder = _split_folder(base, train)
+        if not folder.is_dir():
+            raise DataError(f"{data} split folder not found: {folder} (expected {base}/train and {base}/test "
+                            f"or {base}/val, each with one sub-folder per class)")
+        files, targets, classes = scan_folder(folder)
+        ds = FileImages(files, targets, classes, data, size, skip_bad_images)
+    else:
+        raise DataError(f"unknown dataset {data!r}; allowed: cifar10, cifar100, stl10, imagenet, folder")
+    ds.image_size = size
+    if len(ds) == 0:
+        raise DataError(f"dataset {data} ({split}) is empty")
+    return ds
+
+
+def balanced_indices(targets: Sequence[int], n: int, seed: int = 0) -> list:
+    """``n`` indices drawn class-balanced (as equal as possible per class), reproducible for a seed.
+
+    Unlabeled items (target -1) are treated as one class of their own.
+    """
+    targets = np.asarray(targets)
+    if n >= len(targets):
+        return list(range(len(targets)))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(targets)
+    per_class = {c: rng.permutation(np.flatnonzero(targets == c)) for c in classes}
+    base, extra = divmod(n, len(classes))
+    order = rng.permutation(len(classes))
+    chosen = []
+    for rank, ci in enumerate(order):
+        c = classes[ci]
+        k = base + (1 if rank < extra else 0)
+        if k > len(per_class[c]):
+            raise DataError(f"class {c} has only {len(per_class[c])} images; cannot draw {k} of it")
+        chosen.extend(per_class[c][:k].tolist())
+    return sorted(chosen)
+
+
+def maybe_subset(ds: LabeledImages, n: int, seed: int = 0) -> LabeledImages:
+    return ds.subset(balanced_indices(ds.targets, n, seed)) if n and n < len(ds) else ds
+
+
+def native_size(data: str, image_size: int = 0) -> int:
+    return image_size or NATIVE_SIZE.get(data, 224)
+
+
+def all_arrays_or_none(ds: LabeledImages) -> Optional[np.ndarray]:
+    """The (N, H, W, 3) uint8 array of a small dataset, or None when it is read from files."""
+    return getattr(ds, "images", None)

@@ -1,0 +1,63 @@
+"""Reference (CPU, PIL + torchvision) augmentations, exactly the paper's recipe.
+
+The fast path (batched tensor augmentation) must reproduce the distribution defined here;
+this module is the reference it is tested against.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """10% of the image side, made odd (torchvision's blur needs an odd kernel)."""
+    k = max(3, int(round(0.1 * image_size)))
+    return k if k % 2 == 1 else k + 1
+
+
+def use_blur(image_size: int, blur: str = "auto") -> bool:
+    """The paper blurs ImageNet-size images only; CIFAR (32 px) is not blurred."""
+    return blur == "on" or (blur == "auto" and image_size >= 64)
+
+
+def color_distortion(s: float) -> T.Compose:
+    """Colour jitter with strength s (applied with p=0.8; the four ops in random order, as
+    torchvision's ColorJitter does), then random grayscale with p=0.2."""
+    jitter = T.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5))
+    return T.Compose([T.RandomApply([jitter], p=0.8), T.RandomGrayscale(p=0.2)])
+
+
+class Clip:
+    """Clamp to [0, 1] (blur and jitter can leave the range by rounding)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return "Clip()"
+
+
+def simclr_transform(image_size: int, color_dist_s: float = 1.0, scale_lower: float = 0.08,
+                     blur: str = "auto") -> T.Compose:
+    """PIL image -> one augmented view, a float tensor (3, S, S) in [0, 1]."""
+    ops = [
+        T.RandomResizedCrop(image_size, scale=(scale_lower, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(p=0.5),
+        color_distortion(color_dist_s),
+        T.ToTensor(),
+    ]
+    if use_blur(image_size, blur):
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
+    ops.append(Clip())
+    return T.Compose(ops)
+
+
+def eval_transform(image_size: int, native: int) -> T.Compose:
+    """No augmentation. Images already at the network's size pass through; larger ones are
+    resized so the centre crop covers 87.5% of the short side (the ImageNet protocol)."""
+    if native == image_size:
+        return T.Compose([T.ToTensor()])
+    return T.Compose([T.Resize(int(round(image_size / 0.875)), interpolation=InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), Clip()])

@@ -1,0 +1,51 @@
+"""kNN classification on frozen features: weighted (InstDisc, k=200, T=0.1) and majority vote.
+
+Pure functions on tensors; feature extraction lives in features.py. The same code serves
+the monitor during pretraining and ``simclr knn``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int = 200,
+                temperature: float = 0.1, weighted: bool = True, num_classes: int | None = None,
+                chunk: int = 1024) -> torch.Tensor:
+    """Class scores (n_test, C) from the k nearest training features by cosine similarity.
+
+    weighted: each neighbour votes exp(sim / temperature) (Wu et al. 2018); else 1.
+    train_f: (n_train, d), train_y: (n_train,), test_f: (n_test, d).
+    """
+    num_classes = num_classes or int(train_y.max()) + 1
+    k = min(k, train_f.shape[0])
+    train_f = F.normalize(train_f.float(), dim=1)
+    test_f = F.normalize(test_f.float(), dim=1)
+    out = []
+    for i in range(0, test_f.shape[0], chunk):
+        sim = test_f[i:i + chunk] @ train_f.t()
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
+        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        scores.scatter_add_(1, train_y[top_idx], votes)
+        out.append(scores)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
+    """Percent of rows whose label is among the top-k scores, for each k (capped at #classes)."""
+    res = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        hit = (scores.topk(kk, dim=1).indices == y.unsqueeze(1)).any(dim=1).float().mean().item()
+        res[f"top{k}"] = 100.0 * hit
+    return res
+
+
+def knn_classifier(train_f, train_y, test_f, test_y, k: int = 200, temperature: float = 0.1,
+                   weighted: bool = True) -> dict:
+    """Top-1/top-5 (percent) of kNN on the test features."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    scores = knn_predict(train_f, train_y, test_f, k, temperature, weighted, num_classes)
+    return topk_accuracy(scores, test_y)
