@@ -232,7 +232,7 @@ class Trainer:
         if self.run is None:
             return None
         path = ckpt_lib.checkpoint_path(self.run.path, self.step)
-        payload = {"kind": "pretrain", "step": self.step, "config": config_lib.to_dict(self.cfg),
+        payload = {"kind": "pretrain", "step": self.step, "image_size": self.image_size, "config": config_lib.to_dict(self.cfg),
                    "model": ckpt_lib.model_state(self.model), "optimizer": self.optimizer.state_dict(),
                    "scaler": self.scaler.state_dict(), "rng": rng_state(), "metrics": self.last_metrics,
                    "nan_skips": self.nan_skips}
