@@ -4,4 +4,11 @@ from .optim import LARS
 from . import runs  # simclr.runs.index(root) -> DataFrame; light: pandas loads on first use
 
 __version__ = "0.1.0"
-__all__ = ["nt_xent", "nt_xent_loss", "LARS", "__version__"]
+__all__ = ["nt_xent", "nt_xent_loss", "LARS", "load_encoder", "Encoder", "__version__"]
+
+
+def __getattr__(name):  # simclr.load_encoder / simclr.Encoder, imported on first use (keeps `import simclr` light)
+    if name in ("load_encoder", "Encoder"):
+        from . import weights
+        return getattr(weights, name)
+    raise AttributeError(f"module 'simclr' has no attribute {name!r}")

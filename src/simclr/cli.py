@@ -15,6 +15,8 @@ from .errors import UserError
 
 COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
+    "export": ("simclr.export:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
+    "embed": ("simclr.export:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
 }
 
 

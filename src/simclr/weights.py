@@ -3,53 +3,153 @@
 ``load_encoder(path)`` -> :class:`Encoder`, an ``nn.Module`` in eval mode mapping images
 (N, 3, H, W) with values in [0, 1] (no mean/std normalisation, as in the spec) to the
 representation h (N, d).
+
+Accepted files (recognised by content, not by name):
+- ours: ``torch.save`` dict with ``format="simclr"``, ``config`` and ``model`` (``convnet.*`` +
+  ``projection.*`` keys);
+- the spec's ``.pth.tar``: ``{"state_dict": {convnet.*, projection.*}, "hparams": Namespace}``;
+- exports (``simclr export``): a bare torchvision-named trunk state dict (``conv1.weight`` ...),
+  as a ``torch.save`` file or as safetensors (optionally with ``projection.*`` keys).
+
+Every file is loaded without running pickled code (``weights_only=True``, only
+``argparse.Namespace`` allowed) unless the caller passes ``trust=True``. Every load is strict:
+a missing or misshapen tensor is an error naming the file, never a partial load.
 """
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, unwrap_state_dict
+from .checkpoint import load_checkpoint, sha256_file, unwrap_state_dict
 from .errors import CheckpointError
 from .models import ENCODERS, SimCLRModel
+
+__all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state", "read_card", "file_kind"]
+
+# torch's legacy (pre-1.6, non-zip) format starts with its pickled magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_SUPPORTED = ", ".join(ENCODERS)
 
 
 class Encoder(nn.Module):
     """A loaded encoder: ``forward(x) -> h``; ``encode(x, layer)`` for head layers when present.
 
-    Attributes: ``arch``, ``feat_dim``, ``input_size`` (the side it was trained on),
-    ``cifar_stem``, ``model`` (the full :class:`SimCLRModel`, head included), ``source``
-    (path) and ``info`` (config/hparams dict of the checkpoint).
+    x: (N, 3, H, W) float in [0, 1]; h: (N, feat_dim). Attributes: ``arch``, ``width``,
+    ``feat_dim``, ``input_size`` (the side it was trained on), ``cifar_stem``, ``model`` (the full
+    :class:`SimCLRModel`, head included), ``has_head``, ``source`` (path), ``info`` (config/hparams
+    dict of the checkpoint) and ``card`` (what is known of its training: data, step, metrics ...).
     """
 
     def __init__(self, model: SimCLRModel, input_size: int, source: str = "", info: Optional[dict] = None,
-                 has_head: bool = True):
+                 has_head: bool = True, card: Optional[dict] = None):
         super().__init__()
         self.model = model
         self.arch = model.convnet.arch
+        self.width = model.convnet.width
         self.cifar_stem = model.convnet.cifar_stem
         self.feat_dim = model.feat_dim
         self.input_size = input_size
         self.source = source
         self.info = info or {}
+        self.card = card or {}
         self.has_head = has_head
         self.eval()
 
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"Encoder expects a batch of RGB images (N, 3, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"Encoder expects float images with values in [0, 1], got dtype {x.dtype}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         return self.model.convnet(x)
 
     def encode(self, x: torch.Tensor, layer: str = "h") -> torch.Tensor:
         if layer != "h" and not self.has_head:
             raise CheckpointError(f"{self.source} holds no projection head; encode_layer must be h")
+        self._check(x)
         return self.model.encode(x, layer)
 
+    def extra_repr(self) -> str:
+        return (f"arch={self.arch}, width={self.width}, cifar_stem={self.cifar_stem}, feat_dim={self.feat_dim}, "
+                f"input_size={self.input_size}, source={self.source!r}")
 
-def _spec_size(hp: dict) -> int:
-    data = str(hp.get("data", "cifar")).lower()
-    return 32 if data.startswith("cifar") else (96 if data.startswith("stl") else 224)
+
+# ---------------------------------------------------------------------------------------------
+# file level: what is this file, does it match its card
+# ---------------------------------------------------------------------------------------------
+
+def file_kind(path: Path) -> str:
+    """'torch-zip', 'torch-legacy', 'safetensors' or 'empty'; anything else raises a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or save?")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if head.startswith(_TORCH_LEGACY_MAGIC[:len(head)]) and len(head) >= 4:
+        return "torch-legacy"
+    # safetensors: 8-byte little-endian header length, then a JSON header
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    raise CheckpointError(f"{path} is neither a PyTorch checkpoint nor a safetensors file (it starts with bytes "
+                          f"{head[:8].hex()}); the file is corrupt or something else entirely")
+
+
+def _card_paths(path: Path) -> list:
+    return [path.with_name(path.name + ".json"), path.with_suffix(".json")]
+
+
+def read_card(path) -> dict:
+    """The model card beside ``path`` (``X.pt.json`` for exports, ``X.json`` for training checkpoints),
+    or {} when there is none. Only a card that names this file (or names no file) counts."""
+    path = Path(path)
+    for card in _card_paths(path):
+        if card == path or not card.is_file():
+            continue
+        try:
+            meta = json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("file", path.name) == path.name:
+            return dict(meta, card_path=str(card))
+    return {}
+
+
+def _verify(path: Path, card: dict) -> None:
+    want = card.get("sha256")
+    if want and sha256_file(path) != want:
+        raise CheckpointError(f"{path} does not match the SHA-256 in its model card {Path(card['card_path']).name}: "
+                              f"the file is truncated or corrupt (re-download or re-export it)")
+
+
+def _check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt (its zip archive is incomplete: {e}); "
+                              f"re-download or re-save it") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# state dict level
+# ---------------------------------------------------------------------------------------------
+
+def _short(keys: list, n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _strict_load(model: nn.Module, sd: dict, path) -> None:
@@ -57,85 +157,205 @@ def _strict_load(model: nn.Module, sd: dict, path) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            parts.append(f"missing keys {_short(list(missing))}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise CheckpointError(f"{path}: state dict does not match the architecture ({'; '.join(parts)})")
+            parts.append(f"unexpected keys {_short(list(unexpected))}")
+        raise CheckpointError(f"{path}: state dict does not match a {model.convnet.arch} encoder "
+                              f"({'; '.join(parts)}); refusing a partial load")
 
 
 def _check_shapes(model: nn.Module, sd: dict, path) -> None:
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but the architecture expects "
-                                  f"{tuple(own[k].shape)} (a checkpoint of another architecture or width?)")
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but a {model.convnet.arch} of width "
+                                  f"{model.convnet.width} expects {tuple(own[k].shape)} (a checkpoint of another "
+                                  f"architecture?)")
 
 
-def _guess_width_arch(sd: dict, prefix: str) -> tuple[str, int]:
-    w = sd[f"{prefix}conv1.weight"].shape[0]
-    bottleneck = f"{prefix}layer1.0.conv3.weight" in sd
-    n3 = len({k.split(".")[1] for k in sd if k.startswith(f"{prefix}layer3.")})
-    if bottleneck:
-        return "resnet50", w
-    return ("resnet34" if n3 == 6 else "resnet18"), w
+def _infer_arch(sd: dict, path) -> tuple[str, int]:
+    """(arch, width) from the trunk's keys: block type and blocks per stage must match a known ResNet."""
+    blocks = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"convnet.layer{i}.")}) for i in range(1, 5))
+    bottleneck = "convnet.layer1.0.conv3.weight" in sd
+    kind = "bottleneck" if bottleneck else "basic"
+    for name, (block, layers) in ENCODERS.items():
+        if (block.expansion == 4) == bottleneck and tuple(layers) == blocks:
+            return name, int(sd["convnet.conv1.weight"].shape[0])
+    raise CheckpointError(f"{path}: unsupported architecture, a ResNet with {kind} blocks {list(blocks)} per stage; "
+                          f"supported: {_SUPPORTED}")
 
 
-def encoder_from_state(sd: dict, path, info: dict, input_size: Optional[int] = None, arch: Optional[str] = None,
-                       width: Optional[int] = None) -> Encoder:
-    """Build an Encoder from a state dict with ``convnet.*`` (+ optional ``projection.*``) keys."""
+def _looks_linear(sd: dict) -> bool:
+    """A linear classifier: a 2-d weight and a bias, nothing convolutional."""
+    keys = [k for k in sd if isinstance(sd[k], torch.Tensor)]
+    return (0 < len(keys) <= 4 and all(k.split(".")[-1] in ("weight", "bias") for k in keys)
+            and any(sd[k].dim() == 2 for k in keys) and not any(sd[k].dim() == 4 for k in keys))
+
+
+def _linear_error(path) -> CheckpointError:
+    return CheckpointError(f"{path} is a linear-evaluation head (weight + bias), not an encoder; pass it as --ckpt "
+                           f"and the encoder as --encoder_ckpt")
+
+
+def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: Optional[int] = None,
+                       arch: Optional[str] = None, width: Optional[int] = None, card: Optional[dict] = None) -> Encoder:
+    """Build an Encoder from a state dict with ``convnet.*`` (+ optional ``projection.*``) keys, or a bare
+    torchvision-named trunk. ``arch``/``width``, when given (from the checkpoint's config), must agree with
+    the weights."""
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{path}: no state dict found (got {type(sd).__name__})")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {_short(list(map(str, bad)))}")
     sd = unwrap_state_dict(sd)
     if not any(k.startswith("convnet.") for k in sd):
-        if "conv1.weight" in sd:  # a bare torchvision-style trunk (our export)
-            sd = {f"convnet.{k}": v for k, v in sd.items()}
+        if "conv1.weight" in sd:  # a bare torchvision-style trunk (our export, or a torchvision model)
+            sd = {k if k.startswith("projection.") else f"convnet.{k}": v for k, v in sd.items()}
+        elif _looks_linear(sd):
+            raise _linear_error(path)
         else:
-            raise CheckpointError(f"{path}: no encoder weights found (expected keys like convnet.conv1.weight)")
-    sd = {k: v for k, v in sd.items() if not k.startswith("convnet.fc.")}
-    g_arch, g_width = _guess_width_arch(sd, "convnet.")
-    arch, width = arch or g_arch, width or g_width
-    if arch not in ENCODERS:
-        raise CheckpointError(f"{path}: unknown architecture {arch!r}")
-    cifar_stem = sd["convnet.conv1.weight"].shape[-1] == 3
+            raise CheckpointError(f"{path}: no ResNet encoder weights found (expected keys like convnet.conv1.weight "
+                                  f"or conv1.weight; found {_short(sorted(sd))})")
+    # the spec's trunk carries an unused 1000-way fc; other top-level modules (a classifier saved beside the
+    # encoder) are not part of the encoder either
+    sd = {k: v for k, v in sd.items() if k.startswith(("convnet.", "projection.")) and not k.startswith("convnet.fc.")}
+    if "convnet.conv1.weight" not in sd or sd["convnet.conv1.weight"].dim() != 4:
+        raise CheckpointError(f"{path}: missing keys convnet.conv1.weight (the first convolution); refusing a "
+                              f"partial load")
+    g_arch, g_width = _infer_arch(sd, path)
+    if arch is not None:
+        arch = str(arch).lower()
+        if arch in ENCODERS and arch != g_arch:
+            raise CheckpointError(f"{path}: wrong architecture: its config says {arch} but the weights are a {g_arch}")
+    if width and int(width) != g_width:
+        raise CheckpointError(f"{path}: its config says width {width} but the weights have width {g_width}")
+    k1 = sd["convnet.conv1.weight"].shape[-1]
+    if k1 not in (3, 7):
+        raise CheckpointError(f"{path}: first convolution is {k1}x{k1}; expected 3x3 (CIFAR stem) or 7x7 "
+                              f"(ImageNet stem)")
+    cifar_stem = k1 == 3
     has_head = any(k.startswith("projection.") for k in sd)
-    proj_layers = len({k.split(".")[1] for k in sd if k.startswith("projection.fc")}) or 2
-    proj_dim = sd["projection.fc%d.weight" % proj_layers].shape[0] if has_head else 128
-    model = SimCLRModel(arch, cifar_stem=cifar_stem, width=width, proj_layers=proj_layers, proj_dim=proj_dim)
+    proj_layers = len({k.split(".")[1] for k in sd if k.startswith("projection.fc")}) if has_head else 2
+    if has_head and (proj_layers not in (2, 3) or f"projection.fc{proj_layers}.weight" not in sd):
+        raise CheckpointError(f"{path}: projection head keys are incomplete or unknown "
+                              f"({_short(sorted(k for k in sd if k.startswith('projection.')))})")
+    proj_dim = sd[f"projection.fc{proj_layers}.weight"].shape[0] if has_head else 128
+    model = SimCLRModel(g_arch, cifar_stem=cifar_stem, width=g_width, proj_layers=proj_layers, proj_dim=proj_dim)
     if not has_head:
         own = model.state_dict()
         sd = dict(sd, **{k: v for k, v in own.items() if k.startswith("projection.")})
     _check_shapes(model, sd, path)
     _strict_load(model, sd, path)
-    size = input_size or (32 if cifar_stem else 224)
-    return Encoder(model, size, str(path), info, has_head)
+    size = int(input_size or (32 if cifar_stem else 224))
+    return Encoder(model, size, str(path), info, has_head, card)
 
 
-def load_encoder(path, trust: bool = False, device="cpu") -> Encoder:
-    """Load an encoder from our checkpoint, the spec's ``.pth.tar``, or an exported file."""
+# ---------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------
+
+def _spec_size(hp: dict) -> int:
+    data = str(hp.get("data", "cifar")).lower()
+    return 32 if data.startswith("cifar") else (96 if data.startswith("stl") else 224)
+
+
+def _load_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError ...)
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    return sd, meta
+
+
+def _read(path, trust: bool):
+    """(kind, payload, card): payload is a state dict + metadata (safetensors) or the unpickled object."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-        return encoder_from_state(sd, path, {}).to(device)
-    ck = load_checkpoint(path, trust=trust)
+    kind = file_kind(path)
+    card = read_card(path)
+    _verify(path, card)
+    if kind == "safetensors":
+        return kind, _load_safetensors(path), card
+    if kind == "torch-zip":
+        _check_zip(path)
+    return kind, load_checkpoint(path, verify=False, trust=trust), card
+
+
+def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str] = None) -> Encoder:
+    """Load an encoder from our checkpoint, the spec's ``.pth.tar``, or an exported file.
+
+    ``trust=True`` (the user's ``--trust_checkpoint true``) allows full unpickling, with a warning;
+    ``arch`` (optional) is the architecture the caller expects: another one is an error.
+    """
+    path = Path(path)
+    kind, ck, card = _read(path, trust)
+    if kind == "safetensors":
+        sd, meta = ck
+        size = meta.get("input_size") or card.get("input_size")
+        enc = encoder_from_state(sd, path, dict(meta), size and int(size), arch or meta.get("arch"), card=card)
+        return enc.to(device)
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ck).__name__})")
     if ck.get("format") == "simclr":
-        cfg = ck.get("config", {})
-        if "model" not in ck:
+        cfg = ck.get("config") or {}
+        if "model" not in ck or not any(str(k).split(".")[0] in ("convnet", "module", "_orig_mod")
+                                        for k in (ck.get("model") or {})):
+            if _looks_linear(ck.get("model") or ck.get("head") or {}) or ck.get("kind") == "linear":
+                raise _linear_error(path)
             raise CheckpointError(f"{path} is a {ck.get('kind', '?')} checkpoint without encoder weights")
         size = ck.get("image_size") or cfg.get("image_size") or _spec_size(cfg)
-        return encoder_from_state(ck["model"], path, cfg, size, cfg.get("arch"), cfg.get("width")).to(device)
+        meta = {k: ck.get(k) for k in ("kind", "step", "metrics") if ck.get(k) is not None}
+        meta.update({k: cfg[k] for k in ("data", "iters", "batch_size", "temperature") if k in cfg})
+        meta.update({k: card[k] for k in ("epochs", "sha256") if k in card})
+        _expect(path, arch, cfg.get("arch"))
+        enc = encoder_from_state(ck["model"], path, cfg, size, arch or cfg.get("arch"), cfg.get("width"), meta)
+        return enc.to(device)
     if "state_dict" in ck:  # the spec's format
         hp = ck.get("hparams")
-        info = vars(hp) if hp is not None and hasattr(hp, "__dict__") else dict(hp or {})
-        arch = str(info.get("arch", "")).lower() or None
-        if arch == "linear":
-            raise CheckpointError(f"{path} is a linear-evaluation head, not an encoder; pass it as --ckpt and "
-                                  f"the encoder as --encoder_ckpt")
-        return encoder_from_state(ck["state_dict"], path, info, _spec_size(info),
-                                  arch if arch in ENCODERS else None).to(device)
+        info = dict(vars(hp)) if hp is not None and hasattr(hp, "__dict__") else dict(hp or {})
+        hp_arch = str(info.get("arch", "")).lower() or None
+        sd = ck["state_dict"]
+        if hp_arch == "linear" or (isinstance(sd, dict) and _looks_linear(sd)):
+            raise _linear_error(path)
+        _expect(path, arch, hp_arch if hp_arch in ENCODERS else None)
+        meta = {"data": info.get("data"), "step": ck.get("iter"), "format": "spec"}
+        meta.update({k: info[k] for k in ("iters", "batch_size", "temperature") if k in info})
+        return encoder_from_state(sd, path, info, _spec_size(info), arch or hp_arch,
+                                  card={k: v for k, v in meta.items() if v is not None}).to(device)
     if any(isinstance(v, torch.Tensor) for v in ck.values()):  # a plain state dict (export)
-        return encoder_from_state(ck, path, {}).to(device)
-    raise CheckpointError(f"{path}: unrecognised checkpoint layout (keys {sorted(map(str, ck))[:8]})")
+        return encoder_from_state(ck, path, {}, card.get("input_size"), arch or card.get("arch"),
+                                  card=card).to(device)
+    raise CheckpointError(f"{path}: unrecognised checkpoint layout (keys {_short(sorted(map(str, ck)), 8)}); "
+                          f"expected our checkpoint, the spec's .pth.tar or an exported state dict")
+
+
+def _expect(path, want: Optional[str], have: Optional[str]) -> None:
+    if want and have and str(want).lower() != str(have).lower():
+        raise CheckpointError(f"{path}: wrong architecture: expected {str(want).lower()}, the checkpoint is a "
+                              f"{str(have).lower()}")
+
+
+def load_linear_head(path, trust: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(weight (classes, d), bias (classes,), info) of a linear-evaluation checkpoint: the spec's
+    ``{"state_dict": {"weight", "bias"}, "hparams"}`` or a plain ``{"weight", "bias"}`` dict."""
+    path = Path(path)
+    kind, ck, card = _read(path, trust)
+    if kind == "safetensors":
+        ck, info = ck[0], dict(ck[1])
+    else:
+        if not isinstance(ck, dict):
+            raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ck).__name__})")
+        hp = ck.get("hparams")
+        info = dict(vars(hp)) if hp is not None and hasattr(hp, "__dict__") else dict(hp or {})
+        ck = ck.get("state_dict", ck.get("model", ck))
+    sd = unwrap_state_dict(ck) if isinstance(ck, dict) else {}
+    w = next((v for k, v in sd.items() if k.split(".")[-1] == "weight" and isinstance(v, torch.Tensor)), None)
+    b = next((v for k, v in sd.items() if k.split(".")[-1] == "bias" and isinstance(v, torch.Tensor)), None)
+    if not _looks_linear(sd) or w is None or b is None or w.dim() != 2 or b.shape != w.shape[:1]:
+        what = "an encoder" if any("conv1" in k for k in sd) else f"keys {_short(sorted(map(str, sd)))}"
+        raise CheckpointError(f"{path} is not a linear-evaluation head (expected weight (classes, d) and bias "
+                              f"(classes,); found {what})")
+    return w, b, info

@@ -1,0 +1,280 @@
+"""``simclr export`` and ``simclr embed``: encoder weights and features for downstream code.
+
+export: any checkpoint ``load_encoder`` accepts -> the encoder trunk as a state dict with
+torchvision's key names (``conv1.weight``, ``layer1.0.bn1.running_mean`` ... no ``fc``), as a
+``torch.save`` file (``--format torchvision``) or safetensors (``--format safetensors``), plus a
+model card ``<out>.json`` (SHA-256, architecture, data, input size, metrics) beside it.
+
+embed: an image folder -> ``features.npy`` (one float32 row per image) and ``features.files.txt``
+(the image paths relative to the folder, one per line, in row order).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import atomic_write_bytes, sha256_file
+from .errors import ConfigError, DataError, UserError
+from .weights import Encoder, load_encoder
+
+FORMATS = ("torchvision", "safetensors")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def card_path(out: Path) -> Path:
+    """``encoder.safetensors`` -> ``encoder.safetensors.json`` (a .pth and a .safetensors export of the same
+    stem keep separate cards)."""
+    return out.with_name(out.name + ".json")
+
+
+def torchvision_state(enc: Encoder, include_head: bool = False) -> dict:
+    """The trunk's state dict under torchvision's names (fresh contiguous tensors, no shared storage)."""
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in enc.model.convnet.state_dict().items()}
+    if include_head:
+        sd.update({f"projection.{k}": v.detach().cpu().contiguous().clone()
+                   for k, v in enc.model.projection.state_dict().items()})
+    return sd
+
+
+def torchvision_recipe(enc: Encoder) -> list:
+    """The lines that load an export into ``torchvision.models.<arch>()``."""
+    lines = [f"m = torchvision.models.{enc.arch}()"]
+    if enc.cifar_stem:
+        lines += ["m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)",
+                  "m.maxpool = torch.nn.Identity()"]
+    lines += ["m.fc = torch.nn.Identity()", "m.load_state_dict(torch.load(PATH, weights_only=True))"]
+    return lines
+
+
+def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:
+    """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"option 'format' got {fmt!r}; allowed: {', '.join(FORMATS)}")
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and out.resolve() == ckpt.resolve():
+        raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")
+    enc = load_encoder(ckpt, trust=trust)
+    sd = torchvision_state(enc, include_head)
+    meta = {"arch": enc.arch, "width": enc.width, "cifar_stem": enc.cifar_stem, "feat_dim": enc.feat_dim,
+            "input_size": enc.input_size}
+    if fmt == "safetensors":
+        from safetensors.torch import save
+        data = save(sd, metadata={k: str(v) for k, v in {**meta, "format": "simclr-export"}.items()})
+    else:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        data = buf.getvalue()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, data)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    src = enc.card
+    card = {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "format": fmt,
+            **meta, "head_included": include_head,
+            "input": "float RGB (N, 3, H, W) with values in [0, 1]; no mean/std normalisation",
+            "data": src.get("data") or enc.info.get("data"),
+            "step": src.get("step"), "epochs": src.get("epochs"), "metrics": src.get("metrics") or {},
+            "source": {"file": ckpt.name, "sha256": sha256_file(ckpt), "format": src.get("format", "simclr")},
+            "torchvision_loadable": enc.width == 64,
+            "torchvision_recipe": torchvision_recipe(enc) if enc.width == 64 and not include_head else None,
+            "simclr_version": __version__}
+    if fmt == "safetensors":
+        card["torchvision_recipe"] = None if card["torchvision_recipe"] is None else [
+            ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
+            for ln in card["torchvision_recipe"]]
+    atomic_write_bytes(card_path(out), json.dumps(card, indent=2, default=str).encode())
+    return card
+
+
+# ---------------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------------
+
+def list_images(root: Path) -> list:
+    """Every image file under ``root`` (recursively), sorted by relative path."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise DataError(f"{root} holds no images (looked recursively for {', '.join(IMG_EXTENSIONS)})")
+    bad = [p for p in files if "\n" in p.name or "\r" in p.name]
+    if bad:
+        raise DataError(f"image file name with a line break cannot be listed one per line: {bad[0]!r}")
+    return files
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) float in [0, 1]. An image already size x size is used as is; others get their
+    shorter side resized to ``size`` (bicubic, antialiased) and a centre crop (keeps the aspect ratio)."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"cannot read image {path}: {e}") from None
+    x = TF.pil_to_tensor(im)
+    if tuple(x.shape[1:]) != (size, size):
+        x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [size, size])
+    return x.float().div_(255).clamp_(0, 1)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files: list, size: int, skip_bad: bool):
+        self.files, self.size, self.skip_bad = files, size, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return load_image(self.files[i], self.size), i
+        except DataError:
+            if not self.skip_bad:
+                raise
+            return torch.zeros(3, self.size, self.size), -1 - i
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), [i for _, i in items]
+
+
+@torch.inference_mode()
+def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, layer: str = "h",
+                 skip_bad: bool = False, device="cpu") -> tuple[np.ndarray, list, list]:
+    """(features (N, d) float32, relative file names (N,), skipped file names)."""
+    root = Path(root)
+    files = list_images(root)
+    loader = torch.utils.data.DataLoader(_Files(files, enc.input_size, skip_bad), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    device = torch.device(device)
+    rows, kept, skipped = [], [], []
+    for x, idx in loader:
+        ok = [j for j, i in enumerate(idx) if i >= 0]
+        skipped += [files[-1 - i].relative_to(root).as_posix() for i in idx if i < 0]
+        if not ok:
+            continue
+        f = enc.encode(x[ok].to(device), layer) if layer != "h" else enc(x[ok].to(device))
+        rows.append(f.float().cpu().numpy())
+        kept += [files[idx[j]].relative_to(root).as_posix() for j in ok]
+    if not rows:
+        raise DataError(f"no readable image in {root}")
+    return np.concatenate(rows).astype(np.float32, copy=False), kept, skipped
+
+
+def files_list_path(out: Path) -> Path:
+    """``features.npy`` -> ``features.files.txt``."""
+    return out.with_suffix(".files.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line through the CLI, not argparse's usage dump
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expects true or false, got {v!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"option 'device' got {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("option 'device' is cuda but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def export_main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="simclr export", description="Export an encoder for downstream code: torchvision-named state "
+                "dict (.pth) or safetensors, with a model card <out>.json beside it.")
+    p.add_argument("ckpt", help="our checkpoint, the spec's .pth.tar, or an earlier export")
+    p.add_argument("--format", default="torchvision", choices=FORMATS, help="output format (default torchvision)")
+    p.add_argument("--out", required=True, help="output file, e.g. resnet50_simclr.pth or encoder.safetensors")
+    p.add_argument("--include_head", type=_bool, default=False,
+                   help="also write the projection head as projection.* keys (then torchvision needs strict=False)")
+    p.add_argument("--trust_checkpoint", type=_bool, default=False,
+                   help="allow full unpickling of a checkpoint that needs it (only for files you trust)")
+    a = p.parse_args(list(argv))
+    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
+    out = Path(a.out)
+    print(f"wrote {out} ({card['format']}, {card['arch']} width {card['width']}, {card['feat_dim']}-d features, "
+          f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
+    print(f"model card: {card_path(out)}")
+    if card["torchvision_recipe"]:
+        print("load it with torchvision:\n    " + "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out))))
+    elif not card["torchvision_loadable"]:
+        print(f"note: width {card['width']} is not a torchvision ResNet (those have width 64); load it with "
+              f"simclr.load_encoder({str(out)!r})")
+    return 0
+
+
+def embed_main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="simclr embed", description="Encode every image under a folder: features.npy (one row per "
+                "image) and features.files.txt (the relative file names, in row order).")
+    p.add_argument("--encoder_ckpt", required=True, help="our checkpoint, the spec's .pth.tar, or an export")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--layer", default="h", help="h (encoder output, default) or g1/g2/z (projection-head layers)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--skip_bad_images", type=_bool, default=False,
+                   help="skip unreadable images (left out of both files) instead of failing")
+    p.add_argument("--trust_checkpoint", type=_bool, default=False,
+                   help="allow full unpickling of a checkpoint that needs it (only for files you trust)")
+    a = p.parse_args(list(argv))
+    if a.batch_size <= 0:
+        raise ConfigError(f"option 'batch_size' got {a.batch_size}: must be > 0")
+    if a.workers < 0:
+        raise ConfigError(f"option 'workers' got {a.workers}: must be >= 0")
+    if a.layer not in ("h", "z") and not (a.layer[:1] == "g" and a.layer[1:].isdigit()):
+        raise ConfigError(f"option 'layer' got {a.layer!r}; allowed: h, z, g1, g2, g3")
+    out = Path(a.out)
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out} must end in .npy")
+    device = _device(a.device)
+    enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
+    if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
+        raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
+    feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
+                                         a.skip_bad_images, device)
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(files_list_path(out), ("\n".join(names) + "\n").encode())
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "
+          f"{enc.input_size}px); file names in row order: {files_list_path(out)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
+    return 0
