@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -374,12 +375,10 @@ def _metrics_summary(path: Path) -> dict:
         for k in ("step", "epoch", "loss", "contrast_acc", "lr"):
             if isinstance(last.get(k), (int, float)):
                 out[k] = last[k]
-        ips = sorted(r["images_per_s"] for r in train if isinstance(r.get("images_per_s"), (int, float)))
-        if ips:
-            out["images_per_s"] = ips[len(ips) // 2]
-        dtf = sorted(r["data_time_frac"] for r in train if isinstance(r.get("data_time_frac"), (int, float)))
-        if dtf:
-            out["data_time_frac"] = dtf[len(dtf) // 2]
+        for k in ("images_per_s", "data_time_frac"):
+            vals = [r[k] for r in train if isinstance(r.get(k), (int, float))]
+            if vals:
+                out[k] = statistics.median(vals)
     knn = []
     for ln in lines:
         if b'"knn_top1"' in ln:
