@@ -286,8 +286,8 @@ def load_run_encoder(run: Path, cfg: dict, log=print):
     from .weights import load_encoder
     candidates = list(list_checkpoints(run))
     enc = cfg.get("encoder_ckpt")
-    if isinstance(enc, str) and enc:
-        candidates.append(Path(enc))
+    if isinstance(enc, str) and enc:  # an eval run: its checkpoints are heads, the encoder lies elsewhere
+        candidates.insert(0, Path(enc))
     for p in candidates:
         try:
             return load_encoder(p), p
@@ -571,7 +571,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     for ev in evals:
         eval_rows.append((f"{ev.get('protocol', 'eval')} ({ev.get('_file')})",
                           f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
-                          + (f", encoder sha256 {str(ev['encoder_sha256'])[:12]}" if ev.get("encoder_sha256") else "")))
+                          + (f", encoder sha256 {runs_lib._encoder_sha(ev)[:12]}" if runs_lib._encoder_sha(ev) else "")))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(row['name'])} / {_esc(row['id'])}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>{_esc(row['name'])} / {_esc(row['id'])} <span class='{_esc(status)}'>{_esc(status)}</span></h1>",

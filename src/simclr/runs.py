@@ -349,7 +349,7 @@ def effective_status(st: dict, now: Optional[float] = None, host: Optional[str] 
 
 def _metrics_summary(path: Path) -> dict:
     """Summary of metrics.jsonl without parsing every line: the last training record (from the
-    end), median throughput of the last 50 training records, and every kNN record.
+    end), median throughput of the last 20 training records, and every kNN record.
 
     Lines that do not parse (a half-written last line) are skipped.
     """
@@ -368,7 +368,7 @@ def _metrics_summary(path: Path) -> dict:
         except ValueError:
             continue
         train.append(rec)
-        if len(train) >= 50:
+        if len(train) >= 20:
             break
     if train:
         last = train[0]
@@ -413,6 +413,19 @@ def _encoder_path(ev: dict, cfg: dict) -> str:
     return ""
 
 
+# eval.json protocols whose top-1 is a linear classifier on frozen features ("eval-only" re-scores a
+# saved linear head); fine-tuning ("linear+finetune") and kNN are reported as eval_top1 only.
+LINEAR_PROTOCOLS = ("linear", "fast-linear", "eval-only")
+
+
+def _encoder_sha(ev: dict) -> str:
+    enc = ev.get("encoder")
+    for v in (ev.get("encoder_sha256"), enc.get("sha256") if isinstance(enc, dict) else None):
+        if isinstance(v, str) and v:
+            return v
+    return ""
+
+
 def _eval_summary(evals: list, cfg: dict) -> dict:
     out: dict = {}
     for ev in evals:
@@ -422,14 +435,15 @@ def _eval_summary(evals: list, cfg: dict) -> dict:
             continue
         out.setdefault("protocol", protocol)
         out.setdefault("eval_top1", top1)
-        if protocol == "linear" and top1 >= out.get("linear", float("-inf")):
+        out.setdefault("eval_top5", top5 if isinstance(top5, (int, float)) else None)
+        if protocol in LINEAR_PROTOCOLS and top1 >= out.get("linear", float("-inf")):
             out["linear"] = top1
             if isinstance(top5, (int, float)):
                 out["linear_top5"] = top5
     enc = _encoder_path(evals[0], cfg) if evals else ""
     if enc:
         out["encoder_ckpt"] = enc
-    sha = next((ev.get("encoder_sha256") for ev in evals if isinstance(ev.get("encoder_sha256"), str)), None)
+    sha = next((h for h in map(_encoder_sha, evals) if h), "")
     if sha:
         out["encoder_sha256"] = sha
     return out
@@ -538,7 +552,7 @@ def index(root="logs", where: Optional[dict] = None):
         df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True).dt.tz_convert(_local_tz()).dt.tz_localize(None)
     df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s")
     for c in ("step", "iters", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init", "linear",
-              "linear_top5", "eval_top1", "images_per_s", "data_time_frac", "epoch", "lr_last"):
+              "linear_top5", "eval_top1", "eval_top5", "images_per_s", "data_time_frac", "epoch", "lr_last"):
         if c in df.columns:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     front = [c for c in SUMMARY_COLUMNS + ["kind", "knn_init", "knn_last", "epoch", "contrast_acc",

@@ -1,0 +1,242 @@
+"""The run index over hand-made run folders: every status, half-written files, eval links, speed, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simclr import runs
+from simclr.cli import main as cli_main
+
+HOST = socket.gethostname()
+
+
+def make_run(root: Path, name: str, run_id: str, status: dict | None = None, config: dict | None = None,
+             metrics: list | None = None, tail: str = "", evals: dict | None = None) -> Path:
+    """A run folder written by hand, the way the trainer lays it out (or a broken version of it)."""
+    p = root / name / run_id
+    p.mkdir(parents=True)
+    if config is not None:
+        (p / "config.yaml").write_text(yaml.safe_dump(config))
+    if status is not None:
+        (p / "status.json").write_text(json.dumps(status) if isinstance(status, dict) else status)
+    if metrics is not None or tail:
+        (p / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics or []) + tail)
+    for fname, ev in (evals or {}).items():
+        (p / fname).write_text(json.dumps(ev))
+    return p
+
+
+def cfg(**over) -> dict:
+    base = dict(name="exp", data="cifar10", arch="resnet18", width=8, batch_size=32, iters=10, lr=0.5,
+                temperature=0.5, problem="sim-clr", seed=0)
+    base.update(over)
+    return base
+
+
+def train_recs(steps, loss0=6.0, ips=100.0) -> list:
+    return [{"step": s, "epoch": s / 8, "loss": loss0 - 0.1 * s, "contrast_acc": 0.01 * s, "lr": 0.5,
+             "images_per_s": ips + s, "data_time_frac": 0.1} for s in steps]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    """One folder per situation; returns (root, {run_id: expected status})."""
+    root = tmp_path / "logs"
+    now = time.time()
+    exp = {}
+    knn = [{"step": 0, "epoch": 0.0, "knn_top1": 30.0, "knn_top5": 70.0},
+           {"step": 5, "epoch": 0.6, "knn_top1": 41.0, "knn_top5": 80.0},
+           {"step": 10, "epoch": 1.2, "knn_top1": 39.5, "knn_top5": 81.0}]
+    fin = make_run(root, "exp", "finished", {"status": "finished", "pid": 1, "host": HOST, "started": now - 100,
+                                             "updated": now - 40, "step": 10},
+                   cfg(temperature=0.2), train_recs(range(1, 11)) + knn)
+    (fin / "checkpoints").mkdir()
+    (fin / "checkpoints" / "checkpoint-00000010.pt").write_bytes(b"x")
+    (fin / "checkpoints" / "checkpoint-00000010.json").write_text(json.dumps({"sha256": "abc123", "step": 10}))
+    exp["finished"] = "finished"
+    make_run(root, "exp", "failed", {"status": "failed", "pid": 1, "host": HOST, "started": now - 50,
+                                     "updated": now - 45, "step": 3, "error": "non-finite loss at step 3"},
+             cfg(lr=100.0), train_recs(range(1, 3)))
+    exp["failed"] = "failed"
+    make_run(root, "exp", "stopped", {"status": "interrupted", "pid": 1, "host": HOST, "started": now - 50,
+                                      "updated": now - 45, "step": 4}, cfg(), train_recs(range(1, 5)))
+    exp["stopped"] = "interrupted"
+    # killed with kill -9: status still says running, but the process is gone
+    make_run(root, "exp", "deadpid", {"status": "running", "pid": dead_pid(), "host": HOST, "started": now - 20,
+                                      "updated": now - 5, "step": 2}, cfg(), train_recs(range(1, 3)))
+    exp["deadpid"] = "interrupted"
+    # on another machine: only the heartbeat tells; an hour old is dead
+    make_run(root, "exp", "stale", {"status": "running", "pid": 4242, "host": "node-17", "started": now - 7200,
+                                    "updated": now - 3600, "step": 2}, cfg(), train_recs(range(1, 3)))
+    exp["stale"] = "interrupted"
+    make_run(root, "exp", "remote", {"status": "running", "pid": 4242, "host": "node-17", "started": now - 60,
+                                     "updated": now - 10, "step": 2}, cfg(), train_recs(range(1, 3)))
+    exp["remote"] = "running"
+    make_run(root, "exp", "alive", {"status": "running", "pid": os.getpid(), "host": HOST, "started": now - 1,
+                                    "updated": now, "step": 2}, cfg(), train_recs(range(1, 3)))
+    exp["alive"] = "running"
+    # half-written: a truncated last line in metrics.jsonl
+    make_run(root, "exp", "truncated", {"status": "running", "pid": os.getpid(), "host": HOST,
+                                        "started": now - 1, "updated": now, "step": 3}, cfg(),
+             train_recs(range(1, 4)), tail='{"step": 4, "epoch": 0.5, "loss": 5.')
+    exp["truncated"] = "running"
+    # no config.yaml (crashed before writing it)
+    make_run(root, "other", "noconfig", {"status": "failed", "pid": 1, "host": HOST, "started": now - 5,
+                                         "updated": now - 4, "error": "DataError: cifar10 not found"})
+    exp["noconfig"] = "failed"
+    # a half-written status.json, and a folder with a config only
+    make_run(root, "other", "badstatus", '{"status": "runn', cfg())
+    exp["badstatus"] = "unknown"
+    make_run(root, "other", "configonly", None, cfg())
+    exp["configonly"] = "unknown"
+    # an evaluation run of the finished run's checkpoint
+    ev = {"protocol": "linear", "top1": 55.5, "top5": 90.0, "per_class": {"airplane": 60.0},
+          "encoder": {"path": str(fin / "checkpoints" / "checkpoint-00000010.pt"), "sha256": "abc123"}}
+    make_run(root, "lin", "eval1", {"status": "finished", "pid": 1, "host": HOST, "started": now - 30,
+                                    "updated": now - 20}, dict(problem="eval", data="cifar10", protocol="linear"),
+             [], evals={"eval.json": ev})
+    exp["eval1"] = "finished"
+    # things that are not runs must be ignored
+    (root / "exp" / "finished" / "tb").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a run")
+    return root, exp
+
+
+def test_index_lists_every_run_with_the_right_status(zoo):
+    root, exp = zoo
+    df = runs.index(root)
+    got = dict(zip(df["id"], df["status"]))
+    assert got == exp
+    by = df.set_index("id")
+    assert "non-finite loss" in by.loc["failed", "error"]
+    assert "gone" in by.loc["deadpid", "error"]
+    assert "heartbeat" in by.loc["stale", "error"]
+    assert by.loc["noconfig", "name"] == "other"  # no config: named by its parent folder
+    assert by.loc["noconfig", "error"] == "DataError: cifar10 not found"
+
+
+def test_index_summaries_match_the_records(zoo):
+    root, _ = zoo
+    by = runs.index(root).set_index("id")
+    f = by.loc["finished"]
+    # best kNN after training, the random-init value apart (hand-picked from the records above)
+    assert f["knn"] == 41.0 and f["knn_init"] == 30.0 and f["knn_last"] == 39.5
+    assert f["loss"] == pytest.approx(6.0 - 0.1 * 10) and f["step"] == 10 and f["iters"] == 10
+    assert f["images_per_s"] == pytest.approx(105.5)  # median of 101..110
+    assert f["temperature"] == 0.2 and f["arch"] == "resnet18"
+    assert f["duration"].total_seconds() == pytest.approx(60, abs=1)
+    # the half-written line is skipped: the last complete record is step 3
+    t = by.loc["truncated"]
+    assert t["step"] == 3 and t["loss"] == pytest.approx(6.0 - 0.3)
+    # the linear evaluation of the finished run's checkpoint shows on both rows
+    assert by.loc["eval1", "kind"] == "eval" and by.loc["eval1", "linear"] == 55.5
+    assert f["linear"] == 55.5
+    assert by.loc["stopped", "linear"] != by.loc["stopped", "linear"]  # NaN: no evaluation
+
+
+def test_eval_linked_by_checksum_when_path_is_gone(tmp_path):
+    root = tmp_path / "logs"
+    now = time.time()
+    fin = make_run(root, "exp", "a", {"status": "finished", "started": now, "updated": now}, cfg(), [])
+    (fin / "checkpoints").mkdir()
+    (fin / "checkpoints" / "checkpoint-00000010.json").write_text(json.dumps({"sha256": "feed"}))
+    make_run(root, "exp", "b", {"status": "finished", "started": now, "updated": now}, cfg(), [])
+    ev = {"protocol": "fast-linear", "top1": 42.0, "encoder": {"path": "/elsewhere/model.pt", "sha256": "feed"}}
+    make_run(root, "lin", "e", {"status": "finished"}, None, None, evals={"eval.json": ev})
+    by = runs.index(root).set_index("id")
+    assert by.loc["a", "linear"] == 42.0
+    assert by.loc["b", "linear"] != by.loc["b", "linear"]
+
+
+def test_pid_reuse_is_not_mistaken_for_the_run(tmp_path):
+    now = time.time()
+    # this very process, but the run claims to have started long before the process did
+    st = {"status": "running", "pid": os.getpid(), "host": HOST, "started": now - 30 * 86400, "updated": now}
+    status, why = runs.effective_status(st)
+    if Path("/proc/self/stat").exists():
+        assert status == "interrupted" and "another process" in why
+    st["started"] = now
+    assert runs.effective_status(st)[0] == "running"
+
+
+def test_heartbeat_thread_keeps_a_live_run_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
+    rd = runs.RunDir(tmp_path / "r")
+    rd.set_status("running", step=0)
+    first = json.loads((rd.path / "status.json").read_text())["updated"]
+    deadline = time.time() + 10
+    while json.loads((rd.path / "status.json").read_text())["updated"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    assert json.loads((rd.path / "status.json").read_text())["updated"] > first
+    rd.set_status("finished", step=1)
+    time.sleep(0.3)  # a stopped heartbeat must not flip the final status back or touch the file
+    st = json.loads((rd.path / "status.json").read_text())
+    time.sleep(0.3)
+    assert json.loads((rd.path / "status.json").read_text()) == st and st["status"] == "finished"
+    rd.close()
+
+
+def test_index_of_1000_runs_is_fast(tmp_path):
+    root = tmp_path / "many"
+    now = time.time()
+    config_text = yaml.safe_dump(dict(cfg(), **{f"opt_{i}": i for i in range(50)}))  # ~60 keys like a real one
+    lines = "".join(json.dumps(r) + "\n" for r in train_recs(range(1, 201)))
+    lines += json.dumps({"step": 200, "epoch": 25.0, "knn_top1": 50.0, "knn_top5": 90.0}) + "\n"
+    status = json.dumps({"status": "finished", "pid": 1, "host": HOST, "started": now - 100, "updated": now})
+    for i in range(1000):
+        p = root / f"exp{i % 10}" / f"run{i:04d}"
+        p.mkdir(parents=True)
+        (p / "config.yaml").write_text(config_text)
+        (p / "status.json").write_text(status)
+        (p / "metrics.jsonl").write_text(lines)
+    runs.index(root / "exp0")  # warm the imports (pandas) so the timing is the index itself
+    t = time.perf_counter()
+    df = runs.index(root)
+    dt = time.perf_counter() - t
+    print(f"index of 1000 runs: {dt:.2f} s")
+    assert len(df) == 1000 and (df.knn == 50.0).all() and (df.step == 200).all()
+    assert dt < 10.0  # ~1 s on an idle 2-core box; generous for a loaded CI machine
+
+
+def test_runs_command_filters_sorts_and_picks_columns(zoo, capsys):
+    root, _ = zoo
+    make_run(root, "c100", "x", {"status": "finished", "started": 1, "updated": 2}, cfg(data="cifar100"),
+             [{"step": 5, "epoch": 1.0, "knn_top1": 99.0}])
+    assert cli_main(["runs", "--root", str(root), "--where", "data=cifar10", "--where", "kind=pretrain",
+                     "--sort", "knn", "--columns", "id,lr,temperature,knn"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["id", "lr", "temperature", "knn"]
+    ids = [ln.split()[0] for ln in out[1:]]
+    assert ids[0] == "finished"  # the only run with a kNN value, best first
+    assert "x" not in ids and "eval1" not in ids  # filtered out (cifar100; an eval run)
+    assert cli_main(["runs", "--root", str(root)]) == 0
+    table = capsys.readouterr().out
+    assert "10/10" in table and "interrupted" in table  # steps done/total
+    assert cli_main(["runs", "--root", str(root), "--columns", "id,knnn"]) == 2
+    assert "unknown column 'knnn'" in capsys.readouterr().err
+    assert cli_main(["runs", "--root", str(tmp_missing := root / "nope")]) == 2
+    assert str(tmp_missing) in capsys.readouterr().err
+
+
+def test_index_compat_and_package_attribute(zoo):
+    import simclr
+    root, exp = zoo
+    assert len(simclr.runs.Index(root).info()) == len(exp)
+    df = simclr.runs.index(root, where={"data": "cifar10", "kind": "pretrain"})
+    assert set(df.id) == {k for k in exp if k not in ("noconfig", "eval1")}

@@ -1,0 +1,138 @@
+"""Report, compare, TensorBoard and the examples on a real (tiny) pretraining run on CIFAR-10."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_args
+
+from simclr import report, runs
+from simclr.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, data_root):
+    """A finished 4-step run with a kNN evaluation at the start and at the end, and a checkpoint."""
+    tmp = tmp_path_factory.mktemp("real")
+    assert cli_main(["pretrain", *tiny_args(tmp, iters=4, log_freq=1, eval_at_start="true", train_subset=128,
+                                            test_subset=100)]) == 0
+    (run,) = runs.find_runs(tmp / "logs")
+    return run
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href"):
+                self.refs.append(v)
+
+
+def _refs(page: Path) -> list:
+    p = _Refs()
+    p.feed(page.read_text())
+    return p.refs
+
+
+def test_report_on_a_real_run(real_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    # an evaluation result beside it, in the layout `simclr eval` writes (plus a confusion matrix)
+    classes = ["airplane", "automobile", "bird"]
+    (run / "eval.json").write_text(json.dumps({
+        "protocol": "linear", "top1": 61.0, "top5": 95.0, "classes": classes,
+        "per_class": {"airplane": 70.0, "automobile": 65.0, "bird": 48.0},
+        "confusion": [[7, 2, 1], [3, 6, 1], [2, 3, 5]], "encoder": {"path": "x.pt", "sha256": "ab" * 32}}))
+    (run / "report").mkdir()
+    (run / "report" / "stale.png").write_bytes(b"old")  # from an earlier report: must not survive
+    page = report.write_report(run, gallery=100, n_embed=100, n_queries=4, log=lambda m: None)
+    assert page == run / "report.html"
+    want = {"curves", "lr", "accuracy", "speed", "views", "retrieval", "embedding", "confusion"}
+    assert {p.stem for p in (run / "report").glob("*.png")} == want
+    refs = _refs(page)
+    assert {Path(r).stem for r in refs} == want
+    for r in refs:  # every picture the page shows exists, relative to the page (no server, no absolute paths)
+        assert not Path(r).is_absolute() and (page.parent / r).is_file() and (page.parent / r).stat().st_size > 1000
+    text = page.read_text()
+    assert "finished" in text and "61.00" in text and "skipped" not in text
+
+
+def test_report_degrades_to_notes_when_inputs_are_missing(tmp_path, capsys):
+    run = tmp_path / "logs" / "x" / "r1"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "failed", "error": "DataError: no data"}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.1, "images_per_s": 10, "data_time_fr')
+    assert cli_main(["report", str(run)]) == 0
+    page = run / "report.html"
+    assert _refs(page) == [] and "no training records" in page.read_text() and "no readable config" in page.read_text()
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_config_diff_lists_exactly_the_differing_keys():
+    a = {"lr": 1.0, "temperature": 0.5, "arch": "resnet18", "seed": 0}
+    b = {"lr": 0.5, "temperature": 0.5, "arch": "resnet18", "seed": 0, "extra": 1}
+    c = {"lr": 1.0, "temperature": 0.2, "arch": "resnet18", "seed": 0}
+    assert report.config_diff([a, b]) == {"lr": [1.0, 0.5], "extra": ["<missing>", 1]}
+    assert set(report.config_diff([a, b, c])) == {"lr", "temperature", "extra"}
+    assert report.config_diff([a, dict(a)]) == {}
+
+
+def test_compare_command(real_run, tmp_path, capsys):
+    other = tmp_path / "logs" / "t" / "other"
+    shutil.copytree(real_run, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg.update(temperature=0.2, lr=0.25)
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp.png"
+    assert cli_main(["compare", str(real_run), str(other), "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["differences"]) == {"temperature", "lr"}
+    assert res["differences"]["temperature"] == [0.5, 0.2]
+    assert out.is_file() and out.stat().st_size > 10_000
+    assert cli_main(["compare", str(real_run), str(other), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "temperature" in table and "lr" in table and "arch" not in table
+    assert cli_main(["compare", str(real_run)]) == 2
+
+
+def test_tensorboard_reads_the_runs_folder(real_run):
+    """What `tensorboard --logdir logs` does: discover every run's tb/ folder and load its scalars."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    root = real_run.parent.parent
+    mux = EventMultiplexer().AddRunsFromDirectory(str(root))
+    mux.Reload()
+    rel = f"{real_run.parent.name}/{real_run.name}/tb"
+    assert rel in mux.Runs()
+    tags = mux.Runs()[rel]["tensors"] or mux.Runs()[rel]["scalars"]
+    assert {"loss", "contrast_acc", "lr", "knn_top1"} <= set(tags)
+    recs = [r for r in runs.read_metrics(real_run) if "loss" in r]
+    got = mux.Tensors(rel, "loss") if mux.Runs()[rel]["tensors"] else mux.Scalars(rel, "loss")
+    assert [e.step for e in got] == [r["step"] for r in recs]
+
+
+def _example(name, *args):
+    return subprocess.run([sys.executable, str(REPO / "examples" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+def test_example_read_runs(real_run, tmp_path):
+    out = tmp_path / "runs.png"
+    r = _example("read_runs.py", "--root", real_run.parent.parent, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "1 runs under" in r.stdout and "finished" in r.stdout and out.is_file()
+
+
+def test_example_apply_model(real_run):
+    r = _example("apply_model.py", real_run, "--gallery", 100, "--queries", 30)
+    assert r.returncode == 0, r.stderr
+    assert "nearest training images" in r.stdout and "1-nearest-neighbour accuracy on 30 test images" in r.stdout
