@@ -118,6 +118,9 @@ def knn_monitor(model: SimCLRModel, cfg: PretrainConfig, train_set, test_set, im
     model.eval()
     try:
         enc = model.convnet
+        if distributed.is_enabled():  # every rank embeds 1/W of both sets; the result covers all of them
+            return distributed.sharded_knn(enc, train_set, test_set, image_size, device, amp_dtype,
+                                           cfg.knn_k, cfg.knn_t)
         tr_f, tr_y = extract_features(enc, train_set, image_size, 512, 0, device, amp_dtype)
         te_f, te_y = extract_features(enc, test_set, image_size, 512, 0, device, amp_dtype)
         res = knn_classifier(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, temperature=cfg.knn_t)
@@ -156,7 +159,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = distributed.convert_sync_batchnorm(model, self.device)  # CPU/gloo too
         self.model = model  # the unwrapped module: checkpoints and evaluation use it
         self.optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                          foreach=self.device.type == "cuda")
@@ -180,6 +183,7 @@ class Trainer:
             raise UserError(f"--resume takes 'auto' (or use --ckpt PATH), got {cfg.resume!r}")
         if resume_from is not None:
             self._load(resume_from)
+        distributed.check_same(self.step, "the step to resume from")
 
         forward_model = torch.compile(model) if cfg.compile else model
         if self.dist.enabled:
@@ -281,7 +285,7 @@ class Trainer:
             from tqdm import tqdm
             pbar = tqdm(total=cfg.iters, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr,
                         mininterval=1.0)
-        if cfg.eval_at_start and start == 0 and self.dist.is_main:
+        if cfg.eval_at_start and start == 0:  # all ranks: the kNN monitor is split across them
             res = self.evaluate()
             self.last_metrics["knn_start_top1"] = res["knn_top1"]
             if self.run:
@@ -364,8 +368,8 @@ class Trainer:
                     run_dir=str(self.run.path) if self.run else "")
 
     def _eval_and_log(self) -> None:
+        res = self.evaluate()  # on every rank (each embeds its share); only rank 0 logs
         if self.dist.is_main:
-            res = self.evaluate()
             self.last_metrics.update(res)
             self.last_metrics["best_knn_top1"] = max(self.last_metrics.get("best_knn_top1", 0.0), res["knn_top1"])
             if self.run:
@@ -379,12 +383,15 @@ def pretrain(cfg: PretrainConfig, notes=()) -> dict:
     try:
         return trainer.run_loop()
     except BaseException as e:
+        failure = distributed.peer_failure(e, trainer.dist.rank)
         if trainer.run is not None and not isinstance(e, SystemExit):
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             try:
                 trainer.run.set_status(status, step=trainer.step, error=f"{type(e).__name__}: {e}")
             except OSError:
                 pass
+        if failure is not None:  # a peer died or hung: one clear line instead of a gloo/NCCL traceback
+            raise failure from None
         raise
     finally:
         distributed.cleanup()
