@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, sha256_file, unwrap_state_dict
 from .errors import CheckpointError
-from .models import ENCODERS, SimCLRModel
+from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights
 
 __all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state", "read_card", "file_kind"]
 
@@ -153,7 +153,7 @@ def _short(keys: list, n: int = 5) -> str:
 
 
 def _strict_load(model: nn.Module, sd: dict, path) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         parts = []
         if missing:
@@ -240,10 +240,15 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
         raise CheckpointError(f"{path}: projection head keys are incomplete or unknown "
                               f"({_short(sorted(k for k in sd if k.startswith('projection.')))})")
     proj_dim = sd[f"projection.fc{proj_layers}.weight"].shape[0] if has_head else 128
-    model = SimCLRModel(g_arch, cifar_stem=cifar_stem, width=g_width, proj_layers=proj_layers, proj_dim=proj_dim)
-    if not has_head:
-        own = model.state_dict()
-        sd = dict(sd, **{k: v for k, v in own.items() if k.startswith("projection.")})
+    # Built on the meta device and then given the loaded tensors (assign=True): initialising a ResNet-50
+    # only to overwrite it costs tens of seconds on a CPU. Every tensor must come from the file.
+    with torch.device("meta"):
+        model = SimCLRModel(g_arch, cifar_stem=cifar_stem, width=g_width, proj_layers=proj_layers, proj_dim=proj_dim)
+    if not has_head:  # a trunk-only file: a freshly initialised head keeps encode(x, 'g1') usable
+        head = ProjectionHead(model.feat_dim, proj_dim, proj_layers)
+        init_weights(head)
+        sd = dict(sd, **{f"projection.{k}": v for k, v in head.state_dict().items()})
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp16/bf16 exports
     _check_shapes(model, sd, path)
     _strict_load(model, sd, path)
     size = int(input_size or (32 if cifar_stem else 224))
