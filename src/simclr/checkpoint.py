@@ -149,12 +149,16 @@ def load_checkpoint(path, map_location="cpu", verify: bool = True, trust: bool =
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n")[0]
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        # torch's message always mentions weights_only; only a GLOBAL the safe unpickler blocked means the
+        # file needs code to load; anything else (bad load key ...) is a corrupt or non-PyTorch file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else type(e).__name__)
+        if "GLOBAL" in msg:
             raise CheckpointError(f"refusing to load {path}: it needs code beyond tensors and plain data to "
                                   f"unpickle ({msg[:200]}). If you trust its source, pass "
                                   f"--trust_checkpoint true.") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {msg[:200]}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a PyTorch "
+                              f"file)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a PyTorch "
                               f"file): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
@@ -186,9 +190,20 @@ def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints; also remove what a killed save left behind (temp files,
+    a card whose checkpoint never got renamed into place). Only the one process that writes the run
+    folder calls this, right after a complete save, so no temp file here belongs to a save in progress."""
     for p in list_checkpoints(run_dir)[keep_last:]:
         p.unlink(missing_ok=True)
         p.with_suffix(".json").unlink(missing_ok=True)
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".checkpoint-") and ".tmp" in p.name:
+            p.unlink(missing_ok=True)
+        elif p.suffix == ".json" and p.name.startswith("checkpoint-") and not p.with_suffix(".pt").exists():
+            p.unlink(missing_ok=True)
 
 
 def model_state(model: torch.nn.Module) -> dict:

@@ -127,28 +127,80 @@ def _decode(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def folder_to_array(root: Path, name: str) -> tuple[np.ndarray, list, list]:
-    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content."""
+def _try_decode(path):
+    """(array, "") or (None, reason): PIL raises many exception types for broken files."""
+    try:
+        return _decode(path), ""
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _bad_image_error(path, reason: str, n_bad: int) -> DataError:
+    more = f" ({n_bad} unreadable files in all)" if n_bad > 1 else ""
+    return DataError(f"cannot read image {path}: {reason}{more}. Remove or replace the file, or pass "
+                     f"--skip_bad_images true to skip unreadable files (they are counted in the log).")
+
+
+# Folders with up to this many files have every file's header checked before training starts, so a
+# non-image file fails (or is skipped) before any run folder is written; bigger ones (ImageNet) are
+# checked as they are read, which costs nothing up front.
+HEADER_CHECK_MAX = 100_000
+
+
+def _header_problem(path) -> str:
+    """"" when PIL recognises the file's header (it reads only the first bytes), else the reason."""
+    try:
+        with Image.open(path):
+            return ""
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError ... depending on the format
+        return f"{type(e).__name__}: {e}"
+
+
+def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[list, list, list]:
+    """Drop (with skip_bad_images) or refuse files that are not images. Returns (files, targets, bad)."""
+    if len(files) > HEADER_CHECK_MAX:
+        return files, targets, []
+    with ThreadPoolExecutor(max_workers=16) as ex:
+        problems = list(ex.map(_header_problem, files, chunksize=64))
+    bad = [(f, why) for f, why in zip(files, problems) if why]
+    if bad and not skip_bad_images:
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+    keep = [i for i, why in enumerate(problems) if not why]
+    return [files[i] for i in keep], [targets[i] for i in keep], [str(f) for f, _ in bad]
+
+
+def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tuple[np.ndarray, list, list, list]:
+    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
+    Returns (images, targets, classes, unreadable files skipped)."""
     files, targets, classes = scan_folder(root)
     key = hashlib.sha1(("\n".join(str(f) for f in files) + str(root.stat().st_mtime)).encode()).hexdigest()[:16]
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
             with np.load(cached) as z:
-                return z["images"], list(z["targets"]), classes
+                return z["images"], list(z["targets"]), classes, []
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
-        arrays = list(ex.map(_decode, files, chunksize=256))
+        decoded = list(ex.map(_try_decode, files, chunksize=256))
+    bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]
+    if bad and not skip_bad_images:
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+    arrays = [a for a, _ in decoded if a is not None]
+    targets = [t for t, (a, _) in zip(targets, decoded) if a is not None]
+    if not arrays:
+        raise DataError(f"no readable image in {root}")
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DataError(f"images in {root} differ in size ({sorted(shapes)[:3]} ...); use --data folder for "
                         f"mixed sizes")
     images = np.stack(arrays)
+    if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
+        return images, targets, classes, [str(f) for f, _ in bad]
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, images=images, targets=np.asarray(targets, dtype=np.int64))
     os.replace(tmp, cached)
-    return images, targets, classes
+    return images, targets, classes, []
 
 
 def _missing(name: str, looked: list, extra: str = "") -> DataError:
@@ -157,13 +209,15 @@ def _missing(name: str, looked: list, extra: str = "") -> DataError:
                      f"(e.g. DATA_ROOT=../shared/data){extra}.")
 
 
-def _cifar(name: str, train: bool) -> ArrayImages:
+def _cifar(name: str, train: bool, skip_bad_images: bool = False) -> ArrayImages:
     root = data_root()
     split = "train" if train else "test"
     folder = root / name / split
     if folder.is_dir():
-        images, targets, classes = folder_to_array(folder, f"{name}-{split}")
-        return ArrayImages(images, targets, classes, name, 32)
+        images, targets, classes, bad = folder_to_array(folder, f"{name}-{split}", skip_bad_images)
+        ds = ArrayImages(images, targets, classes, name, 32)
+        ds.bad_images = bad
+        return ds
     from torchvision import datasets as tvd
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     try:
@@ -189,7 +243,7 @@ def _stl10(split: str) -> ArrayImages:
                 arrays.append(np.stack([_decode(f) for f in files]))
                 targets += [-1] * len(files)
             else:
-                a, t, classes = folder_to_array(folder, f"stl10-{part}")
+                a, t, classes, _ = folder_to_array(folder, f"stl10-{part}")
                 arrays.append(a)
                 targets += t
             continue
@@ -225,7 +279,7 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
     train = split != "test"
     size = image_size or NATIVE_SIZE.get(data, 224)
     if data in ("cifar10", "cifar100"):
-        ds = _cifar(data, train)
+        ds = _cifar(data, train, skip_bad_images)
     elif data == "stl10":
         ds = _stl10(split)
     elif data in ("imagenet", "folder"):
@@ -241,7 +295,11 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             raise DataError(f"{data} split folder not found: {folder} (expected {base}/train and {base}/test "
                             f"or {base}/val, each with one sub-folder per class)")
         files, targets, classes = scan_folder(folder)
+        files, targets, bad = check_headers(files, targets, skip_bad_images)
+        if not files:
+            raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
+        ds.bad_images.extend(bad)
     else:
         raise DataError(f"unknown dataset {data!r}; allowed: cifar10, cifar100, stl10, imagenet, folder")
     ds.image_size = size
