@@ -150,6 +150,8 @@ class Trainer:
 
         # data: fail on bad input before any folder is created
         images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
+        # unreadable files skipped with --skip_bad_images (grows while reading when workers == 0)
+        self.bad_images: list = getattr(images, "bad_images", None) or []
         self.images = maybe_subset(images, cfg.train_subset, seed=0)
         self.image_size = self.images.image_size
         self.loader = build_loader(cfg, self.images, self.device, self.dist.rank, self.dist.world)
@@ -176,7 +178,7 @@ class Trainer:
         elif cfg.resume == "auto":
             if not cfg.run_dir:
                 raise UserError("--resume auto needs --run_dir PATH (the run folder to continue)")
-            resume_from = ckpt_lib.latest_valid(Path(cfg.run_dir), log=self.print)
+            resume_from = ckpt_lib.latest_valid(Path(cfg.run_dir), log=self.warn)
             if resume_from is None:
                 self.print(f"note: no valid checkpoint in {cfg.run_dir}; starting from step 0")
         elif cfg.resume:
@@ -195,6 +197,8 @@ class Trainer:
         self.run: Optional[RunDir] = None
         if self.dist.is_main:
             self.run = RunDir.create(cfg.root, cfg.name, run_dir)
+            for msg in self.__dict__.pop("_pending_log", []):
+                self.run.log(msg)
             config_lib.save(cfg, self.run.path / "config.yaml")
             self.run.write_json("env.json", environment(str(self.device)))
             self.run.set_status("running", step=self.step, iters=cfg.iters)
@@ -208,6 +212,14 @@ class Trainer:
                 tqdm.write(msg)
             if getattr(self, "run", None) is not None:
                 self.run.log(msg)
+            else:  # before the run folder exists (resume messages): written to log.txt once it does
+                self.__dict__.setdefault("_pending_log", []).append(msg)
+
+    def warn(self, msg: str) -> None:
+        """Printed to stderr even with --verbose false (a skipped corrupt checkpoint must not go unseen)."""
+        if self.dist.is_main and not self.cfg.verbose:
+            print(msg, file=sys.stderr, flush=True)
+        self.print(msg)
 
     def _load(self, path: Path) -> None:
         ck = ckpt_lib.load_checkpoint(path)
@@ -230,12 +242,15 @@ class Trainer:
             set_rng_state(ck["rng"])
         self.step = int(ck["step"])
         self.nan_skips = int(ck.get("nan_skips", 0))
+        self._saved_step = self.step  # it is on disk already: never rewrite it in place
         self.print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Optional[Path]:
         if self.run is None:
             return None
         path = ckpt_lib.checkpoint_path(self.run.path, self.step)
+        if getattr(self, "_saved_step", None) == self.step and path.exists():
+            return path  # saved at this step already (e.g. save_freq then stop): no second write
         payload = {"kind": "pretrain", "step": self.step, "image_size": self.image_size, "config": config_lib.to_dict(self.cfg),
                    "model": ckpt_lib.model_state(self.model), "optimizer": self.optimizer.state_dict(),
                    "scaler": self.scaler.state_dict(), "rng": rng_state(), "metrics": self.last_metrics,
@@ -244,19 +259,30 @@ class Trainer:
                 "image_size": self.image_size, "iters": self.cfg.iters,
                 "epochs": self.step / max(self.loader.steps_per_epoch, 1), "metrics": self.last_metrics}
         ckpt_lib.save_checkpoint(path, payload, card)
+        self._saved_step = self.step
         ckpt_lib.prune(self.run.path, self.cfg.keep_last)
         return path
 
     def evaluate(self) -> dict:
         if self._knn_sets is None:
             cfg = self.cfg
-            train = get_dataset(cfg.data, "train", cfg.data_path, cfg.image_size)
-            test = get_dataset(cfg.data, "test", cfg.data_path, cfg.image_size)
+            train = get_dataset(cfg.data, "train", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
+            test = get_dataset(cfg.data, "test", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
             # the monitor uses the same training images as pretraining when a subset is asked for
             self._knn_sets = (maybe_subset(train, cfg.train_subset, seed=0), maybe_subset(test, cfg.test_subset, seed=0))
         return knn_monitor(self.model, self.cfg, *self._knn_sets, self.image_size, self.device, self.amp_dtype)
 
     # --- the loop ---------------------------------------------------------------------------
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Divergence guard, one host sync per step: the loss and the gradient norm are finite. With fp16
+        loss scaling the scaler itself skips steps whose gradients overflow, so only the loss counts."""
+        ok = torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        return bool(ok)
+
     def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if cfg.channels_last:
@@ -280,6 +306,10 @@ class Trainer:
                    f"{cfg.iters} steps ({cfg.iters / max(self.loader.steps_per_epoch, 1):.1f} epochs), "
                    f"{self.device}, {self.dist.world} process(es)"
                    + (f"; run folder {self.run.path}" if self.run else ""))
+        if self.bad_images:
+            self.last_metrics["skipped_images"] = len(self.bad_images)
+            self.print(f"warning: skipped {len(self.bad_images)} unreadable image file(s) (--skip_bad_images), "
+                       f"e.g. {self.bad_images[0]}")
         pbar = None
         if self.dist.is_main and cfg.verbose:
             from tqdm import tqdm
@@ -301,27 +331,35 @@ class Trainer:
             for x, _ in self.loader.batches(start, cfg.iters):
                 data_time += time.perf_counter() - t_data
                 set_lr(self.optimizer, float(self.lrs[self.step]))
+                # batch-norm running statistics change in the forward pass: keep a copy to undo a skipped step
+                buffers = [b.detach().clone() for b in self.model.buffers()] if cfg.on_nan == "skip" else None
                 loss, acc = self.train_step(x)
-                if not torch.isfinite(loss):
-                    self.print(f"non-finite loss at step {self.step}")
+                if loss.requires_grad:  # (with --grad_cache_chunks, train_step has back-propagated already)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                finite = self._finite(loss)
+                if not finite:
+                    self.print(f"non-finite loss or gradient at step {self.step}")
+                    if self.run:
+                        self.run.log_metrics({"step": self.step, "event": "nan", "action": cfg.on_nan})
                     if cfg.on_nan == "stop":
                         status = "failed"
                         if self.run:
-                            self.run.log_metrics({"step": self.step, "event": "nan"})
                             self.run.set_status("failed", step=self.step,
-                                                error=f"non-finite loss at step {self.step}; last good "
-                                                      f"checkpoint kept; lower --lr or use --on_nan skip")
-                        raise UserError(f"non-finite loss at step {self.step}: training stopped, the last good "
-                                        f"checkpoint is untouched. Lower --lr, or pass --on_nan skip.")
+                                                error=f"non-finite loss or gradient at step {self.step}; last "
+                                                      f"good checkpoint kept; lower --lr or use --on_nan skip")
+                        raise UserError(f"non-finite loss or gradient at step {self.step}: training stopped, the "
+                                        f"last good checkpoint is untouched. Lower --lr, or pass --on_nan skip.")
+                    # skipped: no update, BN statistics restored; the step still counts (schedule, data
+                    # order, logging, checkpoints and stop requests go on as for any other step)
                     self.nan_skips += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    t_data = time.perf_counter()
-                    continue
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                    with torch.no_grad():
+                        for b, old in zip(self.model.buffers(), buffers):
+                            b.copy_(old)
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 self.step += 1
                 n_last += x.shape[0] // cfg.multiplier * self.dist.world
                 if pbar is not None:
@@ -334,7 +372,7 @@ class Trainer:
                     rec = {"step": self.step, "epoch": self.step / self.loader.steps_per_epoch, "loss": loss_v,
                            "contrast_acc": acc_v, "lr": float(self.lrs[self.step - 1]),
                            "images_per_s": n_last / max(dt, 1e-9), "data_time_frac": data_time / max(dt, 1e-9),
-                           "nan_skips": self.nan_skips}
+                           "nan_skips": self.nan_skips, "skipped_images": len(self.bad_images)}
                     self.last_metrics.update({k: rec[k] for k in ("loss", "contrast_acc")})
                     if self.run:
                         self.run.log_metrics(rec)
