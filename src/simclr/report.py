@@ -113,7 +113,7 @@ def resolve_run(arg: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # curves
 # --------------------------------------------------------------------------------------------
-def plot_curves(records: list, path: Path) -> Optional[Path]:
+def plot_curves(records: list, path: Path, loss_name: str = "NT-Xent loss") -> Optional[Path]:
     """Loss and contrastive accuracy vs step."""
     tr = _train_records(records)
     s, loss = _series(tr, "loss")
@@ -121,10 +121,13 @@ def plot_curves(records: list, path: Path) -> Optional[Path]:
         return None
     fig, ax = _figure(9, 3.2, 1, 2)
     ax[0, 0].plot(s, loss, color="C0", marker="." if len(s) < 30 else None)
-    ax[0, 0].set(xlabel="step", ylabel="NT-Xent loss", title="loss")
+    ax[0, 0].set(xlabel="step", ylabel=loss_name, title="loss")
     s2, acc = _series(tr, "contrast_acc")
-    ax[0, 1].plot(s2, 100 * acc, color="C1", marker="." if len(s2) < 30 else None)
-    ax[0, 1].set(xlabel="step", ylabel="%", title="contrastive accuracy (positive ranked first)")
+    if len(s2):
+        ax[0, 1].plot(s2, 100 * acc, color="C1", marker="." if len(s2) < 30 else None)
+        ax[0, 1].set(xlabel="step", ylabel="%", title="contrastive accuracy (positive ranked first)")
+    else:
+        ax[0, 1].set_axis_off()
     for a in ax[0]:
         a.grid(alpha=0.3)
     return _save(fig, path)
@@ -229,9 +232,10 @@ class _Datasets:
         self._memo: dict = {}
 
     def __call__(self, split: str, size: int):
-        from .data import get_dataset
+        from .data import get_dataset, native_size
         if split == "pretrain" and self.data != "stl10":  # the same images as the labelled train split
             split = "train"
+        size = native_size(self.data, size)
         key = (split, size)
         if key not in self._memo:
             self._memo[key] = get_dataset(self.data, split, self.path, size)
@@ -509,7 +513,9 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         else:
             figures.append((title, None, missing))
 
-    add("Loss and contrastive accuracy", plot_curves(records, pic_dir / "curves.png"),
+    is_eval = row["kind"] == "eval"
+    add("Loss and contrastive accuracy", plot_curves(records, pic_dir / "curves.png",
+                                                     "training loss of the head" if is_eval else "NT-Xent loss"),
         "NT-Xent loss and the fraction of anchors whose positive scores highest among all 2N-1 candidates, "
         "at each logged step.", "no training records in metrics.jsonl yet")
     add("Learning-rate schedule", plot_lr(records, cfg, pic_dir / "lr.png"),

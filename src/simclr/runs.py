@@ -283,7 +283,8 @@ def find_runs(root) -> list:
             continue
         if depth < _MAX_DEPTH:
             for e in entries:
-                if e.name not in _NOT_RUNS and not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                # symlinked run folders are followed; the depth limit keeps a link loop finite
+                if e.name not in _NOT_RUNS and not e.name.startswith(".") and e.is_dir():
                     stack.append((Path(e.path), depth + 1))
     return sorted(found)
 
@@ -695,9 +696,13 @@ def runs_main(argv) -> int:
         if c != "steps" and c not in df.columns:
             raise UserError(f"unknown column {c!r}{suggest_column(c, list(df.columns) + ['steps'])}")
     if args.format == "csv":
-        print(df[[c for c in columns if c != "steps"]].to_csv(index=False), end="")
+        text = df[[c for c in columns if c != "steps"]].to_csv(index=False).rstrip("\n")
     elif args.format == "json":
-        print(df[[c for c in columns if c != "steps"]].to_json(orient="records", date_format="iso", indent=1))
+        text = df[[c for c in columns if c != "steps"]].to_json(orient="records", date_format="iso", indent=1)
     else:
-        print(format_table(df, columns))
+        text = format_table(df, columns)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `simclr runs | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
