@@ -422,8 +422,8 @@ def pretrain(cfg: PretrainConfig, notes=()) -> dict:
         return trainer.run_loop()
     except BaseException as e:
         failure = distributed.peer_failure(e, trainer.dist.rank)
-        if trainer.run is not None and not isinstance(e, SystemExit):
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if trainer.run is not None:  # SystemExit: a second SIGTERM/SIGINT (StopFlag) exits without saving
+            status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
             try:
                 trainer.run.set_status(status, step=trainer.step, error=f"{type(e).__name__}: {e}")
             except OSError:
