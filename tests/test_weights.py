@@ -407,6 +407,22 @@ def test_bad_file_clear_error(bad_files, case):
     assert str(path) in msg and phrase in msg and "\n" not in msg
 
 
+def test_legacy_torch_format_and_dataparallel_prefix(tmp_path):
+    """Files saved by torch < 1.6 (non-zip) and state dicts saved from nn.DataParallel (``module.``)."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref = load_encoder(spec_ckpt_tiny(tmp_path, "zip.pth.tar"))
+    legacy = tmp_path / "legacy.pth.tar"
+    torch.save({"state_dict": OrderedDict((f"module.{k}", v) for k, v in tiny_spec_state().items()),
+                "hparams": argparse.Namespace(arch="resnet18", data="cifar")}, legacy,
+               _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert torch.equal(load_encoder(legacy)(x), ref(x))
+    cut = tmp_path / "legacy_cut.pth.tar"
+    cut.write_bytes(legacy.read_bytes()[:-5000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_encoder(cut)
+
+
 def test_expected_arch_mismatch(tiny):
     with pytest.raises(CheckpointError, match="wrong architecture"):
         load_encoder(tiny[0], arch="resnet50")
@@ -425,6 +441,7 @@ def test_bad_files_through_cli(bad_files, tmp_path, capsys, command):
         err = capsys.readouterr().err
         assert err.startswith("error:") and str(path) in err and "Traceback" not in err, case
         assert not out.exists(), case
+    assert cli.main([command]) == 2 and "required" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
