@@ -192,7 +192,7 @@ def test_spec_resnet50_cifar_load_and_torchvision_recipe(tmp_path):
     m = env["m"].eval()
     with torch.no_grad():
         assert same(m(x), ref)
-    assert card["arch"] == "resnet50" and card["input_size"] == 32 and card["data"] == "cifar"
+    assert card["arch"] == "resnet50" and card["input_size"] == 32 and card["data"] == "cifar10"
 
 
 def test_imagenet_stem_export_loads_into_plain_torchvision_resnet50(tmp_path):

@@ -54,6 +54,12 @@ def torchvision_recipe(enc: Encoder) -> list:
     return lines
 
 
+def _dataset_name(data):
+    """The spec writes 'cifar' for CIFAR-10; cards use our canonical names."""
+    from .config import ALIASES
+    return ALIASES["data"].get(str(data).lower(), data) if data else data
+
+
 def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:
     """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
     if fmt not in FORMATS:
@@ -83,7 +89,7 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
     card = {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "format": fmt,
             **meta, "head_included": include_head,
             "input": "float RGB (N, 3, H, W) with values in [0, 1]; no mean/std normalisation",
-            "data": src.get("data") or enc.info.get("data"),
+            "data": _dataset_name(src.get("data") or enc.info.get("data")),
             "step": src.get("step"), "epochs": src.get("epochs"), "metrics": src.get("metrics") or {},
             "source": {"file": ckpt.name, "sha256": sha256_file(ckpt), "format": src.get("format", "simclr")},
             "torchvision_loadable": enc.width == 64,
