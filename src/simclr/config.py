@@ -137,6 +137,72 @@ class PretrainConfig(CommonConfig):
     fail_at_step: int = option(-1, "testing aid: make the loss non-finite at this step (-1 = never)")
 
 
+@dataclass
+class EvalConfig(CommonConfig):
+    """Evaluation of a (frozen or fine-tuned) encoder. Key names follow the spec's ``problem: eval``;
+    defaults are the spec's CIFAR-10 linear-evaluation values except ``iters`` (80,000 in
+    configs/cifar_eval.yaml) and the augmented copies, kept small so a plain command finishes on a CPU."""
+
+    problem: str = option("eval", "which job: eval (evaluation) or sim-clr (pretraining)", ["sim-clr", "eval"])
+    arch: str = option("linear", "classifier on top of the encoder: linear (the only one, as in the spec)",
+                       ["linear"])
+    protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
+                           "L-BFGS logistic regression, L2 picked on a held-out split), knn",
+                           ["linear", "fast-linear", "knn"])
+    encoder_ckpt: str = option("", "encoder checkpoint (ours, the spec's .pth.tar, or an export); empty = a "
+                               "randomly initialised encoder (a baseline)")
+    encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty")
+    encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
+                                check=_positive, check_msg="must be > 0")
+    trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
+    encode_layer: str = option("h", "representation: h (encoder output) or g1/g2/g3 (projection-head block "
+                               "outputs, SimCLR v2 style) or z")
+    batch_size: int = option(1024, "training batch size of the linear head", check=_positive,
+                             check_msg="must be > 0")
+    iters: int = option(5000, "optimizer steps of the linear head (the spec's CIFAR-10 config: 80000)",
+                        check=_positive, check_msg="must be > 0")
+    lr: float = option(0.1, "learning rate of the linear head", check=_nonneg, check_msg="must be >= 0")
+    lr_schedule: str = option("linear", "linear (the spec's decay to 0), warmup-anneal, const",
+                              ["warmup-anneal", "linear", "const"])
+    warmup: float = option(0.0, "fraction of iters spent in linear warmup (warmup-anneal only)",
+                           check=lambda x: 0 <= x <= 1, check_msg="must be within [0, 1]")
+    opt: str = option("sgd", "optimizer: sgd (momentum 0.9, the spec's) or adam", ["sgd", "adam"])
+    weight_decay: float = option(1e-4, "weight decay of the linear head (and encoder when fine-tuning)",
+                                 check=_nonneg, check_msg="must be >= 0")
+    augmentation: str = option("RandomCrop", "train-time augmentation: RandomCrop (pad 4, reflect) + flip, "
+                               "RandomResizedCrop + flip, or none (also: aug false)",
+                               ["RandomCrop", "RandomResizedCrop", "none"])
+    precompute_emb_bs: int = option(-1, "batch size for precomputing features once (no augmentation); -1 = "
+                                    "test_bs. Without augmentation features are always computed once")
+    n_augs_train: int = option(-1, "precompute features of this many augmented copies of the training set and "
+                               "train on all of them (-1 = augment on the fly)")
+    n_augs_test: int = option(-1, "average the predictions over this many augmented copies of each test "
+                              "image (-1 = the plain test image)")
+    test_bs: int = option(1024, "batch size for feature extraction and testing", check=_positive,
+                          check_msg="must be > 0")
+    finetune: bool = option(False, "fine-tune the whole encoder (SGD) instead of freezing it")
+    encoder_lr: float = option(-1.0, "learning rate of the encoder when fine-tuning (-1 = lr)")
+    train_size: int = option(-1, "labelled training images, drawn class-balanced with data_split_seed "
+                             "(-1 = all; e.g. 500 = 1% of CIFAR-10)")
+    data_split_seed: int = option(42, "seed of the train_size draw")
+    acc_on_unlabeled: bool = option(False, "also report accuracy on the training images left out by train_size")
+    eval_only: bool = option(False, "evaluate a saved head (--ckpt) on the encoder without training")
+    ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 = only at the end)",
+                            check=_nonneg, check_msg="must be >= 0")
+    compare: bool = option(False, "run both linear and fast-linear and print both")
+    k: int = option(200, "neighbours of the kNN protocol", check=_positive, check_msg="must be > 0")
+    temperature: float = option(0.1, "temperature of the weighted kNN", check=_positive, check_msg="must be > 0")
+    knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
+                           ["weighted", "majority"])
+    l2_grid: str = option("1e-5,1e-4,1e-3,1e-2,1e-1,1", "fast-linear: L2 strengths tried (comma separated; "
+                          "the penalty is l2/2 * ||W||^2 on standardised features)")
+    holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
+                            check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
+    fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", check=_positive, check_msg="must be > 0")
+    cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform")
+    run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
+
+
 def default_root() -> str:
     return os.environ.get("SIMCLR_LOGS") or os.environ.get("EXMAN_PATH") or "logs"
 

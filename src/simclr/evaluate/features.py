@@ -1,5 +1,7 @@
-"""Extract frozen features of a dataset with an encoder (batched, no augmentation)."""
+"""Frozen features of a dataset: plain (batched, no augmentation), augmented copies, and a disk cache."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -51,3 +53,126 @@ def extract_features(encode, images: LabeledImages, image_size: int, batch_size:
         feats.append(f.float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# train-time augmentation of the evaluation protocols, augmented copies, and the feature cache
+# --------------------------------------------------------------------------------------------
+def augment_transform(kind: str, image_size: int, native: int, scale_lower: float = 0.08):
+    """The spec's linear-evaluation augmentation: PIL image -> (3, S, S) float in [0, 1].
+
+    RandomCrop: pad 4 (reflect) and crop back, then horizontal flip (CIFAR). RandomResizedCrop:
+    bicubic crop of area fraction [scale_lower, 1] resized to S, then flip (ImageNet). none: the
+    test transform.
+    """
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from ..data.transforms import Clip
+    if kind == "none":
+        return eval_transform(image_size, native)
+    if kind == "RandomResizedCrop":
+        ops = [T.RandomResizedCrop(image_size, scale=(scale_lower, 1.0), interpolation=InterpolationMode.BICUBIC)]
+    elif kind == "RandomCrop":
+        ops = [] if native == image_size else [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+                                               T.CenterCrop(image_size)]
+        ops.append(T.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
+    else:
+        raise ValueError(f"augmentation must be RandomCrop, RandomResizedCrop or none, got {kind!r}")
+    return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), Clip()])
+
+
+class SeededAugmented(Dataset):
+    """Item i of copy c: the transform applied under an RNG seeded by (seed, c, i), so that a
+    copy is the same whatever the batch size or worker count (what makes caching it valid)."""
+
+    def __init__(self, images: LabeledImages, transform, copy: int, seed: int):
+        self.images, self.transform, self.copy, self.seed = images, transform, copy, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.copy) * 10_000_019 + i)
+            x = self.transform(self.images.load(i))
+        return x, self.images.targets[i]
+
+
+@torch.no_grad()
+def extract_augmented(encode, images: LabeledImages, transform, copies: int, seed: int, batch_size: int = 512,
+                      workers: int = 0, device: torch.device = torch.device("cpu"), autocast_dtype=None,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``copies`` augmented copies: (copies, N, d) fp32 and labels (N,)."""
+    from tqdm import tqdm
+    out, labels = [], None
+    total = copies * ((len(images) + batch_size - 1) // batch_size)
+    with tqdm(total=total, desc="features (augmented)", disable=not progress, dynamic_ncols=True,
+              mininterval=1.0) as bar:
+        for c in range(copies):
+            loader = DataLoader(SeededAugmented(images, transform, c, seed), batch_size=batch_size,
+                                num_workers=workers, pin_memory=device.type == "cuda")
+            feats, ys = [], []
+            for x, y in loader:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    feats.append(encode(x.to(device, non_blocking=True)).float())
+                ys.append(torch.as_tensor(y).to(device))
+                bar.update(1)
+            out.append(torch.cat(feats))
+            labels = torch.cat(ys)
+    return torch.stack(out), labels
+
+
+def dataset_fingerprint(images: LabeledImages) -> str:
+    """What identifies a dataset's content for the cache: name, size, labels, subset indices, files."""
+    import hashlib
+    h = hashlib.sha1()
+    h.update(f"{images.name}|{len(images)}|{images.image_size}".encode())
+    h.update(np.asarray(images.targets, dtype=np.int64).tobytes())
+    idx = getattr(images, "indices", None)
+    if idx is not None:
+        h.update(np.asarray(idx, dtype=np.int64).tobytes())
+    base = getattr(images, "base", images)
+    files = getattr(base, "files", None)
+    if files is not None:
+        h.update("\n".join(map(str, files)).encode())
+    arr = getattr(images, "images", None)
+    if arr is not None:  # cheap content sample of in-memory arrays
+        h.update(np.ascontiguousarray(arr[:: max(1, len(arr) // 64)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Features on disk under ``<cache_dir>/features/<key>.pt``, key = hash of (encoder hash, layer,
+    dataset fingerprint, transform, copies, seed). ``enabled=False`` (or no encoder hash, e.g. a
+    random encoder) computes every time."""
+
+    def __init__(self, encoder_hash: str, enabled: bool = True, log=print):
+        from ..data.datasets import cache_dir
+        self.encoder_hash, self.enabled, self.log = encoder_hash, enabled and bool(encoder_hash), log
+        self.folder = cache_dir() / "features" if self.enabled else None
+        self.hits = 0
+
+    def key(self, **parts) -> str:
+        import hashlib
+        import json
+        return hashlib.sha1(json.dumps({"encoder": self.encoder_hash, **parts}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:24]
+
+    def get(self, compute, **parts):
+        if not self.enabled:
+            return compute()
+        path = self.folder / f"{self.key(**parts)}.pt"
+        if path.exists():
+            try:
+                f, y = torch.load(path, map_location="cpu", weights_only=True)
+                self.hits += 1
+                return f, y
+            except Exception:  # a truncated cache file: recompute it
+                path.unlink(missing_ok=True)
+        f, y = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save((f.cpu(), y.cpu()), tmp)
+        os.replace(tmp, path)
+        return f, y

@@ -49,3 +49,21 @@ def knn_classifier(train_f, train_y, test_f, test_y, k: int = 200, temperature: 
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     scores = knn_predict(train_f, train_y, test_f, k, temperature, weighted, num_classes)
     return topk_accuracy(scores, test_y)
+
+
+def accuracy_report(scores: torch.Tensor, y: torch.Tensor, classes=None) -> dict:
+    """The result block every protocol reports: top-1, top-5 and per-class top-1 (percent).
+
+    scores: (N, C) any monotone class scores (logits, probabilities, votes); y: (N,).
+    """
+    scores, y = scores.detach().float().cpu(), y.detach().long().cpu()
+    res = topk_accuracy(scores, y)
+    pred = scores.argmax(1)
+    n_classes = scores.shape[1]
+    names = list(classes) if classes is not None else [str(c) for c in range(n_classes)]
+    per_class = {}
+    for c in range(n_classes):
+        mask = y == c
+        if mask.any():
+            per_class[names[c] if c < len(names) else str(c)] = 100.0 * (pred[mask] == c).float().mean().item()
+    return {"top1": res["top1"], "top5": res["top5"], "per_class": per_class, "n": int(y.numel())}

@@ -1,0 +1,214 @@
+"""Linear evaluation as in the spec: a zero-initialised linear layer trained with SGD (momentum 0.9)
+and the spec's linear LR decay, on frozen features (precomputed once, or several augmented
+copies) or on images augmented on the fly; optionally fine-tuning the encoder too.
+
+Also the linear head's checkpoint: ours (``kind: linear``, ``state_dict: {weight, bias}``) and
+the spec's (``state_dict`` or top-level ``weight``/``bias`` plus an ``argparse.Namespace``
+``hparams``) both load.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import checkpoint as ckpt_lib
+from ..errors import CheckpointError
+from ..optim import lr_schedule
+
+
+def make_head(dim: int, n_classes: int, device="cpu") -> nn.Linear:
+    """The spec's classifier: nn.Linear with weight and bias initialised to zero."""
+    head = nn.Linear(dim, n_classes).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def build_optimizer(cfg, head: nn.Module, encoder: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) or Adam over the head and, when fine-tuning, the encoder at its own LR.
+    Each group keeps ``base_lr``; the schedule scales it per step."""
+    groups = [{"params": list(head.parameters()), "base_lr": cfg.lr}]
+    if encoder is not None:
+        enc_lr = cfg.lr if cfg.encoder_lr < 0 else cfg.encoder_lr
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "base_lr": enc_lr})
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    if cfg.opt == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg):
+    return lr_schedule(1.0, cfg.iters, cfg.lr_schedule, cfg.warmup)
+
+
+def _set_factor(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def _pbar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
+
+
+def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg, seed: int = 0,
+                      progress: bool = False, on_step: Optional[Callable] = None) -> nn.Linear:
+    """Train a zero-initialised linear head on precomputed features.
+
+    feats: (N, d) or (K, N, d) — K augmented copies, each treated as N more samples.
+    Every step draws ``batch_size`` rows of an epoch-wise random permutation of all K*N rows.
+    """
+    if feats.dim() == 3:
+        k = feats.shape[0]
+        feats, y = feats.reshape(-1, feats.shape[-1]), y.repeat(k)
+    device = feats.device
+    head = make_head(feats.shape[1], n_classes, device)
+    opt = build_optimizer(cfg, head)
+    factors = _schedule(cfg)
+    n = feats.shape[0]
+    bs = min(cfg.batch_size, n)
+    g = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=g), 0
+    with _pbar(cfg.iters, "linear head", progress) as bar:
+        for step in range(cfg.iters):
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=g), 0
+            idx = perm[pos:pos + bs].to(device)
+            pos += bs
+            _set_factor(opt, float(factors[step]))
+            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            if progress and (step + 1) % max(1, cfg.iters // 10) == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1, head)
+    return head
+
+
+class _Augmented(Dataset):
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images.load(i)), self.images.targets[i]
+
+
+def _endless(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def train_on_images(encoder, encode: Callable, images, transform, n_classes: int, feat_dim: int, cfg,
+                    device: torch.device, autocast_dtype=None, finetune: bool = False, seed: int = 0,
+                    progress: bool = False, on_step: Optional[Callable] = None) -> nn.Linear:
+    """Train the head on images augmented on the fly (the spec's default path).
+
+    Frozen (``finetune=False``): the encoder stays in eval mode (BN statistics untouched) and
+    runs under no_grad. Fine-tuning: the encoder is in train mode and its parameters get their
+    own learning rate (``encoder_lr``).
+    """
+    head = make_head(feat_dim, n_classes, device)
+    opt = build_optimizer(cfg, head, encoder if finetune else None)
+    factors = _schedule(cfg)
+    bs = min(cfg.batch_size, len(images))
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(_Augmented(images, transform), batch_size=bs, shuffle=True, drop_last=True,
+                        generator=g, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.workers > 0)
+    encoder.train(finetune)
+    try:
+        with _pbar(cfg.iters, "fine-tune" if finetune else "linear head", progress) as bar:
+            for step, (x, y) in enumerate(itertools.islice(_endless(loader), cfg.iters)):
+                x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+                _set_factor(opt, float(factors[step]))
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    if finetune:
+                        h = encode(x)
+                    else:
+                        with torch.no_grad():
+                            h = encode(x)
+                    loss = F.cross_entropy(head(h.float()), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step + 1, head)
+    finally:
+        encoder.eval()
+    return head
+
+
+@torch.no_grad()
+def predict(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Class scores: logits for (N, d); for (K, N, d) the softmax averaged over the K copies."""
+    if feats.dim() == 3:
+        return torch.stack([F.softmax(head(f), dim=1) for f in feats]).mean(0)
+    return head(feats)
+
+
+# --------------------------------------------------------------------------------------------
+# the head's checkpoint
+# --------------------------------------------------------------------------------------------
+def save_head(path: Path, head: nn.Linear, info: dict, encoder_state: Optional[dict] = None) -> str:
+    """Our format, kind ``linear``: ``state_dict`` {weight, bias} as the spec stores it, plus the
+    config, encoder hash, layer, classes and the accuracy it reached (``metrics``)."""
+    payload = {"kind": "linear", "step": info.get("iters", 0),
+               "state_dict": {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu()}, **info}
+    if encoder_state is not None:  # fine-tuned: the encoder belongs to the result
+        payload["encoder"] = {k: v.detach().cpu() for k, v in encoder_state.items()}
+    card = {"kind": "linear", "in_dim": int(head.weight.shape[1]), "classes": int(head.weight.shape[0]),
+            "metrics": info.get("metrics", {})}
+    return ckpt_lib.save_checkpoint(path, payload, card)
+
+
+def load_head(path, trust: bool = False) -> dict:
+    """Load a linear head from our checkpoint or the spec's. Returns a dict with ``weight`` (C, d),
+    ``bias`` (C,), ``info`` (our saved fields or the spec's hparams) and ``encoder`` (fine-tuned
+    encoder state dict, or None)."""
+    ck = ckpt_lib.load_checkpoint(path, trust=trust)
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict ({ckpt_lib.describe(ck)})")
+    encoder_state = None
+    if ck.get("format") == ckpt_lib.FORMAT:
+        if ck.get("kind") != "linear":
+            raise CheckpointError(f"{path} is a {ck.get('kind', '?')} checkpoint, not a linear head; pass the "
+                                  f"encoder as --encoder_ckpt and a saved head as --ckpt")
+        sd, info, encoder_state = ck.get("state_dict", {}), {k: v for k, v in ck.items() if k not in
+                                                             ("state_dict", "encoder")}, ck.get("encoder")
+    elif isinstance(ck.get("state_dict"), dict):
+        hp = ck.get("hparams")
+        info = {"hparams": vars(hp) if hasattr(hp, "__dict__") else dict(hp or {})}
+        sd = ck["state_dict"]
+    else:
+        sd, info = ck, {}
+    sd = ckpt_lib.unwrap_state_dict(sd)
+    if any(str(k).startswith(("convnet.", "conv1.", "layer1.")) for k in sd):
+        raise CheckpointError(f"{path} holds encoder weights, not a linear head; pass it as --encoder_ckpt")
+    w, b = sd.get("weight"), sd.get("bias")
+    if not (isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.dim() == 2 and b.dim() == 1
+            and b.shape[0] == w.shape[0]):
+        raise CheckpointError(f"{path} is not a linear head: expected weight (C, d) and bias (C,) in its "
+                              f"state_dict, found {ckpt_lib.describe(sd)}")
+    return {"weight": w.float(), "bias": b.float(), "info": info, "encoder": encoder_state}
+
+
+def head_from_state(state: dict, device="cpu") -> nn.Linear:
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device)
+    with torch.no_grad():
+        head.weight.copy_(state["weight"])
+        head.bias.copy_(state["bias"])
+    return head
