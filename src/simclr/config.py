@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -250,9 +251,12 @@ def coerce(key: str, typ, value: Any):
         if isinstance(value, bool):
             raise ConfigError(f"option '{key}' expects a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            out = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"option '{key}' expects a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"option '{key}' expects a finite number, got {value!r}")
+        return out
     if typ is str:
         if value is None:
             return ""
@@ -282,11 +286,14 @@ def build(cls, values: dict, source: str = "") -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML allows `1: x` or `null: x`
+            raise ConfigError(f"option names are text, got {key!r}" + (f" (in {source})" if source else ""))
         if key in IGNORED_KEYS:
             continue
         if key not in names:
             where = f" (in {source})" if source else ""
-            raise ConfigError(f"unknown option '{key}'{where}{suggest(key, names)} "
+            shown = key if key.isprintable() else repr(key)[1:-1]  # the message stays on one line
+            raise ConfigError(f"unknown option '{shown}'{where}{suggest(key, names)} "
                               f"See `simclr {'eval' if cls.__name__.startswith('Eval') else 'pretrain'} --help`.")
         f = names[key]
         typ = _type_of(cls, f)
@@ -325,7 +332,9 @@ def load_yaml(path: str) -> dict:
     try:
         values = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value, got {type(values).__name__}")
     return values
