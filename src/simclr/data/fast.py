@@ -35,6 +35,7 @@ Two documented differences from the reference:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -344,7 +345,9 @@ def decode_batch(items: list, device: torch.device, files: Optional[list] = None
     """Raw items -> list of (3, H, W) uint8 on ``device``. JPEGs are decoded in one batched
     ``decode_jpeg`` call on the device (nvJPEG on CUDA); anything else, or a batch the device
     decoder rejects, is decoded image by image on the CPU."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     out: list = [None] * len(items)
     jpeg = [k for k, t in enumerate(items) if t.dim() == 1 and _is_jpeg(t)]
     if jpeg:
@@ -365,8 +368,9 @@ def decode_batch(items: list, device: torch.device, files: Optional[list] = None
         except RuntimeError as e:
             name = files[indices[k]] if files is not None and indices is not None else f"item {k}"
             if not skip_bad:
-                raise DataError(f"cannot decode image {name}: {str(e).splitlines()[0]}. Remove or replace the "
-                                f"file, or pass --skip_bad_images true to skip unreadable files.") from None
+                why = str(e).splitlines()[0].split(", ")[-1]  # drop torchvision's C++ source location
+                raise DataError(f"cannot decode image {name}: {why}. Remove or replace the file, or pass "
+                                f"--skip_bad_images true to skip unreadable files.") from None
             if bad is not None:
                 bad.append(str(name))
     good = [t for t in out if t is not None]
