@@ -43,6 +43,7 @@ def _refs(page: Path) -> list:
     return p.refs
 
 
+@pytest.mark.slow  # ~30-70 s on a busy 2-core box (feature extraction, subprocess + CIFAR load)
 def test_report_on_a_real_run(real_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(real_run, run)
@@ -132,6 +133,7 @@ def test_example_read_runs(real_run, tmp_path):
     assert "1 runs under" in r.stdout and "finished" in r.stdout and out.is_file()
 
 
+@pytest.mark.slow  # ~30-70 s on a busy 2-core box (feature extraction, subprocess + CIFAR load)
 def test_example_apply_model(real_run):
     r = _example("apply_model.py", real_run, "--gallery", 100, "--queries", 30)
     assert r.returncode == 0, r.stderr

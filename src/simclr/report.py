@@ -556,6 +556,8 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
                 add("Nearest-neighbour retrieval", None, None, f"skipped: {e}")
     elif not cfg:
         add("Pictures", None, None, "skipped: the run has no readable config.yaml")
+    else:
+        add("Pictures", None, None, "augmented views, retrieval and embedding skipped (--no_pictures)")
 
     for i, ev in enumerate(evals):
         name = f"eval{i}.png" if len(evals) > 1 else "confusion.png"
