@@ -287,6 +287,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if cfg.grad_cache_chunks > 1:  # back-propagates here, chunk by chunk; returns a detached loss
+            from .gradcache import grad_cache_backward
+            self.optimizer.zero_grad(set_to_none=True)
+            nan = self.step == cfg.fail_at_step
+            return grad_cache_backward(self.forward_model, x, cfg.temperature, cfg.multiplier,
+                                       cfg.grad_cache_chunks, self.amp_dtype, scale=self.scaler.scale,
+                                       loss_hook=(lambda v: v * float("nan")) if nan else (lambda v: v))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             z = self.forward_model(x)["z"]
         loss, acc = nt_xent(z, cfg.temperature, cfg.multiplier)
