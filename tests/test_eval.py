@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli, tiny_args
+from conftest import REPO, tiny_args
 from simclr.cli import main as cli_main
 from simclr.config import EvalConfig, parse
 from simclr.data import balanced_indices, get_dataset
@@ -179,10 +179,12 @@ def test_balanced_subset_exact_and_reproducible(data_root):
 # end to end on real data
 # --------------------------------------------------------------------------------------------
 def test_random_encoder_beats_chance(tmp_path, data_root, capsys):
-    res = _eval(tmp_path, protocol="fast-linear", encoder_arch="resnet18", encoder_width=8, verbose="true")
+    res = _eval(tmp_path, protocol="fast-linear", encoder_arch="resnet18", encoder_width=8, verbose="true",
+                train_subset=600, test_subset=300)
     assert "randomly initialised" in capsys.readouterr().err
-    assert res["encoder"]["random_init"] and res["n_train"] == 1000 and res["n_test"] == 500
-    assert res["top1"] > 18.0, res["top1"]  # chance is 10%
+    assert res["encoder"]["random_init"] and res["n_train"] == 600 and res["n_test"] == 300
+    # chance is 10%; one binomial std on 300 images is ~1.7 points, so 16% is far above chance
+    assert res["top1"] > 16.0, res["top1"]
 
 
 def test_fast_linear_agrees_with_spec_linear(tmp_path, encoder_ckpt):
@@ -222,6 +224,7 @@ def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
     assert outs["knn"]["top1"] == pytest.approx(ref["top1"])
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_saved_accuracy_both_formats(tmp_path, encoder_ckpt):
     res = _eval(tmp_path, encoder_ckpt=encoder_ckpt, protocol="linear", iters=100, lr=1.0, train_subset=500,
                 test_subset=200)
@@ -293,19 +296,21 @@ def test_transfer_to_image_folder(tmp_path, encoder_ckpt, data_root):
 # --------------------------------------------------------------------------------------------
 # bad input: one clear line, exit 2
 # --------------------------------------------------------------------------------------------
-def test_bad_checkpoints_give_clear_errors(tmp_path, encoder_ckpt):
+def test_bad_checkpoints_give_clear_errors(tmp_path, encoder_ckpt, capsys):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a checkpoint")
-    out = run_cli("knn", "--encoder_ckpt", junk, "--train_subset", "100", "--test_subset", "50",
-                  "--root", tmp_path / "logs", env=SUB_ENV)
-    assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
-    assert str(junk) in out.stderr and "checkpoint" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # in-process CLI: anything but a UserError would escape main() as a traceback and fail here
+    rc = cli_main(["knn", "--encoder_ckpt", str(junk), "--train_subset", "100", "--test_subset", "50",
+                   "--root", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and str(junk) in err and "checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
     # an encoder whose weights do not fit the architecture its config names
     ck = torch.load(encoder_ckpt, weights_only=False)
     ck["config"]["width"] = 16
     wrong = tmp_path / "wrong.pt"
     torch.save(ck, wrong)
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(CheckpointError, match="width"):
         _eval(tmp_path, encoder_ckpt=wrong, protocol="knn")
     # a head of the wrong size, and an encoder passed where the head belongs
     head = tmp_path / "head.pt"
