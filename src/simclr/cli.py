@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": ("simclr.report:compare_main", "plot two or more runs together and list their config differences"),
     "export": ("simclr.export:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
     "embed": ("simclr.export:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
+    "bench": ("simclr.bench:main", "throughput of the reference input/compute path vs the fast path, same run"),
 }
 
 

@@ -1,0 +1,247 @@
+"""``simclr bench``: the reference input/compute path against the fast one, in one process.
+
+    simclr bench --arch resnet50 --data cifar10 --batch_size 1024 --steps 50
+
+Both paths train the same model for ``--warmup`` untimed steps (worker start-up, cuDNN
+autotuning, ``torch.compile``) and then ``--steps`` timed ones:
+
+* reference — the spec's way: PIL/torchvision transforms in DataLoader worker processes,
+  fp32, NCHW, no compile, the plain per-parameter LARS step;
+* fast — the dataset on the device, batched per-view augmentation there, bf16 autocast
+  (on CUDA; fp32 on CPU), channels_last (CUDA), ``torch.compile`` (CUDA), multi-tensor LARS.
+
+Each path reports unique images/s, ms per step, the data-wait fraction (the share of the
+timed interval spent producing the next batch: on CUDA the device time between two events
+around ``next(batches)`` — the copy and augmentation kernels plus any idle wait for the
+host —, on CPU the host time in ``next``), and peak device memory. CUDA timings use
+CUDA events; the step has no host synchronisation (loss values are never read).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+PATHS = ("reference", "fast")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line through the CLI instead of argparse's exit
+        raise UserError(f"simclr bench: {message} (see simclr bench --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="simclr bench", description="Throughput of the reference path vs the fast path.")
+    p.add_argument("--arch", default="resnet50", help="encoder (default resnet50)")
+    p.add_argument("--width", type=int, default=64, help="first-stage channels (64 = standard)")
+    p.add_argument("--data", default="cifar10", help="dataset (cifar10, cifar100, stl10, imagenet, folder)")
+    p.add_argument("--data_path", default="", help="image folder for --data folder")
+    p.add_argument("--image_size", type=int, default=0, help="input side (0 = the dataset's own)")
+    p.add_argument("--batch_size", type=int, default=1024, help="unique images per step")
+    p.add_argument("--multiplier", type=int, default=2, help="views per image")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per path")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (compile, autotune)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="DataLoader workers of the reference path (default: the CPU count, at most 16)")
+    p.add_argument("--train_subset", type=int, default=0, help="use this many training images (0 = all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile on the fast path (auto: on CUDA)")
+    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="channels_last on the fast path (auto: on CUDA)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="fast path autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--interpolation", default="auto", choices=["auto", "bilinear", "bicubic"],
+                   help="crop resampling of the fast path")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of the main process (0 = torch's default)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the paths this many times, alternating, and report each path's median run "
+                        "(for noisy shared machines)")
+    return p
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _on(flag: str, device: torch.device) -> bool:
+    return flag == "on" or (flag == "auto" and device.type == "cuda")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run_path(path: str, args, images, device: torch.device) -> dict:
+    """Train ``args.warmup + args.steps`` steps on one path and time the last ``args.steps``."""
+    from . import config as config_lib
+    from .config import PretrainConfig
+    from .data.loaders import build_loader
+    from .loss import nt_xent
+    from .models import build_model
+    from .optim import build_optimizer
+    from .train import autocast_dtype
+
+    fast = path == "fast"
+    cfg = config_lib.build(PretrainConfig, dict(
+        arch=args.arch, width=args.width, data=args.data, batch_size=args.batch_size, multiplier=args.multiplier,
+        seed=args.seed, workers=args.workers, loader=path, device=str(device),
+        precision=args.precision if fast else "fp32"))
+    channels_last = fast and _on(args.channels_last, device)
+    compiled = fast and _on(args.compile, device)
+    amp = autocast_dtype(cfg.precision, device) if fast else None
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, images.image_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "lars", 0.1, 1e-6, foreach=fast)
+    forward = torch.compile(model) if compiled else model
+    if fast:
+        from .data.fast import FastLoader
+        loader = FastLoader(cfg, images, device, interpolation=args.interpolation)
+    else:
+        loader = build_loader(cfg, images, device)
+    model.train()
+
+    total = args.warmup + args.steps
+    batches = loader.batches(0, total)
+    host_wait, dev_marks = 0.0, []
+    t_setup = time.perf_counter()
+    t_start = ev_start = ev_end = None
+    for s in range(total):
+        if s == args.warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+                ev_start = torch.cuda.Event(enable_timing=True)
+                ev_start.record()
+            warmup_s = time.perf_counter() - t_setup
+            t_start = time.perf_counter()
+        timed = s >= args.warmup
+        if timed and cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+        t0 = time.perf_counter()
+        x, _ = next(batches)
+        if timed:
+            host_wait += time.perf_counter() - t0
+            if cuda:
+                e1.record()
+                dev_marks.append((e0, e1))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            z = forward(x)["z"]
+        loss, _ = nt_xent(z, cfg.temperature, cfg.multiplier)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if cuda:
+        ev_end = torch.cuda.Event(enable_timing=True)
+        ev_end.record()
+        torch.cuda.synchronize(device)
+        seconds = ev_start.elapsed_time(ev_end) / 1000
+        data_s = sum(a.elapsed_time(b) for a, b in dev_marks) / 1000
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        seconds = time.perf_counter() - t_start
+        data_s, peak = host_wait, None
+    batches.close()  # shuts the reference path's workers down
+    final_loss = float(loss.detach())
+    del model, optimizer, forward, loader, batches, x, z, loss
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "path": path, "images_per_s": args.steps * args.batch_size / seconds, "ms_per_step": 1000 * seconds / args.steps,
+        "data_wait_frac": data_s / seconds, "peak_mem_gib": peak, "warmup_s": warmup_s,
+        "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
+        "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
+        "lars": "foreach" if fast else "plain",
+    }
+
+
+def format_table(results: list) -> str:
+    lines = [f"{'path':<10} {'images/s':>10} {'ms/step':>9} {'data wait':>9} {'peak mem':>9} {'warm-up':>8}  setup"]
+    for r in results:
+        mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "n/a"
+        setup = (f"{r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}, "
+                 f"{'compiled' if r['compile'] else 'eager'}, {r['lars']} LARS"
+                 + (f", {r['workers']} workers" if r["path"] == "reference" else ", on-device aug"))
+        lines.append(f"{r['path']:<10} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} "
+                     f"{100 * r['data_wait_frac']:>8.1f}% {mem:>9} {r['warmup_s']:>7.1f}s  {setup}")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(list(argv))
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    for p in paths:
+        if p not in PATHS:
+            raise UserError(f"--paths: unknown path {p!r}; allowed: {', '.join(PATHS)}")
+    for key in ("steps", "batch_size", "width", "repeat"):
+        if getattr(args, key) <= 0:
+            raise UserError(f"--{key} must be > 0, got {getattr(args, key)}")
+    if args.warmup < 1:
+        raise UserError(f"--warmup must be >= 1 (the first step includes start-up), got {args.warmup}")
+    from .data import get_dataset, maybe_subset
+    from .train import resolve_device
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
+    print(f"simclr bench: {args.arch} (width {args.width}) on {args.data} ({len(images)} images, "
+          f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "
+          f"{args.steps} timed steps per path, {device_name(device)}", flush=True)
+    runs: dict = {p: [] for p in paths}
+    for _ in range(args.repeat):
+        for p in paths:
+            runs[p].append(run_path(p, args, images, device))
+            print(format_table(runs[p][-1:]).splitlines()[-1], flush=True)
+    results = [sorted(runs[p], key=lambda r: r["images_per_s"])[(len(runs[p]) - 1) // 2] for p in paths]
+    print("\nmedian of %d run(s) per path:" % args.repeat if args.repeat > 1 else "")
+    print(format_table(results))
+    by = {r["path"]: r for r in results}
+    speedup = None
+    if "reference" in by and "fast" in by:
+        speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"]
+        print(f"speed-up (fast / reference images/s): {speedup:.2f}x")
+    if args.json:
+        out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
+               "args": vars(args), "n_images": len(images), "image_size": images.image_size,
+               "results": results, "speedup": speedup, "all_runs": runs}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
