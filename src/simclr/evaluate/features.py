@@ -44,14 +44,19 @@ def image_batches(images: LabeledImages, image_size: int, batch_size: int = 512,
 
 @torch.no_grad()
 def extract_features(encode, images: LabeledImages, image_size: int, batch_size: int = 512, workers: int = 0,
-                     device: torch.device = torch.device("cpu"), autocast_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device = torch.device("cpu"), autocast_dtype=None,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """encode: callable (B, 3, S, S) -> (B, d). Returns (features (N, d) fp32, labels (N,)) on ``device``."""
+    from tqdm import tqdm
     feats, labels = [], []
-    for x, y in image_batches(images, image_size, batch_size, workers, device):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = encode(x)
-        feats.append(f.float())
-        labels.append(y)
+    with tqdm(total=(len(images) + batch_size - 1) // batch_size, desc="features", disable=not progress,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        for x, y in image_batches(images, image_size, batch_size, workers, device):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                f = encode(x)
+            feats.append(f.float())
+            labels.append(y)
+            bar.update(1)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -184,7 +184,8 @@ class Evaluation:
 
         def compute():
             self.print(f"extracting features: {split} ({len(images)} images, layer {self.layer})")
-            return extract_features(self.encode, images, self.image_size, bs, cfg.workers, self.device, self.amp)
+            return extract_features(self.encode, images, self.image_size, bs, cfg.workers, self.device, self.amp,
+                                    progress=cfg.verbose)
 
         f, y = self.cache.get(compute, kind="plain", data=dataset_fingerprint(images), layer=self.layer,
                               size=self.image_size)
