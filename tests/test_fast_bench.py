@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from simclr.cli import main
+
+from conftest import REPO
 
 
 def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
@@ -31,3 +38,20 @@ def test_bench_bad_input_is_one_line(capsys):
     assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: reference, fast"
     assert main(["bench", "--steps", "many"]) == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_script_respects_its_budget(tmp_path, data_root):
+    out = tmp_path / "tta.json"
+    script = REPO / "benchmarks" / "time_to_accuracy.py"
+    r = subprocess.run([sys.executable, str(script), "--arch", "resnet18", "--width", "8", "--minutes", "0.4",
+                        "--eval_reserve_s", "10", "--device", "cpu", "--batch_size", "32", "--train_subset", "256",
+                        "--test_subset", "100", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["steps"] >= 1 and 0 <= res["knn_top1"] <= 100 and "kNN top-1" in r.stdout
+    # training stopped at the deadline: launch-to-end-of-training within the budget minus the reserve,
+    # give or take one step (the clock is checked before each step)
+    one_step = res["train_s"] / res["steps"] + (res["first_step_s"] or 0)
+    assert res["setup_s"] + res["train_s"] <= 0.4 * 60 - 10 + one_step
