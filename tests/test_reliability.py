@@ -23,9 +23,39 @@ from simclr import cli
 from simclr.errors import CheckpointError, UserError
 
 
+def tiny_cifar_folder(root: Path, data_root: Path) -> Path:
+    """64 training and 40 test images of the real CIFAR-10 copy as a --data folder dataset (4 classes):
+    reading them costs nothing next to decoding all 60,000 images of the copy."""
+    for split, n in (("train", 16), ("test", 10)):
+        for c in ("airplane", "cat", "dog", "ship"):
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((data_root / "cifar10" / split / c).iterdir())[:n]:
+                shutil.copy(f, root / split / c / f.name)
+    return root
+
+
+_FOLDER: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small, shared CPU OpenMP threads spin-waiting for each other made these
+    tiny runs 8x slower (33 s instead of 4 s for 4 steps)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_folder(data_root, tmp_path_factory):
+    _FOLDER[:] = [tiny_cifar_folder(tmp_path_factory.mktemp("tiny-cifar"), data_root)]
+
+
 def small(tmp_path: Path, **over) -> list:
     """The tiniest real run: 64 CIFAR-10 images, batch 16, ResNet-18 of width 8."""
-    base = dict(train_subset=64, test_subset=50, batch_size=16, iters=4, knn_k=20)
+    base = dict(data="folder", data_path=_FOLDER[0], image_size=32, train_subset=0, test_subset=0, batch_size=16,
+                iters=4, knn_k=20)
     base.update(over)
     return tiny_args(tmp_path, **base)
 
@@ -235,7 +265,7 @@ def test_missing_and_empty_dataset_folder(tmp_path, capsys):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True)
     rc, err = cli_run(capsys, *small(tmp_path, data="folder", data_path=tmp_path / "empty"))
     assert_one_line_error(rc, err, "holds no images")
-    rc, err = cli_run(capsys, *small(tmp_path, data="folder"))  # data_path forgotten
+    rc, err = cli_run(capsys, *small(tmp_path, data="folder", data_path=""))  # data_path forgotten
     assert_one_line_error(rc, err, "--data_path")
     assert not (tmp_path / "logs").exists()
 
@@ -266,10 +296,10 @@ def test_corrupt_image_in_cifar_folder_copy(tmp_path, capsys, data_root, monkeyp
     (root / "cifar10" / "train" / "cat" / "0000-bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     monkeypatch.setenv("DATA_ROOT", str(root))
     monkeypatch.setenv("SIMCLR_CACHE", str(tmp_path / "cache"))
-    rc, err = cli_run(capsys, *small(tmp_path, train_subset=0, test_subset=0))
+    rc, err = cli_run(capsys, *small(tmp_path, data="cifar10", data_path="", image_size=0))
     assert_one_line_error(rc, err, "0000-bad.jpg", "--skip_bad_images")
-    rc, err = cli_run(capsys, *small(tmp_path, train_subset=0, test_subset=0, iters=1, skip_bad_images="true",
-                                     run_dir=tmp_path / "run"))
+    rc, err = cli_run(capsys, *small(tmp_path, data="cifar10", data_path="", image_size=0, iters=1,
+                                     skip_bad_images="true", run_dir=tmp_path / "run"))
     assert rc == 0, err
     assert "skipped 1 unreadable image" in (tmp_path / "run" / "log.txt").read_text()
 
@@ -379,3 +409,31 @@ def test_unsafe_checkpoint_is_refused_without_trust(tmp_path):
     with pytest.raises(CheckpointError, match="--trust_checkpoint"):
         ckpt_lib.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys):
+    """Data order and augmentations are functions of (seed, step); the default --seed -1 draws a new seed
+    at every start, so a resumed run must continue with the seed its checkpoint was trained with."""
+    from simclr import config as config_lib
+    from simclr.config import PretrainConfig
+    from simclr.data.loaders import build_loader
+    from simclr.train import Trainer
+
+    run = tmp_path / "run"
+    rc, err = cli_run(capsys, *small(tmp_path, iters=1, seed=123, run_dir=run))
+    assert rc == 0, err
+    cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=-1, resume="auto", run_dir=run))
+    tr = Trainer(cfg)
+    tr.run.close()
+    assert (tr.step, tr.cfg.seed) == (1, 123)
+    assert "seed: 123" in (run / "config.yaml").read_text()
+    # the loader it trains from draws what a loader built with seed 123 draws (images and augmentations)
+    ref_cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, seed=123))
+    (xa, ya), = tr.loader.batches(1, 2)
+    (xb, yb), = build_loader(ref_cfg, tr.images, torch.device("cpu")).batches(1, 2)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # an explicit, different seed is obeyed, with a warning
+    cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=7, resume="auto", run_dir=run))
+    tr = Trainer(cfg)
+    tr.run.close()
+    assert tr.cfg.seed == 7 and "trained with seed 123" in capsys.readouterr().err

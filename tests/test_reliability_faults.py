@@ -26,6 +26,9 @@ import torch
 
 from conftest import REPO, run_cli, tiny_args
 from simclr import checkpoint as ckpt_lib
+from test_reliability import tiny_cifar_folder
+
+_FOLDER: list = []
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +36,15 @@ ITERS = 8  # 4 steps per epoch: the run crosses an epoch boundary (a new data pe
 ENV = {"OMP_NUM_THREADS": "1"}  # the same kernels in every process (and no oversubscription of 2 cores)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_folder(data_root, tmp_path_factory):
+    _FOLDER[:] = [tiny_cifar_folder(tmp_path_factory.mktemp("tiny-cifar"), data_root)]
+
+
 def args(tmp: Path, run_dir: Path, **over) -> list:
-    base = dict(train_subset=64, test_subset=50, batch_size=16, iters=ITERS, knn_k=20, deterministic="true",
-                save_freq=1, keep_last=2, run_dir=run_dir)
+    """64 real CIFAR-10 images (see tiny_cifar_folder), batch 16, ResNet-18 of width 8."""
+    base = dict(data="folder", data_path=_FOLDER[0], image_size=32, train_subset=0, test_subset=0, batch_size=16,
+                iters=ITERS, knn_k=20, deterministic="true", save_freq=1, keep_last=2, run_dir=run_dir)
     base.update(over)
     return ["pretrain", *tiny_args(tmp, **base)]
 
@@ -81,7 +90,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def reference(_tiny_folder, tmp_path_factory) -> dict:
     """One uninterrupted run; its folder keeps every checkpoint (the corrupt-checkpoint test copies it)."""
     tmp = tmp_path_factory.mktemp("ref")
     r = run_cli(*args(tmp, tmp / "run", keep_last=100), env=ENV)

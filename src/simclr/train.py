@@ -141,6 +141,7 @@ class Trainer:
                                      (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self._seed_drawn = cfg.seed < 0  # a resumed run then takes the checkpoint's seed (see _load)
         if cfg.seed < 0:
             cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
         if cfg.deterministic:
@@ -231,6 +232,16 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
                                 f"{key}={getattr(self.cfg, key)!r}; pass --{key} {saved[key]}")
+        seed = saved.get("seed")
+        if isinstance(seed, int) and seed >= 0 and seed != self.cfg.seed:
+            # data order and augmentations are functions of (seed, step): continuing the same trajectory
+            # needs the checkpoint's seed. A drawn seed (--seed -1, the default) is replaced silently.
+            if not self._seed_drawn:
+                self.warn(f"warning: {path} was trained with seed {seed}, this run has --seed {self.cfg.seed}: "
+                          f"the images and augmentations from here on differ from an uninterrupted run")
+            else:
+                self.cfg.seed = seed
+                self.loader = build_loader(self.cfg, self.images, self.device, self.dist.rank, self.dist.world)
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
