@@ -2,7 +2,8 @@
 
 * SIGKILL at three random steps, each time resumed with ``--resume auto --run_dir``: the final weights,
   BN statistics and optimizer state are bit-identical to one uninterrupted run;
-* SIGTERM: a checkpoint at a step boundary, exit 0, status 'interrupted', and the resumed run again
+* SIGTERM to the process group (trainer and DataLoader workers, as SLURM does): a checkpoint at a step
+  boundary, exit 0, status 'interrupted', and the resumed run again
   ends bit-identical; a second signal exits at once;
 * a truncated and a corrupted newest checkpoint: auto-resume warns, takes the newest good one, and
   still ends bit-identical.
@@ -50,9 +51,10 @@ def args(tmp: Path, run_dir: Path, **over) -> list:
 
 
 def popen(argv: list) -> subprocess.Popen:
+    """A training subprocess in a process group of its own (with its DataLoader workers)."""
     env = dict(os.environ, **ENV)
     return subprocess.Popen([sys.executable, "-m", "simclr", *map(str, argv)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -126,14 +128,16 @@ def test_sigkill_at_three_random_steps_resumes_bit_identical(reference, tmp_path
 
 def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_identical(reference, tmp_path):
     run = tmp_path / "run"
-    p = popen(args(tmp_path, run, save_freq=0))  # no periodic checkpoints: the one found is SIGTERM's
+    # no periodic checkpoints: the one found is SIGTERM's. Two DataLoader workers, which also get the
+    # signal (SLURM and Ctrl-C signal every process of the job); what a step draws does not depend on them
+    p = popen(args(tmp_path, run, save_freq=0, workers=2))
 
     def steps_logged() -> int:
         m = run / "metrics.jsonl"
         return sum('"loss"' in ln for ln in m.read_text().splitlines()) if m.exists() else 0
 
     wait_for(p, lambda: steps_logged() >= 2, "two logged steps")
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert "stopping after this step" in err
@@ -149,7 +153,7 @@ def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_identical(refere
     ref_s = ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(reference["dir"], s))
     assert_bit_identical(ck, ref_s)
 
-    r = run_cli(*args(tmp_path, run, save_freq=0, resume="auto"), env=ENV)
+    r = run_cli(*args(tmp_path, run, save_freq=0, resume="auto", workers=2), env=ENV)
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert_bit_identical(final_state(run), reference["state"])

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
-from .loaders import StepBatches, epoch_permutation, sample_seed
+from .loaders import StepBatches, epoch_permutation, ignore_stop_signals, sample_seed
 from .transforms import blur_kernel_size, use_blur
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601 luma)
@@ -454,7 +454,7 @@ class FastLoader:
     def _file_batches(self, start: int, end: int):
         loader = DataLoader(_RawItems(self.images, self.files), batch_sampler=_StepIndices(self.steps, start, end),
                             num_workers=self.workers, collate_fn=_collate, pin_memory=False,
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None, worker_init_fn=ignore_stop_signals)
         skip = getattr(self.images, "skip_bad_images", False)
         bad = getattr(self.images, "bad_images", None)
         for s, (items, idx) in zip(range(start, end), loader):

@@ -23,6 +23,15 @@ from ..errors import DataError
 from .datasets import LabeledImages
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SLURM (and Ctrl-C in a terminal) signal every process of the job;
+    a worker killed by that SIGTERM would make the main process raise mid-step instead of finishing
+    the step and saving. Workers ignore the signal; the main process decides and shuts them down."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(n, generator=g)
@@ -103,7 +112,8 @@ class ReferenceLoader:
         loader = DataLoader(self.dataset, batch_sampler=list(self.steps.sampler(start, end))
                             if end - start < 64 else _Lazy(self.steps, start, end),
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+                            persistent_workers=False, prefetch_factor=4 if self.workers else None,
+                            worker_init_fn=ignore_stop_signals)
         for x, y in loader:
             yield (views_first(x).to(self.device, non_blocking=True),
                    torch.as_tensor(y).to(self.device, non_blocking=True))
