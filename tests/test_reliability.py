@@ -386,7 +386,8 @@ def test_unsafe_load_checker_catches_what_it_should():
     assert unsafe_loads("import torch\ntorch.load(p, weights_only=False)\n") == [2]
     assert unsafe_loads("torch.load(p)\n") == [1]
     assert unsafe_loads("import pickle\npickle.load(f)\n") == [2]
-    assert unsafe_loads("if trust:\n    torch.load(p, weights_only=False)\nelse:\n    torch.load(p, weights_only=True)\n") == []
+    guarded = "if trust:\n    torch.load(p, weights_only=False)\nelse:\n    torch.load(p, weights_only=True)\n"
+    assert unsafe_loads(guarded) == []
     assert unsafe_loads("if x:\n    torch.load(p, weights_only=False)\n") == [2]
 
 
