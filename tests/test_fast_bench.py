@@ -32,6 +32,13 @@ def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
     assert res["commit"] and res["device"].startswith("CPU")
 
 
+def test_bench_data_only_times_the_input_pipelines(capsys, data_root):
+    rc = main(["bench", "--data_only", "--batch_size", "16", "--steps", "2", "--warmup", "1", "--train_subset", "64",
+               "--device", "cpu", "--workers", "0", "--arch", "resnet18", "--width", "8"])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.count("input pipeline only") >= 2 and "speed-up" in text
+
+
 def test_bench_bad_input_is_one_line(capsys):
     assert main(["bench", "--paths", "reference,turbo"]) == 2
     err = capsys.readouterr().err

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast path autocast (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--interpolation", default="auto", choices=["auto", "bilinear", "bicubic"],
                    help="crop resampling of the fast path")
+    p.add_argument("--data_only", action="store_true",
+                   help="time the input pipelines alone (no model): images/s that each path can deliver")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads of the main process (0 = torch's default)")
@@ -154,6 +156,9 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
             if cuda:
                 e1.record()
                 dev_marks.append((e0, e1))
+        if args.data_only:
+            loss = x.sum()  # consume the batch (the reference path's copy/the fast path's kernels)
+            continue
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -174,7 +179,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         data_s, peak = host_wait, None
     batches.close()  # shuts the reference path's workers down
     final_loss = float(loss.detach())
-    del model, optimizer, forward, loader, batches, x, z, loss
+    del model, optimizer, forward, loader, batches, x, loss
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -183,7 +188,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         "data_wait_frac": data_s / seconds, "peak_mem_gib": peak, "warmup_s": warmup_s,
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
         "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
-        "lars": "foreach" if fast else "plain",
+        "lars": "foreach" if fast else "plain", "data_only": bool(args.data_only),
     }
 
 
@@ -191,9 +196,11 @@ def format_table(results: list) -> str:
     lines = [f"{'path':<10} {'images/s':>10} {'ms/step':>9} {'data wait':>9} {'peak mem':>9} {'warm-up':>8}  setup"]
     for r in results:
         mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "n/a"
-        setup = (f"{r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}, "
-                 f"{'compiled' if r['compile'] else 'eager'}, {r['lars']} LARS"
-                 + (f", {r['workers']} workers" if r["path"] == "reference" else ", on-device aug"))
+        setup = "input pipeline only, " if r.get("data_only") else ""
+        if not r.get("data_only"):
+            setup += (f"{r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}, "
+                      f"{'compiled' if r['compile'] else 'eager'}, {r['lars']} LARS, ")
+        setup += f"{r['workers']} workers" if r["path"] == "reference" else "on-device aug"
         lines.append(f"{r['path']:<10} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} "
                      f"{100 * r['data_wait_frac']:>8.1f}% {mem:>9} {r['warmup_s']:>7.1f}s  {setup}")
     return "\n".join(lines)
