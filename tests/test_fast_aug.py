@@ -53,6 +53,16 @@ def test_jitter_equals_torchvision_ops_in_each_images_own_order():
         assert torch.allclose(out[k], ref, atol=1e-5), k
 
 
+def test_gpu_style_jitter_branch_equals_cpu_branch():
+    # the sync-free formulation (whole-batch hue + select) used on GPUs, checked here on CPU tensors
+    torch.manual_seed(5)
+    x = torch.rand(32, 3, 8, 8)
+    p = sample_params(torch.full((32,), 8.0), torch.full((32,), 8.0), _gen(5))
+    a = color_jitter(x, p.order, p.factors, p.jitter, sync_free=True)
+    b = color_jitter(x, p.order, p.factors, p.jitter, sync_free=False)
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, x)
+
+
 def test_hue_and_blur_equal_torchvision():
     torch.manual_seed(1)
     x = torch.rand(5, 3, 20, 20)

@@ -222,6 +222,8 @@ def main(argv) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # both paths: cuDNN picks its fastest kernels during the warm-up steps
+        torch.backends.cudnn.benchmark = True
     images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
     print(f"simclr bench: {args.arch} (width {args.width}) on {args.data} ({len(images)} images, "
           f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "

@@ -85,6 +85,17 @@ def jitter_ranges(s: float) -> torch.Tensor:
     return torch.tensor([[max(0.0, 1 - v), 1 + v]] * 3 + [[-h, h]], dtype=torch.float32)
 
 
+_RANGES: dict = {}
+
+
+def _device_ranges(s: float, device: torch.device) -> torch.Tensor:
+    """jitter_ranges(s) on ``device``, copied there once (not at every step)."""
+    key = (float(s), str(device))
+    if key not in _RANGES:
+        _RANGES[key] = jitter_ranges(s).to(device)
+    return _RANGES[key]
+
+
 def sample_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
                   scale_lower: float = 0.08, color_dist_s: float = 1.0, blur: bool = False) -> AugParams:
     """Draw the parameters of N views (heights/widths: (N,) float source sizes, on the device).
@@ -116,7 +127,7 @@ def sample_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.
     left = torch.where(found, left, torch.div(ww - cw, 2, rounding_mode="floor"))
     boxes = torch.stack([left, top, left + cw, top + ch], dim=1)
 
-    rng = jitter_ranges(color_dist_s).to(dev)
+    rng = _device_ranges(color_dist_s, dev)
     factors = rng[:, 0] + (rng[:, 1] - rng[:, 0]) * u[:, _U_FACTORS]
     return AugParams(
         boxes=boxes,
@@ -178,20 +189,26 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
     h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0) * 6.0
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 (no copy)
     k = torch.remainder(n + h.unsqueeze(1), 6.0)
     return maxc.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, apply: torch.Tensor,
+                 sync_free: Optional[bool] = None) -> torch.Tensor:
     """torchvision's ColorJitter, every image with its own factors and its own op order.
 
     Position by position, each image runs the op its order names there: brightness, contrast and
     saturation are one blend ``clamp(f * x + (1 - f) * other)`` (other = 0, the mean luma, the
     luma image), hue a rotation. Images that skip jitter (or run hue at this position) get the
-    blend's identity factor 1, which is exact in floating point.
+    blend's identity factor 1, which is exact in floating point. ``sync_free`` (default: on any
+    device but the CPU) rotates the whole batch and selects, instead of indexing the images
+    whose op is hue, which would make the host wait for the device to count them.
     """
-    ident = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    ident = torch.ones(4, device=x.device, dtype=x.dtype)
+    ident[3] = 0.0
     f = torch.where(apply.unsqueeze(1), factors.to(x.dtype), ident)
     for pos in range(4):
         op = order[:, pos]
@@ -202,11 +219,11 @@ def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, ap
         other = other * (op != 0).view(-1, 1, 1, 1).to(x.dtype)
         ratio = torch.where(op == 3, torch.ones_like(fk), fk).view(-1, 1, 1, 1)
         x = (ratio * x + (1 - ratio) * other).clamp_(0, 1)
-        if x.device.type == "cpu":  # rotate only the images whose op here is hue (free to count on the CPU)
+        if sync_free:
+            x = torch.where(is_hue.view(-1, 1, 1, 1), adjust_hue(x, torch.where(is_hue, fk, 0.0)), x)
+        else:  # rotate only the images whose op here is hue (counting them is free on the CPU)
             rows = is_hue.nonzero().squeeze(1)
             x[rows] = adjust_hue(x[rows], fk[rows])
-        else:  # no data-dependent shapes on a GPU: counting would make the host wait for the device
-            x = torch.where(is_hue.view(-1, 1, 1, 1), adjust_hue(x, torch.where(is_hue, fk, 0.0)), x)
     return x
 
 
