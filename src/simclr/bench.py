@@ -229,25 +229,32 @@ def main(argv) -> int:
           f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "
           f"{args.steps} timed steps per path, {device_name(device)}", flush=True)
     runs: dict = {p: [] for p in paths}
+
+    def summary(final: bool) -> dict:
+        done = [p for p in paths if runs[p]]
+        results = [sorted(runs[p], key=lambda r: r["images_per_s"])[(len(runs[p]) - 1) // 2] for p in done]
+        by = {r["path"]: r for r in results}
+        speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
+        out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
+               "args": vars(args), "n_images": len(images), "image_size": images.image_size, "complete": final,
+               "results": results, "speedup": speedup, "all_runs": runs}
+        if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return out
+
     for _ in range(args.repeat):
         for p in paths:
             runs[p].append(run_path(p, args, images, device))
             print(format_table(runs[p][-1:]).splitlines()[-1], flush=True)
-    results = [sorted(runs[p], key=lambda r: r["images_per_s"])[(len(runs[p]) - 1) // 2] for p in paths]
+            summary(final=False)
+    out = summary(final=True)
     print("\nmedian of %d run(s) per path:" % args.repeat if args.repeat > 1 else "")
-    print(format_table(results))
-    by = {r["path"]: r for r in results}
-    speedup = None
-    if "reference" in by and "fast" in by:
-        speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"]
-        print(f"speed-up (fast / reference images/s): {speedup:.2f}x")
+    print(format_table(out["results"]))
+    if out["speedup"] is not None:
+        print(f"speed-up (fast / reference images/s): {out['speedup']:.2f}x")
     if args.json:
-        out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
-               "args": vars(args), "n_images": len(images), "image_size": images.image_size,
-               "results": results, "speedup": speedup, "all_runs": runs}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     return 0
 
