@@ -340,6 +340,17 @@ def _hard_exit() -> None:
 # --------------------------------------------------------------------------------------------
 # kNN over the whole test set, the work split across ranks
 # --------------------------------------------------------------------------------------------
+def _shard(images, indices: range):
+    """Images ``indices`` of a dataset, keeping an in-memory array where there is one (a plain
+    ``subset`` of a subset drops it, and the feature extractor would take the PIL path instead)."""
+    arr = getattr(images, "images", None)
+    if arr is None:
+        return images.subset(indices)
+    from .data.datasets import ArrayImages
+    return ArrayImages(arr[indices.start:indices.stop:indices.step], [images.targets[i] for i in indices],
+                       images.classes, images.name, images.image_size)
+
+
 def _gather_rows(t: torch.Tensor, sizes: list) -> torch.Tensor:
     """Concatenate every rank's rows (rank r holds sizes[r] rows) on every rank."""
     pad = max(sizes)
@@ -369,8 +380,8 @@ def sharded_knn(encode, train_set, test_set, image_size: int, device: torch.devi
         tr_idx, te_idx = range(len(train_set)), range(len(test_set))
     else:
         tr_idx, te_idx = range(rank, len(train_set), world), range(rank, len(test_set), world)
-    tr_f, tr_y = extract_features(encode, train_set.subset(tr_idx), image_size, batch_size, 0, device, amp_dtype)
-    te_f, te_y = extract_features(encode, test_set.subset(te_idx), image_size, batch_size, 0, device, amp_dtype)
+    tr_f, tr_y = extract_features(encode, _shard(train_set, tr_idx), image_size, batch_size, 0, device, amp_dtype)
+    te_f, te_y = extract_features(encode, _shard(test_set, te_idx), image_size, batch_size, 0, device, amp_dtype)
     if len(te_idx) != len(test_set):
         te_sizes = [len(range(r, len(test_set), world)) for r in range(world)]
         te_f, te_y = _gather_rows(te_f, te_sizes), _gather_rows(te_y, te_sizes)
