@@ -59,6 +59,7 @@ def test_time_to_accuracy_script_respects_its_budget(tmp_path, data_root):
     res = json.loads(out.read_text())
     assert res["steps"] >= 1 and 0 <= res["knn_top1"] <= 100 and "kNN top-1" in r.stdout
     # training stopped at the deadline: launch-to-end-of-training within the budget minus the reserve,
-    # give or take one step (the clock is checked before each step)
-    one_step = res["train_s"] / res["steps"] + (res["first_step_s"] or 0)
-    assert res["setup_s"] + res["train_s"] <= 0.4 * 60 - 10 + one_step
+    # plus the step in flight (the clock is checked before each step; on this shared box a step's time
+    # varies a lot, hence 3 mean steps + 5 s of slack — a loop that ignored the clock would overrun by far more)
+    slack = 3 * res["train_s"] / res["steps"] + (res["first_step_s"] or 0) + 5
+    assert res["setup_s"] + res["train_s"] <= 0.4 * 60 - 10 + slack, res
