@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from simclr import config as config_lib
 from simclr.config import PretrainConfig
@@ -74,9 +76,10 @@ def test_file_dataset_decodes_with_torchvision_io_and_augments_at_224(data_root)
     assert torch.equal(x, again)
     # decoding equals PIL's (both libjpeg) up to rounding
     files = [ds.base.files[i] for i in ds.indices[:3]]
-    items = [torch.from_numpy(__import__("numpy").fromfile(f, dtype="uint8")) for f in files]
+    items = [torch.from_numpy(np.fromfile(f, dtype=np.uint8)) for f in files]
     for f, t in zip(files, decode_batch(items, torch.device("cpu"))):
-        pil = torch.from_numpy(__import__("numpy").asarray(__import__("PIL.Image").Image.open(f).convert("RGB")))
+        with Image.open(f) as im:
+            pil = torch.from_numpy(np.array(im.convert("RGB")))
         assert (t.permute(1, 2, 0).float() - pil.float()).abs().mean() < 1.0
 
 

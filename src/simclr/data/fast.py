@@ -362,9 +362,13 @@ def decode_batch(items: list, device: torch.device, files: Optional[list] = None
     """Raw items -> list of (3, H, W) uint8 on ``device``. JPEGs are decoded in one batched
     ``decode_jpeg`` call on the device (nvJPEG on CUDA); anything else, or a batch the device
     decoder rejects, is decoded image by image on the CPU."""
-    with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
+    with warnings.catch_warnings():  # torchvision 0.29 announces (at every call) a move to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        return _decode_batch(items, device, files, indices, skip_bad, bad)
+
+
+def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     out: list = [None] * len(items)
     jpeg = [k for k, t in enumerate(items) if t.dim() == 1 and _is_jpeg(t)]
     if jpeg:
