@@ -199,6 +199,10 @@ def test_fast_linear_agrees_with_spec_linear(tmp_path, encoder_ckpt):
     assert res["top1"] > 15.0
     on_disk = json.loads((Path(res["run_dir"]) / "eval.json").read_text())
     assert on_disk["compare"]["fast-linear"]["top1"] == c["fast-linear"]["top1"]
+    # each protocol keeps its own head, recording its own accuracy
+    ck = Path(res["run_dir"]) / "checkpoints"
+    for name, proto in (("linear-head.pt", "linear"), ("fast-linear-head.pt", "fast-linear")):
+        assert torch.load(ck / name, weights_only=True)["metrics"]["top1"] == c[proto]["top1"]
 
 
 def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
@@ -224,7 +228,6 @@ def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
     assert outs["knn"]["top1"] == pytest.approx(ref["top1"])
 
 
-@pytest.mark.slow
 def test_eval_only_reproduces_saved_accuracy_both_formats(tmp_path, encoder_ckpt):
     res = _eval(tmp_path, encoder_ckpt=encoder_ckpt, protocol="linear", iters=100, lr=1.0, train_subset=500,
                 test_subset=200)

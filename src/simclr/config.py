@@ -195,7 +195,7 @@ class EvalConfig(CommonConfig):
     temperature: float = option(0.1, "temperature of the weighted kNN", check=_positive, check_msg="must be > 0")
     knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
                            ["weighted", "majority"])
-    l2_grid: str = option("1e-5,1e-4,1e-3,1e-2,1e-1,1", "fast-linear: L2 strengths tried (comma separated; "
+    l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1", "fast-linear: L2 strengths tried (comma separated; "
                           "the penalty is l2/2 * ||W||^2 on standardised features)")
     holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
                             check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")

@@ -53,8 +53,9 @@ def _main(argv, prog: str, extra: dict) -> int:
 
 
 def summary(result: dict) -> str:
+    trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
     lines = [f"{result['protocol']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-             f"({result['n_test']} test images, {result['n_train']} labelled training images)"]
+             f"({result['n_test']} test images{trained})"]
     if "unlabeled_top1" in result["details"]:
         lines.append(f"accuracy on the unlabelled rest of the training split: "
                      f"{result['details']['unlabeled_top1']:.2f}%")
@@ -99,7 +100,9 @@ class Evaluation:
         if self.head_state is not None and self.head_state["encoder"] is not None:
             self.encoder.model.load_state_dict(self.head_state["encoder"])  # a fine-tuned result
             self.encoder_hash = ""  # its features are not those of the encoder file: no cache
-        self.encoder.requires_grad_(cfg.finetune and not cfg.eval_only)
+        train_encoder = cfg.finetune and not cfg.eval_only
+        for p in self.encoder.parameters():  # parameters fixed by design (bn2's bias) stay fixed
+            p.requires_grad_(p.requires_grad and train_encoder)
         self.encoder.eval()
         self.image_size = cfg.image_size or self.encoder.input_size
         if self.head_state is not None:  # a head that does not fit fails before any data is read
@@ -337,7 +340,8 @@ class Evaluation:
 
     def save_head(self, head, res: dict, fit: str, finetuned: bool = False) -> Path:
         cfg = self.cfg
-        path = self.run.path / "checkpoints" / ("finetuned.pt" if finetuned else "linear-head.pt")
+        name = "finetuned.pt" if finetuned else ("fast-linear-head.pt" if fit == "fast-linear" else "linear-head.pt")
+        path = self.run.path / "checkpoints" / name
         info = {"iters": cfg.iters, "fit": fit, "config": config_lib.to_dict(cfg), "encode_layer": self.layer,
                 "encoder_sha256": self.encoder_hash, "encoder_ckpt": cfg.encoder_ckpt, "classes": self.classes,
                 "image_size": self.image_size,
@@ -375,7 +379,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         result = {
             "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
             "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"],
-            "n_train": len(ev.train), "n_test": res["n"], "classes": ev.classes,
+            "n_train": 0 if cfg.eval_only else len(ev.train), "n_test": res["n"], "classes": ev.classes,
             "encoder": {"path": cfg.encoder_ckpt, "sha256": ev.encoder_hash, "arch": ev.encoder.arch,
                         "feat_dim": ev.encoder.feat_dim, "layer": ev.layer, "input_size": ev.encoder.input_size,
                         "random_init": not cfg.encoder_ckpt},
