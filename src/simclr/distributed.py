@@ -71,9 +71,14 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
+        # attempt, the new processes read the dead ones' addresses and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"simclr/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"rank {rank} of {world} could not join the process group at "
                         f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s} s "
@@ -89,6 +94,14 @@ def cleanup() -> None:
 
 def is_enabled() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not is_enabled():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -284,15 +284,34 @@ class Trainer:
         return knn_monitor(self.model, self.cfg, *self._knn_sets, self.image_size, self.device, self.amp_dtype)
 
     # --- the loop ---------------------------------------------------------------------------
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """Divergence guard, one host sync per step: the loss and the gradient norm are finite. With fp16
+    def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Divergence guard: a device bool, True when the loss or the gradient norm is not finite. With fp16
         loss scaling the scaler itself skips steps whose gradients overflow, so only the loss counts."""
-        ok = torch.isfinite(loss.detach())
+        bad = ~torch.isfinite(loss.detach())
         if not self.scaler.is_enabled():
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
-                ok = ok & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        return bool(ok)
+                bad = bad | ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        return bad
+
+    def _check_diverged(self) -> None:
+        """With --on_nan stop the guard records the first bad step on the device (no host sync per step) and
+        is read here — at log, eval and save points and at the end — so no checkpoint is ever written after
+        a non-finite step, and the last good one stays untouched."""
+        if self._first_bad is None:
+            return
+        first_bad = int(distributed.all_reduce_max(self._first_bad))
+        if first_bad < 0:
+            return
+        self.step = first_bad  # steps completed with finite values: the run's state is that of checkpoint first_bad
+        self.print(f"non-finite loss or gradient at step {first_bad}")
+        if self.run:
+            self.run.log_metrics({"step": first_bad, "event": "nan", "action": "stop"})
+            self.run.set_status("failed", step=first_bad,
+                                error=f"non-finite loss or gradient at step {first_bad}; last good checkpoint "
+                                      f"kept; lower --lr or use --on_nan skip")
+        raise UserError(f"non-finite loss or gradient at step {first_bad}: training stopped, the last good "
+                        f"checkpoint is untouched. Lower --lr, or pass --on_nan skip.")
 
     def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -345,6 +364,7 @@ class Trainer:
         t_data = time.perf_counter()
         status = "finished"
         stop_at = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device) if cfg.on_nan == "stop" else None
         with StopFlag() as stop:
             for x, _ in self.loader.batches(start, cfg.iters):
                 data_time += time.perf_counter() - t_data
@@ -355,19 +375,15 @@ class Trainer:
                 if loss.requires_grad:  # (with --grad_cache_chunks, train_step has back-propagated already)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(loss).backward()
-                finite = self._finite(loss)
-                if not finite:
-                    self.print(f"non-finite loss or gradient at step {self.step}")
+                bad = self._nonfinite(loss)
+                if cfg.on_nan == "stop":  # recorded on the device, checked at the next log/eval/save point
+                    self._first_bad = torch.where(bad & (self._first_bad < 0), self.step, self._first_bad)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                elif bool(bad):  # --on_nan skip decides now (one host sync per step)
+                    self.print(f"non-finite loss or gradient at step {self.step}: step skipped")
                     if self.run:
-                        self.run.log_metrics({"step": self.step, "event": "nan", "action": cfg.on_nan})
-                    if cfg.on_nan == "stop":
-                        status = "failed"
-                        if self.run:
-                            self.run.set_status("failed", step=self.step,
-                                                error=f"non-finite loss or gradient at step {self.step}; last "
-                                                      f"good checkpoint kept; lower --lr or use --on_nan skip")
-                        raise UserError(f"non-finite loss or gradient at step {self.step}: training stopped, the "
-                                        f"last good checkpoint is untouched. Lower --lr, or pass --on_nan skip.")
+                        self.run.log_metrics({"step": self.step, "event": "nan", "action": "skip"})
                     # skipped: no update, BN statistics restored; the step still counts (schedule, data
                     # order, logging, checkpoints and stop requests go on as for any other step)
                     self.nan_skips += 1
@@ -384,6 +400,7 @@ class Trainer:
                     pbar.update(1)
 
                 if self.step % cfg.log_freq == 0 or self.step == cfg.iters:
+                    self._check_diverged()
                     loss_v = distributed.all_reduce_mean(loss.detach()).item()
                     acc_v = distributed.all_reduce_mean(acc.detach()).item()
                     dt = time.perf_counter() - t_last
@@ -403,8 +420,10 @@ class Trainer:
                     t_last, n_last, data_time = time.perf_counter(), 0, 0.0
 
                 if cfg.eval_freq and self.step % cfg.eval_freq == 0 and self.step != cfg.iters:
+                    self._check_diverged()
                     self._eval_and_log()
                 if cfg.save_freq and self.step % cfg.save_freq == 0 and self.step != cfg.iters:
+                    self._check_diverged()
                     self.save()
                 if self.step < cfg.iters and (stop.requested or self.step >= stop_at):
                     status = "interrupted"
@@ -412,6 +431,7 @@ class Trainer:
                 t_data = time.perf_counter()
         if pbar is not None:
             pbar.close()
+        self._check_diverged()
         if status == "finished":
             self._eval_and_log()
         path = self.save()
