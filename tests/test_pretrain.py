@@ -107,8 +107,9 @@ def test_batch_larger_than_dataset(tmp_path, data_root):
 def test_short_pretraining_beats_random_init(tmp_path, data_root):
     """Real CIFAR-10, a narrow ResNet-18: kNN top-1 must rise clearly (>= 4 points) above the
     same network at random init, within a few minutes on 2 CPU cores."""
-    cfg = _cfg(tmp_path, width=16, train_subset=4000, test_subset=1000, batch_size=128, iters=150, lr=1.0,
-               warmup=0.05, color_dist_s=0.5, log_freq=50)
+    # calibrated here: +7.5 points (30.4% -> 37.8%) in ~3.5 min on the 2-core CPU
+    cfg = _cfg(tmp_path, width=16, train_subset=4000, test_subset=2000, batch_size=128, iters=300, lr=2.0,
+               temperature=0.2, warmup=0.05, color_dist_s=0.5, log_freq=50)
     before = random_init_knn(cfg)
     res = pretrain(cfg)
     print(f"kNN top-1: random init {before:.2f}% -> after {cfg.iters} steps {res['knn_top1']:.2f}%")
