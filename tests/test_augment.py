@@ -141,3 +141,15 @@ def test_step_batches_world_size_independent():
     epoch0 = sum((one.indices(s) for s in range(5)), [])
     assert sorted(epoch0) == list(range(100))            # an epoch visits every image once
     assert one.indices(5) != one.indices(0)              # and the next epoch reshuffles
+
+
+def test_subset_of_subset_keeps_the_array_and_the_images():
+    import numpy as np
+    from simclr.data.datasets import ArrayImages
+
+    arr = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    base = ArrayImages(arr, list(range(10)), [str(i) for i in range(10)], "toy", 2)
+    inner = base.subset([1, 3, 5, 7, 9]).subset([0, 2, 4])      # -> base images 1, 5, 9
+    assert inner.targets == [1, 5, 9]
+    assert np.array_equal(inner.images, arr[[1, 5, 9]])
+    assert np.array_equal(np.asarray(inner.load(1)), arr[5])

@@ -98,8 +98,9 @@ class Subset(LabeledImages):
         self.base, self.indices = base, indices
         self.targets = [base.targets[i] for i in indices]
         self.classes, self.name, self.image_size = base.classes, base.name, base.image_size
-        if isinstance(base, ArrayImages):  # keep the array view for the tensor (fast) path
-            self.images = base.images[np.asarray(indices, dtype=np.int64)]
+        arr = getattr(base, "images", None)
+        if arr is not None:  # keep the array (also for a subset of a subset) for the tensor paths
+            self.images = arr[np.asarray(indices, dtype=np.int64)]
 
     def load(self, i: int) -> Image.Image:
         return self.base.load(self.indices[i])
