@@ -65,10 +65,9 @@ def main(argv=None) -> int:
     from simclr.data import get_dataset, maybe_subset
     from simclr.data.fast import FastLoader
     from simclr.evaluate import extract_features, knn_classifier
-    from simclr.loss import nt_xent
     from simclr.models import build_model
     from simclr.optim import build_optimizer, set_lr
-    from simclr.train import autocast_dtype, resolve_device
+    from simclr.train import autocast_dtype, contrastive_loss, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -105,11 +104,7 @@ def main(argv=None) -> int:
         lr = args.lr * (frac / w if frac < w else 0.5 * (1 + math.cos(math.pi * (frac - w) / (1 - w))))
         set_lr(optimizer, lr)
         x, _ = next(batches)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            z = forward(x)["z"]
-        loss, _ = nt_xent(z, cfg.temperature, cfg.multiplier)
+        loss, _ = contrastive_loss(forward, x, cfg.temperature, cfg.multiplier, amp, channels_last=cuda)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

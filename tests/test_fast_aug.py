@@ -7,7 +7,6 @@ CIFAR-10 views match the reference pipeline's. All run on CPU tensors.
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest

@@ -101,10 +101,9 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     from . import config as config_lib
     from .config import PretrainConfig
     from .data.loaders import build_loader
-    from .loss import nt_xent
     from .models import build_model
     from .optim import build_optimizer
-    from .train import autocast_dtype
+    from .train import autocast_dtype, contrastive_loss
 
     fast = path == "fast"
     cfg = config_lib.build(PretrainConfig, dict(
@@ -159,11 +158,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         if args.data_only:
             loss = x.sum()  # consume the batch (the reference path's copy/the fast path's kernels)
             continue
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            z = forward(x)["z"]
-        loss, _ = nt_xent(z, cfg.temperature, cfg.multiplier)
+        loss, _ = contrastive_loss(forward, x, cfg.temperature, cfg.multiplier, amp, channels_last)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -78,6 +78,20 @@ def set_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# one SimCLR forward pass (shared by the trainer, `simclr bench` and benchmarks/)
+# --------------------------------------------------------------------------------------------
+def contrastive_loss(forward_model: nn.Module, x: torch.Tensor, temperature: float, multiplier: int,
+                     amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+    """x: (m*N, 3, S, S) views ordered [view 1; view 2; ...] -> (NT-Xent loss, contrastive accuracy).
+    The network runs under autocast when ``amp_dtype`` is set; the loss is always fp32."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        z = forward_model(x)["z"]
+    return nt_xent(z, temperature, multiplier)
+
+
+# --------------------------------------------------------------------------------------------
 # graceful stop on SIGTERM / SIGINT
 # --------------------------------------------------------------------------------------------
 class StopFlag:
@@ -315,18 +329,17 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         if cfg.grad_cache_chunks > 1:  # back-propagates here, chunk by chunk; returns a detached loss
             from .gradcache import grad_cache_backward
             self.optimizer.zero_grad(set_to_none=True)
             nan = self.step == cfg.fail_at_step
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             return grad_cache_backward(self.forward_model, x, cfg.temperature, cfg.multiplier,
                                        cfg.grad_cache_chunks, self.amp_dtype, scale=self.scaler.scale,
                                        loss_hook=(lambda v: v * float("nan")) if nan else (lambda v: v))
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            z = self.forward_model(x)["z"]
-        loss, acc = nt_xent(z, cfg.temperature, cfg.multiplier)
+        loss, acc = contrastive_loss(self.forward_model, x, cfg.temperature, cfg.multiplier, self.amp_dtype,
+                                     cfg.channels_last)
         if self.step == cfg.fail_at_step:  # fault injection for tests of the divergence guard
             loss = loss * float("nan")
         return loss, acc
