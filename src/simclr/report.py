@@ -505,6 +505,9 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     evals = runs_lib.read_evals(run)
     row = runs_lib.summarize(run)
     env = runs_lib._read_json(run / "env.json") or {}
+    if not os.environ.get("DATA_ROOT") and env.get("data_root"):
+        # the pictures need the run's images: read them from where the run read them
+        os.environ["DATA_ROOT"] = env["data_root"]
     figures: list = []  # (title, relative path or None, caption or note)
 
     def add(title, produced, caption, missing):

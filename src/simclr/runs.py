@@ -58,7 +58,9 @@ def environment(device: str = "") -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
            "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
            "device": device, "cuda": torch.version.cuda, "git_commit": _git_commit(),
-           "command": " ".join(sys.argv), "cwd": os.getcwd()}
+           "command": " ".join(sys.argv), "cwd": os.getcwd(),
+           "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
+           "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpus_visible"] = torch.cuda.device_count()
