@@ -421,6 +421,48 @@ class _cpu_threads:
             torch.set_num_threads(self.old)
 
 
+def _prefetched(it: Iterator, depth: int = 2) -> Iterator:
+    """Run the iterator ``it`` in a background thread, ``depth`` items ahead (torch ops release the GIL,
+    so on a CPU the augmentation of the next step overlaps the current step's compute). The items and
+    their order are exactly those of ``it``; an exception in the thread is re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        torch.set_num_threads(1)  # per-thread setting (OpenMP): the training thread keeps its own
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, daemon=True, name="simclr-prefetch")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 class FastLoader:
     """Batch source (see :mod:`.loaders`) with batched tensor augmentation on ``device``."""
 
@@ -464,12 +506,18 @@ class FastLoader:
 
     def batches(self, start: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.data is not None:
-            for s in range(start, end):
-                idx = self._indices(s)
-                x = self.data[idx].float().div_(255)
-                yield self._views(x, s), self.targets[idx]
+            if self.device.type == "cpu":  # build step s+1's views on the other core while step s trains
+                yield from _prefetched(self._array_batches(start, end), depth=2)
+            else:  # on a GPU the augmentation kernels are simply queued ahead of the step
+                yield from self._array_batches(start, end)
             return
         yield from self._file_batches(start, end)
+
+    def _array_batches(self, start: int, end: int):
+        for s in range(start, end):
+            idx = self._indices(s)
+            x = self.data[idx].float().div_(255)
+            yield self._views(x, s), self.targets[idx]
 
     def _file_batches(self, start: int, end: int):
         loader = DataLoader(_RawItems(self.images, self.files), batch_sampler=_StepIndices(self.steps, start, end),
