@@ -240,3 +240,15 @@ def test_index_compat_and_package_attribute(zoo):
     assert len(simclr.runs.Index(root).info()) == len(exp)
     df = simclr.runs.index(root, where={"data": "cifar10", "kind": "pretrain"})
     assert set(df.id) == {k for k in exp if k not in ("noconfig", "eval1")}
+
+
+def test_metrics_lines_are_strict_json_even_for_non_finite_values(tmp_path):
+    import json as _json
+
+    from simclr.runs import RunDir
+
+    run = RunDir(tmp_path / "r", tensorboard=False)
+    run.log_metrics({"step": 3, "loss": float("nan"), "lr": float("inf"), "contrast_acc": 0.5})
+    line = (tmp_path / "r" / "metrics.jsonl").read_text().strip()
+    rec = _json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # rejects NaN/Infinity
+    assert rec == {"step": 3, "loss": None, "lr": None, "contrast_acc": 0.5}

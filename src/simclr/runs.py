@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import socket
@@ -153,8 +154,10 @@ class RunDir:
         os.replace(tmp, self.path / name)
 
     def log_metrics(self, record: dict) -> None:
+        # strict JSON: a non-finite value (the loss of a step skipped by --on_nan skip) is written as null
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps(clean, default=float, allow_nan=False) + "\n")
         if self._tb_enabled:
             try:
                 if self._tb is None:
