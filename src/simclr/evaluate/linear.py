@@ -128,6 +128,8 @@ def train_on_images(encoder, encode: Callable, images, transform, n_classes: int
     loader = DataLoader(_Augmented(images, transform), batch_size=bs, shuffle=True, drop_last=True,
                         generator=g, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.workers > 0)
+    # fp16 gradients of a fine-tuned encoder underflow without loss scaling (bf16/fp32: scaler off)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     encoder.train(finetune)
     try:
         with _pbar(cfg.iters, "fine-tune" if finetune else "linear head", progress) as bar:
@@ -142,8 +144,9 @@ def train_on_images(encoder, encode: Callable, images, transform, n_classes: int
                             h = encode(x)
                     loss = F.cross_entropy(head(h.float()), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 bar.update(1)
                 if on_step is not None:
                     on_step(step + 1, head)
