@@ -61,7 +61,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from simclr import config as config_lib
-    from simclr.config import PretrainConfig
+    from simclr.options import PretrainConfig
     from simclr.data import get_dataset, maybe_subset
     from simclr.data.fast import FastLoader
     from simclr.evaluate import extract_features, knn_classifier

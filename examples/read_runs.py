@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import simclr
-from simclr.config import default_root
+from simclr.options import default_root
 
 
 def main():

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simclr import config as config_lib
-from simclr.config import EvalConfig, PretrainConfig
+from simclr import options
+from simclr.options import EvalConfig, PretrainConfig
 from simclr.errors import ConfigError
 
 CLASSES = [PretrainConfig, EvalConfig]
@@ -28,14 +29,14 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.di
 
 def keys_for(cls):
     names = FIELDS[cls]
-    return (st.sampled_from(names) | st.sampled_from(list(config_lib.IGNORED_KEYS))
+    return (st.sampled_from(names) | st.sampled_from(list(options.IGNORED_KEYS))
             | st.text(max_size=15) | st.sampled_from([n[:-1] for n in names] + [n + "s" for n in names]))
 
 
 def check_valid(cfg, cls) -> None:
     """An independent re-check of what a valid config means: declared types, choices and ranges."""
     assert isinstance(cfg, cls)
-    hints = {f.name: config_lib._type_of(cls, f) for f in dataclasses.fields(cls)}
+    hints = {f.name: config_lib.type_of(cls, f) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         v = getattr(cfg, f.name)
         assert type(v) is hints[f.name], (f.name, v)
@@ -121,7 +122,7 @@ def test_valid_values_are_accepted_and_round_trip_through_yaml(tmp_path_factory,
     skip = {"arch", "data", "data_path"}  # cross-field rules (registry, folder needs a path) below
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
     chosen = data.draw(st.lists(st.sampled_from(fields), max_size=8, unique_by=lambda f: f.name))
-    d = {f.name: data.draw(valid_value(f, config_lib._type_of(cls, f))) for f in chosen}
+    d = {f.name: data.draw(valid_value(f, config_lib.type_of(cls, f))) for f in chosen}
     cfg = config_lib.build(cls, d)
     for k, v in d.items():
         assert getattr(cfg, k) == v, k
@@ -129,7 +130,7 @@ def test_valid_values_are_accepted_and_round_trip_through_yaml(tmp_path_factory,
     config_lib.save(cfg, path)
     again, _ = config_lib.parse(cls, ["--config", str(path)])
     # parse fills an empty name (the file's stem) and root (the default); nothing else may change
-    assert again == dataclasses.replace(cfg, name=cfg.name or "config", root=cfg.root or config_lib.default_root())
+    assert again == dataclasses.replace(cfg, name=cfg.name or "config", root=cfg.root or options.default_root())
 
 
 # --------------------------------------------------------------------------------------------

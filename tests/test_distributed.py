@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from simclr import distributed
 from simclr.checkpoint import latest_valid, list_checkpoints, load_checkpoint
-from simclr.config import PretrainConfig
+from simclr.options import PretrainConfig
 from simclr.data.datasets import ArrayImages
 from simclr.errors import UserError
 from simclr.evaluate import extract_features, knn_classifier

@@ -16,7 +16,8 @@ import torch
 
 from conftest import REPO, tiny_args
 from simclr.cli import main as cli_main
-from simclr.config import EvalConfig, parse
+from simclr.config import parse
+from simclr.options import EvalConfig
 from simclr.data import balanced_indices, get_dataset
 from simclr.errors import CheckpointError
 from simclr.evaluate.fast_linear import fast_linear_probe

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from simclr import config as config_lib
-from simclr.config import PretrainConfig
+from simclr.options import PretrainConfig
 from simclr.data import get_dataset, maybe_subset
 from simclr.data.fast import FastLoader, decode_batch
 from simclr.data.loaders import build_loader

@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, run_cli, tiny_args
 from simclr import config as config_lib
 from simclr.checkpoint import list_checkpoints, load_checkpoint
-from simclr.config import PretrainConfig
+from simclr.options import PretrainConfig
 from simclr.runs import read_metrics
 from simclr.train import pretrain, random_init_knn
 
@@ -78,7 +78,7 @@ def test_help_lists_every_option():
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--tempreature", "0.5"], "unknown option 'tempreature'; did you mean 'temperature'?"),
+    (["--tempreature", "0.5"], "unknown option 'tempreature' (on the command line); did you mean 'temperature'?"),
     (["--batch_size", "big"], "option 'batch_size' expects an integer, got 'big'"),
     (["--aug", "maybe"], "option 'aug' expects true or false"),
     (["--opt", "lasr"], "did you mean 'lars'?"),

@@ -416,7 +416,7 @@ def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys)
     """Data order and augmentations are functions of (seed, step); the default --seed -1 draws a new seed
     at every start, so a resumed run must continue with the seed its checkpoint was trained with."""
     from simclr import config as config_lib
-    from simclr.config import PretrainConfig
+    from simclr.options import PretrainConfig
     from simclr.data.loaders import build_loader
     from simclr.train import Trainer
 

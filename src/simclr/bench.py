@@ -99,7 +99,7 @@ def device_name(device: torch.device) -> str:
 def run_path(path: str, args, images, device: torch.device) -> dict:
     """Train ``args.warmup + args.steps`` steps on one path and time the last ``args.steps``."""
     from . import config as config_lib
-    from .config import PretrainConfig
+    from .options import PretrainConfig
     from .data.loaders import build_loader
     from .models import build_model
     from .optim import build_optimizer
@@ -213,7 +213,7 @@ def main(argv) -> int:
     if args.warmup < 1:
         raise UserError(f"--warmup must be >= 1 (the first step includes start-up), got {args.warmup}")
     from .data import get_dataset, maybe_subset
-    from .train import resolve_device
+    from .runtime import resolve_device
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,22 +1,26 @@
-"""``simclr <command> [options]``: thin wrappers that parse, build and call.
+"""``simclr <command> [options]``: the entry point. Thin: parse, build, call; and it owns the process.
 
-Each command lives in its own module and is registered in COMMANDS as
-``name: ("module:function", "one-line description")``; the function takes the argument
-list and returns an exit code. Bad input raises :class:`simclr.errors.UserError`, which is
-printed here as one line (exit code 2), never as a traceback.
+Each command is registered in COMMANDS as ``name: ("module:function", "one-line description")``; the
+function takes the argument list and returns an exit code. Only this module installs signal handlers,
+calls ``sys.exit`` and turns errors into output: bad input (:class:`simclr.errors.UserError`) is one
+``error:`` line and exit code 2, never a traceback; ``--help`` anywhere prints that command's options.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 from typing import Sequence
 
+from . import __version__
+from . import config as config_lib
 from .errors import UserError
 
 COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
-    "eval": ("simclr.evaluate.run:eval_main", "evaluate an encoder: linear, fast-linear, kNN, fine-tune, transfer, eval-only"),
-    "knn": ("simclr.evaluate.run:knn_main", "weighted or majority kNN accuracy of an encoder's frozen features"),
+    "eval": ("simclr.cli:eval_main", "evaluate an encoder: linear, fast-linear, kNN, fine-tune, transfer, eval-only"),
+    "knn": ("simclr.cli:knn_main", "weighted or majority kNN accuracy of an encoder's frozen features"),
     "runs": ("simclr.runs:runs_main", "table of all runs under a folder (status, progress, kNN, linear top-1)"),
     "report": ("simclr.report:report_main", "write an HTML report with plots and pictures into a run folder"),
     "compare": ("simclr.report:compare_main", "plot two or more runs together and list their config differences"),
@@ -26,22 +30,56 @@ COMMANDS = {
 }
 
 
+class StopSignals:
+    """First SIGTERM/SIGINT: ask the job to stop after the current step and save (``requested`` turns True).
+    A second one exits at once with 128+signal. Installed only by the entry point, only in the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print(f"\nsecond signal {signum}: exiting now", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
+        self.requested = True
+        print(f"\nsignal {signum}: stopping after this step and saving a checkpoint "
+              f"(send again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _notes(notes) -> None:
+    for n in notes:
+        print(n, file=sys.stderr)
+
+
 def pretrain_main(argv: Sequence[str]) -> int:
-    from . import config as config_lib
-    from .config import PretrainConfig
-    if "-h" in argv or "--help" in argv:
-        print(config_lib.help_text(PretrainConfig, "simclr pretrain"))
-        return 0
+    from .options import PretrainConfig
     cfg, notes = config_lib.parse(PretrainConfig, argv)
     if cfg.problem != "sim-clr":
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
-    config_lib.print_notes(notes)
+    _notes(notes)
     from . import distributed
     if distributed.maybe_spawn(cfg, list(argv)):
         return 0
     from .train import pretrain
-    result = pretrain(cfg, notes)
+    with StopSignals() as stop:
+        result = pretrain(cfg, should_stop=stop)
     if result.get("run_dir"):
         summary = [f"run folder: {result['run_dir']}", f"status: {result['status']} at step {result['step']}"]
         if "knn_start_top1" in result:
@@ -53,24 +91,39 @@ def pretrain_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _eval(argv: Sequence[str], extra: dict) -> int:
+    from .evaluate.run import run_eval, summary
+    from .options import EvalConfig
+    cfg, notes = config_lib.parse(EvalConfig, argv, extra=extra)
+    if cfg.problem != "eval":
+        raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
+                        f"(or `python train.py`, which picks the job from the config)")
+    _notes(notes)
+    print(summary(run_eval(cfg)))
+    return 0
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    return _eval(argv, {})
+
+
+def knn_main(argv: Sequence[str]) -> int:
+    return _eval(argv, {"protocol": "knn"})
+
+
 def spec_main(argv: Sequence[str]) -> int:
     """``python train.py ...`` (the spec's form): route to pretrain or eval by ``problem``."""
-    from . import config as config_lib
     argv = list(argv)
     try:
-        path, overrides = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
+        path, overrides, _ = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
         problem = overrides.get("problem") or (config_lib.load_yaml(path).get("problem") if path else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "eval" if problem == "eval" else "pretrain"
     if problem not in (None, "sim-clr", "eval"):
-        print(f"error: option 'problem' got {problem!r}; allowed: sim-clr, eval", file=sys.stderr)
+        print(f"error: option 'problem' got {config_lib.shown(problem)}; allowed: sim-clr, eval", file=sys.stderr)
         return 2
-    if command not in COMMANDS:
-        print(f"error: `{command}` is not available in this version", file=sys.stderr)
-        return 2
-    return run_command(command, argv)
+    return run_command("eval" if problem == "eval" else "pretrain", argv)
 
 
 def usage() -> str:
@@ -88,23 +141,40 @@ def _clean(msg: str) -> str:
     return msg
 
 
+def _closed_pipe() -> int:
+    # `simclr ... | head`: the reader is gone; say nothing, and keep Python from complaining at exit
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    return 141
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     try:
         return int(getattr(importlib.import_module(module), func)(list(argv)) or 0)
+    except config_lib.ShowHelp as h:
+        print(str(h))
+        return 0
     except UserError as e:
         print(f"error: {_clean(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"simclr {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

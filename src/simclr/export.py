@@ -56,8 +56,8 @@ def torchvision_recipe(enc: Encoder) -> list:
 
 def _dataset_name(data):
     """The spec writes 'cifar' for CIFAR-10; cards use our canonical names."""
-    from .config import ALIASES
-    return ALIASES["data"].get(str(data).lower(), data) if data else data
+    from .options import DATA_ALIASES
+    return DATA_ALIASES.get(str(data).lower(), data) if data else data
 
 
 def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:

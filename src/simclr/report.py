@@ -99,7 +99,7 @@ def resolve_run(arg: str) -> Path:
         if not any((p / m).exists() for m in runs_lib.MARKERS):
             raise UserError(f"{p} is not a run folder (it holds none of {', '.join(runs_lib.MARKERS)})")
         return p
-    from .config import default_root
+    from .options import default_root
     root = Path(default_root())
     hits = sorted(root.glob(f"*/{p.name}")) if root.is_dir() and p.name == arg else []
     hits = [h for h in hits if h.is_dir()]

@@ -662,7 +662,7 @@ DEFAULT_TABLE = ["id", "name", "status", "arch", "data", "batch_size", "steps", 
 
 def runs_main(argv) -> int:
     import argparse
-    from .config import default_root
+    from .options import default_root
     ap = argparse.ArgumentParser(prog="simclr runs", description="All runs under a folder as a table, one row "
                                  "per run (status, progress, last loss, best kNN, linear top-1, speed).")
     ap.add_argument("--root", default="", help="folder holding the runs (default: $SIMCLR_LOGS or ./logs)")

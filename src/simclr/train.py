@@ -7,20 +7,18 @@ continues the same trajectory.
 from __future__ import annotations
 
 import random
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt_lib
 from . import config as config_lib
 from . import distributed
-from .config import PretrainConfig
+from .options import PretrainConfig
 from .data import get_dataset, maybe_subset
 from .data.loaders import build_loader
 from .errors import UserError
@@ -29,52 +27,7 @@ from .loss import nt_xent
 from .models import SimCLRModel, build_model
 from .optim import build_optimizer, lr_schedule, set_lr
 from .runs import RunDir, environment, find_run_dir
-
-
-# --------------------------------------------------------------------------------------------
-# device, precision, seeds
-# --------------------------------------------------------------------------------------------
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but CUDA is not available on this machine; "
-                            "use --device cpu (or auto)")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    if name != "cpu":
-        raise UserError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,37 +42,6 @@ def contrastive_loss(forward_model: nn.Module, x: torch.Tensor, temperature: flo
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         z = forward_model(x)["z"]
     return nt_xent(z, temperature, multiplier)
-
-
-# --------------------------------------------------------------------------------------------
-# graceful stop on SIGTERM / SIGINT
-# --------------------------------------------------------------------------------------------
-class StopFlag:
-    """First SIGTERM/SIGINT: finish the current step, save, exit 0. Second: exit at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            print(f"\nsecond signal {signum}: exiting now", file=sys.stderr, flush=True)
-            sys.exit(128 + signum)
-        self.requested = True
-        print(f"\nsignal {signum}: stopping after this step and saving a checkpoint "
-              f"(send again to exit at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +254,7 @@ class Trainer:
         if cfg.grad_cache_chunks > 1:  # back-propagates here, chunk by chunk; returns a detached loss
             from .gradcache import grad_cache_backward
             self.optimizer.zero_grad(set_to_none=True)
-            nan = self.step == cfg.fail_at_step
+            nan = self.step == getattr(cfg, "fail_at_step", -1)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return grad_cache_backward(self.forward_model, x, cfg.temperature, cfg.multiplier,
@@ -340,7 +262,7 @@ class Trainer:
                                        loss_hook=(lambda v: v * float("nan")) if nan else (lambda v: v))
         loss, acc = contrastive_loss(self.forward_model, x, cfg.temperature, cfg.multiplier, self.amp_dtype,
                                      cfg.channels_last)
-        if self.step == cfg.fail_at_step:  # fault injection for tests of the divergence guard
+        if self.step == getattr(cfg, "fail_at_step", -1):  # fault injection for tests of the divergence guard
             loss = loss * float("nan")
         return loss, acc
 
@@ -378,7 +300,7 @@ class Trainer:
         status = "finished"
         stop_at = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device) if cfg.on_nan == "stop" else None
-        with StopFlag() as stop:
+        if True:
             for x, _ in self.loader.batches(start, cfg.iters):
                 data_time += time.perf_counter() - t_data
                 set_lr(self.optimizer, float(self.lrs[self.step]))
@@ -438,7 +360,7 @@ class Trainer:
                 if cfg.save_freq and self.step % cfg.save_freq == 0 and self.step != cfg.iters:
                     self._check_diverged()
                     self.save()
-                if self.step < cfg.iters and (stop.requested or self.step >= stop_at):
+                if self.step < cfg.iters and (self.should_stop() or self.step >= stop_at):
                     status = "interrupted"
                     break
                 t_data = time.perf_counter()
@@ -467,8 +389,9 @@ class Trainer:
         distributed.barrier()
 
 
-def pretrain(cfg: PretrainConfig, notes=()) -> dict:
-    trainer = Trainer(cfg, notes)
+def pretrain(cfg: PretrainConfig, should_stop=lambda: False) -> dict:
+    trainer = Trainer(cfg)
+    trainer.should_stop = should_stop
     try:
         return trainer.run_loop()
     except BaseException as e:

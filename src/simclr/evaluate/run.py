@@ -8,15 +8,14 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
-from ..config import EvalConfig
+from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
-from ..errors import CheckpointError, ConfigError, DataError, UserError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..runs import RunDir, environment
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
@@ -30,28 +29,6 @@ TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable
 # --------------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------------
-def eval_main(argv: Sequence[str]) -> int:
-    return _main(argv, "simclr eval", {})
-
-
-def knn_main(argv: Sequence[str]) -> int:
-    return _main(argv, "simclr knn", {"protocol": "knn"})
-
-
-def _main(argv, prog: str, extra: dict) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(config_lib.help_text(EvalConfig, prog))
-        return 0
-    cfg, notes = config_lib.parse(EvalConfig, argv, extra=extra)
-    if cfg.problem != "eval":
-        raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
-                        f"(or `python train.py`, which picks the job from the config)")
-    config_lib.print_notes(notes)
-    result = run_eval(cfg)
-    print(summary(result))
-    return 0
-
-
 def summary(result: dict) -> str:
     trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
     lines = [f"{result['protocol']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
@@ -74,7 +51,7 @@ def summary(result: dict) -> str:
 # --------------------------------------------------------------------------------------------
 class Evaluation:
     def __init__(self, cfg: EvalConfig):
-        from ..train import autocast_dtype, resolve_device
+        from ..runtime import autocast_dtype, resolve_device
         self.cfg = cfg
         self.t0 = time.time()
         self.device = resolve_device(cfg.device)

@@ -1,0 +1,221 @@
+"""The option schemas of ``simclr pretrain`` and ``simclr eval`` (also the spec's ``python train.py``).
+
+Every option is a field with a default, a help text and, where it matters, the allowed values or a range;
+:mod:`simclr.config` turns YAML and the command line into these. The spec's key names are the option
+names, so its YAML files and command lines work unchanged.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import nonneg, option, positive
+from .errors import ConfigError
+from .models import ENCODERS
+
+# Keys the spec writes into its saved configs that describe a run rather than configure one.
+IGNORED_KEYS = ("id", "time", "status", "tmp", "config_file", "model_id", "number_of_processes", "gpu")
+
+# Accepted spellings of dataset names, mapped to ours.
+DATA_ALIASES = {"cifar": "cifar10"}
+
+
+def default_root() -> str:
+    return os.environ.get("SIMCLR_LOGS") or os.environ.get("EXMAN_PATH") or "logs"
+
+
+def _data(v):
+    return DATA_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
+
+
+def _lower(v):
+    return v.lower() if isinstance(v, str) else v
+
+
+def _path(v):
+    return "" if isinstance(v, str) and v.lower() == "none" else v
+
+
+@dataclass
+class CommonConfig:
+    """Options shared by every job (pretraining and evaluation)."""
+
+    problem: str = option("sim-clr", "which job: sim-clr (pretraining) or eval (evaluation)", ["sim-clr", "eval"])
+    name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)")
+    root: str = option("", "folder holding all runs (default: $SIMCLR_LOGS or $EXMAN_PATH or ./logs)",
+                       convert=_path)
+    data: str = option("cifar10", "dataset: cifar10 (alias cifar), cifar100, stl10, imagenet, folder",
+                    ["cifar10", "cifar100", "stl10", "imagenet", "folder"], convert=_data)
+    data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder")
+    image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
+                          check=nonneg, check_msg="must be >= 0")
+    arch: str = option("resnet50", "encoder: resnet18, resnet34, resnet50 (spec spelling ResNet50 accepted)",
+                       convert=_lower)
+    width: int = option(64, "channels of the first ResNet stage (64 = standard); smaller for tiny test models",
+                     check=positive, check_msg="must be > 0")
+    batch_size: int = option(256, "global number of unique images per step (split over all processes)",
+                          check=positive, check_msg="must be > 0")
+    iters: int = option(1000, "number of optimizer steps", check=positive, check_msg="must be > 0")
+    lr: float = option(1.0, "peak learning rate", check=nonneg, check_msg="must be >= 0")
+    lr_schedule: str = option("warmup-anneal", "warmup-anneal (linear warmup then cosine to 0), linear, const",
+                           ["warmup-anneal", "linear", "const"])
+    warmup: float = option(0.01, "fraction of iters spent in linear warmup", check=lambda x: 0 <= x <= 1,
+                        check_msg="must be within [0, 1]")
+    opt: str = option("lars", "optimizer: lars, sgd (momentum 0.9), adam", ["lars", "sgd", "adam"])
+    weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0")
+    aug: bool = option(True, "apply random augmentations")
+    scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
+                             check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
+    seed: int = option(-1, "random seed; -1 draws one and records it in the run folder")
+    workers: int = option(2, "DataLoader worker processes", check=nonneg, check_msg="must be >= 0")
+    device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+                         ["auto", "bf16", "fp16", "fp32"])
+    eval_freq: int = option(0, "steps between evaluations (kNN monitor in pretraining); 0 = only at the end",
+                         check=nonneg, check_msg="must be >= 0")
+    save_freq: int = option(0, "steps between checkpoints; 0 = only at the end", check=nonneg, check_msg="must be >= 0")
+    log_freq: int = option(10, "steps between log lines", check=positive, check_msg="must be > 0")
+    ckpt: str = option("", "checkpoint to resume from (pretraining) or a saved head (eval-only)",
+                       convert=_path)
+    verbose: bool = option(True, "print progress")
+    dist: str = option("none", "distributed mode: none, ddp (one process per GPU), dp (spec compatibility)",
+                    ["none", "ddp", "dp"])
+    dist_address: str = option("127.0.0.1:1234", "<address>:<port> of the main node (spec's --dist ddp form)")
+    node_rank: int = option(0, "rank of this node (spec's --dist ddp form)", check=nonneg, check_msg="must be >= 0")
+    world_size: int = option(1, "number of nodes (spec's --dist ddp form)", check=positive, check_msg="must be > 0")
+    train_subset: int = option(0, "use a class-balanced subset of this many training images (0 = all)",
+                            check=nonneg, check_msg="must be >= 0")
+    test_subset: int = option(0, "use a class-balanced subset of this many test images (0 = all)",
+                           check=nonneg, check_msg="must be >= 0")
+    deterministic: bool = option(False, "deterministic kernels (bit-exact resume on CPU)")
+
+    IGNORED_KEYS = IGNORED_KEYS
+
+    def check(self) -> None:
+        """Cross-field checks (after every field's own range check)."""
+        if self.problem == "sim-clr" and self.arch not in ENCODERS:
+            close = difflib.get_close_matches(self.arch, list(ENCODERS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"option 'arch' got {self.arch!r}; allowed: {', '.join(ENCODERS)}{hint}")
+        if self.data == "folder" and not self.data_path:
+            raise ConfigError("--data folder needs --data_path DIR (a folder with train/ and test/ or val/ inside)")
+
+    def finalize(self, config_path: Optional[str]) -> None:
+        """Defaults that depend on where the config came from: the run name and the runs root."""
+        if not self.name:
+            self.name = Path(config_path).stem if config_path else self.problem
+        if not self.root:
+            self.root = default_root()
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
+    """SimCLR pretraining. Defaults follow the paper where the spec does not say otherwise."""
+
+    COMMAND = "pretrain"
+
+    temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
+    multiplier: int = option(2, "augmented views per image (m >= 2)", check=lambda x: x >= 2, check_msg="must be >= 2")
+    color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
+    blur: str = option("auto", "Gaussian blur: auto (only for images >= 64 px, as the paper), on, off",
+                    ["auto", "on", "off"])
+    sync_bn: bool = option(True, "synchronise batch-norm statistics across processes")
+    proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3])
+    proj_dim: int = option(128, "output dimension of the projection head", check=positive, check_msg="must be > 0")
+    lars_exclude: str = option("ndim", "parameters LARS leaves without weight decay/adaptation: ndim (every "
+                            "1-d param: all BN weights/biases and biases) or spec (the spec's name rule: "
+                            "names containing 'bn' or 'bias')", ["ndim", "spec"])
+    knn_k: int = option(200, "k of the kNN monitor", check=positive, check_msg="must be > 0")
+    knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0")
+    eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)")
+    resume: str = option("", "'auto' resumes from the newest valid checkpoint of the run folder given by --run_dir")
+    run_dir: str = option("", "use this exact run folder instead of creating <root>/<name>/<run-id>")
+    keep_last: int = option(2, "checkpoints kept in the run folder (the newest N)", check=positive,
+                         check_msg="must be > 0")
+    on_nan: str = option("stop", "non-finite loss: stop (keep the last good checkpoint) or skip the step",
+                      ["stop", "skip"])
+    loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
+                      "augmentation, on the GPU when there is one), auto (fast on CUDA)",
+                      ["auto", "reference", "fast"])
+    channels_last: bool = option(False, "channels_last memory format (faster on GPUs)")
+    compile: bool = option(False, "torch.compile the encoder")
+    grad_cache_chunks: int = option(0, "compute the loss gradient of a large batch in this many chunks (0 = off)",
+                                 check=nonneg, check_msg="must be >= 0")
+    skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing")
+    stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
+                          "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
+                          check=nonneg, check_msg="must be >= 0")
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """Evaluation of a (frozen or fine-tuned) encoder. Key names follow the spec's ``problem: eval``;
+    defaults are the spec's CIFAR-10 linear-evaluation values except ``iters`` (80,000 in
+    configs/cifar_eval.yaml) and the augmented copies, kept small so a plain command finishes on a CPU."""
+
+    COMMAND = "eval"
+
+    problem: str = option("eval", "which job: eval (evaluation) or sim-clr (pretraining)", ["sim-clr", "eval"])
+    arch: str = option("linear", "classifier on top of the encoder: linear (the only one, as in the spec)",
+                       ["linear"], convert=_lower)
+    protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
+                           "L-BFGS logistic regression, L2 picked on a held-out split), knn",
+                           ["linear", "fast-linear", "knn"])
+    encoder_ckpt: str = option("", "encoder checkpoint (ours, the spec's .pth.tar, or an export); empty = a "
+                               "randomly initialised encoder (a baseline)",
+                               convert=_path)
+    encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty", convert=_lower)
+    encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
+                                check=positive, check_msg="must be > 0")
+    trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
+    encode_layer: str = option("h", "representation: h (encoder output) or g1/g2/g3 (projection-head block "
+                               "outputs, SimCLR v2 style) or z")
+    batch_size: int = option(1024, "training batch size of the linear head", check=positive,
+                             check_msg="must be > 0")
+    iters: int = option(5000, "optimizer steps of the linear head (the spec's CIFAR-10 config: 80000)",
+                        check=positive, check_msg="must be > 0")
+    lr: float = option(0.1, "learning rate of the linear head", check=nonneg, check_msg="must be >= 0")
+    lr_schedule: str = option("linear", "linear (the spec's decay to 0), warmup-anneal, const",
+                              ["warmup-anneal", "linear", "const"])
+    warmup: float = option(0.0, "fraction of iters spent in linear warmup (warmup-anneal only)",
+                           check=lambda x: 0 <= x <= 1, check_msg="must be within [0, 1]")
+    opt: str = option("sgd", "optimizer: sgd (momentum 0.9, the spec's) or adam", ["sgd", "adam"])
+    weight_decay: float = option(1e-4, "weight decay of the linear head (and encoder when fine-tuning)",
+                                 check=nonneg, check_msg="must be >= 0")
+    augmentation: str = option("RandomCrop", "train-time augmentation: RandomCrop (pad 4, reflect) + flip, "
+                               "RandomResizedCrop + flip, or none (also: aug false)",
+                               ["RandomCrop", "RandomResizedCrop", "none"])
+    precompute_emb_bs: int = option(-1, "batch size for precomputing features once (no augmentation); -1 = "
+                                    "test_bs. Without augmentation features are always computed once")
+    n_augs_train: int = option(-1, "precompute features of this many augmented copies of the training set and "
+                               "train on all of them (-1 = augment on the fly)")
+    n_augs_test: int = option(-1, "average the predictions over this many augmented copies of each test "
+                              "image (-1 = the plain test image)")
+    test_bs: int = option(1024, "batch size for feature extraction and testing", check=positive,
+                          check_msg="must be > 0")
+    finetune: bool = option(False, "fine-tune the whole encoder (SGD) instead of freezing it")
+    encoder_lr: float = option(-1.0, "learning rate of the encoder when fine-tuning (-1 = lr)")
+    train_size: int = option(-1, "labelled training images, drawn class-balanced with data_split_seed "
+                             "(-1 = all; e.g. 500 = 1% of CIFAR-10)")
+    data_split_seed: int = option(42, "seed of the train_size draw")
+    acc_on_unlabeled: bool = option(False, "also report accuracy on the training images left out by train_size")
+    eval_only: bool = option(False, "evaluate a saved head (--ckpt) on the encoder without training")
+    ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 = only at the end)",
+                            check=nonneg, check_msg="must be >= 0")
+    compare: bool = option(False, "run both linear and fast-linear and print both")
+    k: int = option(200, "neighbours of the kNN protocol", check=positive, check_msg="must be > 0")
+    temperature: float = option(0.1, "temperature of the weighted kNN", check=positive, check_msg="must be > 0")
+    knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
+                           ["weighted", "majority"])
+    l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1", "fast-linear: L2 strengths tried (comma separated; "
+                          "the penalty is l2/2 * ||W||^2 on standardised features)")
+    holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
+                            check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
+    fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", check=positive, check_msg="must be > 0")
+    cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform")
+    run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
+
+
