@@ -29,7 +29,7 @@ from simclr.data.datasets import ArrayImages
 from simclr.errors import UserError
 from simclr.evaluate import extract_features, knn_classifier
 from simclr.loss import nt_xent
-from simclr.models import build_model
+from simclr.models import build_model, convert_sync_batchnorm
 
 from conftest import tiny_args
 
@@ -52,7 +52,7 @@ def _local_rows(t: torch.Tensor, m: int, rank: int, world: int) -> torch.Tensor:
 def _model(sync: bool, dtype=torch.float32):
     torch.manual_seed(0)
     model = build_model(PretrainConfig(arch="resnet18", width=8, proj_dim=D), 32).to(dtype)
-    return distributed.convert_sync_batchnorm(model, torch.device("cpu")) if sync else model
+    return convert_sync_batchnorm(model, torch.device("cpu")) if sync else model
 
 
 def _knn_sets():

@@ -26,7 +26,7 @@ from .data.loaders import build_loader
 from .errors import UserError
 from .evaluate import extract_features, knn_classifier
 from .loss import nt_xent
-from .models import SimCLRModel, build_model
+from .models import SimCLRModel, build_model, convert_sync_batchnorm
 from .optim import build_optimizer, lr_schedule, set_lr
 from .runs import RunDir, environment, find_run_dir
 
@@ -176,7 +176,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_bn:
-            model = distributed.convert_sync_batchnorm(model, self.device)  # CPU/gloo too
+            model = convert_sync_batchnorm(model, self.device)  # CPU/gloo too
         self.model = model  # the unwrapped module: checkpoints and evaluation use it
         self.optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                          foreach=self.device.type == "cuda")
