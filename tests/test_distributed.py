@@ -28,6 +28,7 @@ from simclr.config import PretrainConfig
 from simclr.data.datasets import ArrayImages
 from simclr.errors import UserError
 from simclr.evaluate import extract_features, knn_classifier
+from simclr.evaluate.sharded import sharded_knn
 from simclr.loss import nt_xent
 from simclr.models import build_model, convert_sync_batchnorm
 
@@ -118,7 +119,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         res[f"z{m}"] = {"loss": zl.item(), "acc": za.item(), "grad": z.grad.clone()}
     res["steps"] = _sgd_steps(rank, world)
     tr, te = _knn_sets()
-    res["knn"] = distributed.sharded_knn(_encoder(), tr, te, 32, torch.device("cpu"), None, k=10, temperature=0.1)
+    res["knn"] = sharded_knn(_encoder(), tr, te, 32, torch.device("cpu"), None, k=10, temperature=0.1)
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -135,6 +135,26 @@ def check_same(value, what: str) -> None:
                         f"folder and checkpoints must be on storage that every node sees at the same path")
 
 
+def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape on every rank) concatenated along ``dim`` in rank order."""
+    if not is_enabled():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim)
+
+
+def gather_rows(t: torch.Tensor, sizes: list) -> torch.Tensor:
+    """Every rank's rows concatenated, on every rank, when rank r holds sizes[r] of them
+    (all_gather needs equal shapes: the shorter ranks pad and the padding is cut off)."""
+    if not is_enabled():
+        return t
+    buf = t.new_zeros((max(sizes), *t.shape[1:]))
+    buf[:t.shape[0]] = t
+    parts = gather_cat(buf.unsqueeze(0))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 # --------------------------------------------------------------------------------------------
 # batch arithmetic and the spec's launch form
 # --------------------------------------------------------------------------------------------
@@ -251,80 +271,3 @@ def _hard_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(2)
-
-
-# --------------------------------------------------------------------------------------------
-# kNN over the whole test set, the work split across ranks
-# --------------------------------------------------------------------------------------------
-def _shard(images, indices: range):
-    """Images ``indices`` of a dataset, keeping an in-memory array where there is one (a plain
-    ``subset`` of a subset drops it, and the feature extractor would take the PIL path instead)."""
-    arr = getattr(images, "images", None)
-    if arr is None:
-        return images.subset(indices)
-    from .data.datasets import ArrayImages
-    return ArrayImages(arr[indices.start:indices.stop:indices.step], [images.targets[i] for i in indices],
-                       images.classes, images.name, images.image_size)
-
-
-def _gather_rows(t: torch.Tensor, sizes: list) -> torch.Tensor:
-    """Concatenate every rank's rows (rank r holds sizes[r] rows) on every rank."""
-    pad = max(sizes)
-    buf = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    buf[:t.shape[0]] = t
-    out = [torch.empty_like(buf) for _ in sizes]
-    dist.all_gather(out, buf)
-    return torch.cat([o[:n] for o, n in zip(out, sizes)])
-
-
-@torch.no_grad()
-def sharded_knn(encode, train_set, test_set, image_size: int, device: torch.device, amp_dtype,
-                k: int = 200, temperature: float = 0.1, batch_size: int = 512, chunk: int = 1024) -> dict:
-    """Weighted kNN of the whole test set against the whole training set, each rank embedding
-    1/W of each (rank r takes images r, r+W, ...); the result is identical on every rank and
-    equals ``knn_classifier`` on one process (up to ties between equal similarities).
-
-    Training features stay sharded (no rank holds all of them): for each chunk of test rows every
-    rank finds the k most similar of its own shard, the W candidate lists are gathered and the k
-    best of them are the global k nearest neighbours."""
-    from .evaluate import extract_features
-    from .evaluate.knn import topk_accuracy
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # labels of the (sub)sets are plain lists on every rank: the class count needs no collective
-    num_classes = int(max(max(train_set.targets), max(test_set.targets))) + 1
-    if len(train_set) < world or len(test_set) < world:  # too small to split: every rank does it all
-        tr_idx, te_idx = range(len(train_set)), range(len(test_set))
-    else:
-        tr_idx, te_idx = range(rank, len(train_set), world), range(rank, len(test_set), world)
-    tr_f, tr_y = extract_features(encode, _shard(train_set, tr_idx), image_size, batch_size, 0, device, amp_dtype)
-    te_f, te_y = extract_features(encode, _shard(test_set, te_idx), image_size, batch_size, 0, device, amp_dtype)
-    if len(te_idx) != len(test_set):
-        te_sizes = [len(range(r, len(test_set), world)) for r in range(world)]
-        te_f, te_y = _gather_rows(te_f, te_sizes), _gather_rows(te_y, te_sizes)
-    sharded = len(tr_idx) != len(train_set)
-    k_all = min(k, len(train_set))
-    k_pad = min(k, max(len(range(r, len(train_set), world)) for r in range(world))) if sharded else k_all
-    tr_f = torch.nn.functional.normalize(tr_f.float(), dim=1)
-    te_f = torch.nn.functional.normalize(te_f.float(), dim=1)
-    scores = []
-    for i in range(0, te_f.shape[0], chunk):
-        sim = te_f[i:i + chunk] @ tr_f.t()
-        kk = min(k_pad, sim.shape[1])
-        top_sim, top_idx = sim.topk(kk, dim=1)
-        top_lab = tr_y[top_idx]
-        if sharded:
-            if kk < k_pad:  # a shard one image short: pad with candidates that never win
-                fill = k_pad - kk
-                top_sim = torch.cat([top_sim, top_sim.new_full((sim.shape[0], fill), float("-inf"))], 1)
-                top_lab = torch.cat([top_lab, top_lab.new_zeros((sim.shape[0], fill))], 1)
-            sims, labs = [torch.empty_like(top_sim) for _ in range(world)], [torch.empty_like(top_lab) for _ in range(world)]
-            dist.all_gather(sims, top_sim.contiguous())
-            dist.all_gather(labs, top_lab.contiguous())
-            all_sim, all_lab = torch.cat(sims, 1), torch.cat(labs, 1)
-            top_sim, pick = all_sim.topk(k_all, dim=1)
-            top_lab = all_lab.gather(1, pick)
-        s = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        s.scatter_add_(1, top_lab, (top_sim / temperature).exp())
-        scores.append(s)
-    res = topk_accuracy(torch.cat(scores), te_y)
-    return {"knn_top1": res["top1"], "knn_top5": res["top5"]}

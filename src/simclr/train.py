@@ -25,6 +25,7 @@ from .data import get_dataset, maybe_subset
 from .data.loaders import build_loader
 from .errors import UserError
 from .evaluate import extract_features, knn_classifier
+from .evaluate.sharded import sharded_knn
 from .loss import nt_xent
 from .models import SimCLRModel, build_model, convert_sync_batchnorm
 from .optim import build_optimizer, lr_schedule, set_lr
@@ -133,8 +134,7 @@ def knn_monitor(model: SimCLRModel, cfg: PretrainConfig, train_set, test_set, im
     try:
         enc = model.convnet
         if distributed.is_enabled():  # every rank embeds 1/W of both sets; the result covers all of them
-            return distributed.sharded_knn(enc, train_set, test_set, image_size, device, amp_dtype,
-                                           cfg.knn_k, cfg.knn_t)
+            return sharded_knn(enc, train_set, test_set, image_size, device, amp_dtype, cfg.knn_k, cfg.knn_t)
         tr_f, tr_y = extract_features(enc, train_set, image_size, 512, 0, device, amp_dtype)
         te_f, te_y = extract_features(enc, test_set, image_size, 512, 0, device, amp_dtype)
         res = knn_classifier(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, temperature=cfg.knn_t)
