@@ -7,7 +7,9 @@ printed here as one line (exit code 2), never as a traceback.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -37,11 +39,15 @@ def pretrain_main(argv: Sequence[str]) -> int:
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
     config_lib.print_notes(notes)
-    from . import distributed
-    if distributed.maybe_spawn(cfg, list(argv)):
+    from . import distributed, launch
+    if launch.maybe_spawn(cfg, list(argv), _pretrain_process):
         return 0
     from .train import pretrain
-    result = pretrain(cfg, notes)
+    try:
+        result = pretrain(cfg, notes)
+    finally:
+        if distributed.is_broken():  # a peer died: the interpreter's teardown of the group could hang
+            atexit.register(_hard_exit)
     if result.get("run_dir"):
         summary = [f"run folder: {result['run_dir']}", f"status: {result['status']} at step {result['step']}"]
         if "knn_start_top1" in result:
@@ -51,6 +57,22 @@ def pretrain_main(argv: Sequence[str]) -> int:
                            f"(top-5 {result['knn_top5']:.2f}%)")
         print("\n".join(summary))
     return 0
+
+
+def _pretrain_process(argv: list) -> None:
+    """One process of a run that ``launch`` spawned: the same command, its exit code the process's."""
+    code = run_command("pretrain", argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
+
+
+def _hard_exit() -> None:
+    """Leave with code 2 without the interpreter's teardown, once the error line is out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def spec_main(argv: Sequence[str]) -> int:
