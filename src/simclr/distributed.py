@@ -60,14 +60,15 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
         return DistInfo()
     rank, world, local = ranks
     timeout_s = timeout_s or int(os.environ.get("SIMCLR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # into the rendezvous URL, not os.environ: the environment belongs to whoever started the process
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address needs brackets in a URL
+        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port}", rank, world, timeout=timeout))
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
         # attempt, the new processes read the dead ones' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -75,7 +76,7 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
                                 world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"rank {rank} of {world} could not join the process group at "
-                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s} s "
+                        f"{addr}:{port} within {timeout_s} s "
                         f"({str(e).splitlines()[0][:200]}); check that every node was started with the same "
                         f"address and world size and that the port is open") from None
     return DistInfo(rank, world, local)
