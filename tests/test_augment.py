@@ -6,7 +6,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from simclr.data.loaders import MultiViewDataset, StepBatches
+from simclr.data.loaders import MultiViewDataset
+from simclr.data.sampler import StepBatches
 from simclr.data.transforms import blur_kernel_size, simclr_transform
 
 

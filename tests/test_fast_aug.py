@@ -15,8 +15,8 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from simclr.data import get_dataset, maybe_subset
-from simclr.data.fast import (BatchAugment, adjust_hue, color_jitter, gaussian_blur, resized_crops,
-                              sample_params)
+from simclr.data.batch_aug import (BatchAugment, adjust_hue, color_jitter, gaussian_blur, resized_crops,
+                                   sample_params)
 from simclr.data.transforms import simclr_transform
 
 N = 20000  # views per distribution test: a rate's standard error is <= 0.0035
