@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from simclr.data.loaders import MultiViewDataset, StepBatches
+from simclr.data.loaders import MultiViewDataset
+from simclr.data.sampler import StepBatches
 from simclr.data.transforms import blur_kernel_size, simclr_transform
 
 
@@ -17,21 +19,31 @@ def coord_image(side=200):
     return Image.fromarray(arr)
 
 
+def _resize(a: np.ndarray, side: int = 32) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC))
+
+
 def test_crop_area_and_aspect_ratio_within_bounds():
     t = simclr_transform(32, color_dist_s=1.0, scale_lower=0.08)
     crop = t.transforms[0]
     assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == InterpolationMode.BICUBIC
+    assert crop.scale == pytest.approx((0.08, 1.0)) and crop.ratio == pytest.approx((3 / 4, 4 / 3))  # the paper's
     img = coord_image(200)
-    torch.manual_seed(0)
+    arr = np.asarray(img)
     areas, ratios = [], []
-    for _ in range(400):
+    for seed in range(400):
+        torch.manual_seed(seed)
         i, j, h, w = T.RandomResizedCrop.get_params(img, crop.scale, crop.ratio)
         areas.append(h * w / 200 ** 2)
         ratios.append(w / h)
-        # the op itself crops exactly that box: corner pixels encode the box's corners
-    torch.manual_seed(1)
-    out = np.asarray(crop(img)).astype(float)
-    assert out.shape == (32, 32, 3)
+        if seed < 20:  # the op itself crops exactly that box: the same draw, cut and resized by hand
+            torch.manual_seed(seed)
+            out = np.asarray(crop(img))
+            assert out.shape == (32, 32, 3)
+            assert np.array_equal(out, _resize(arr[i:i + h, j:j + w])), seed
+            # and the coordinate image tells boxes apart: the box one pixel over looks different
+            dj = 1 if j + w < 200 else -1
+            assert not np.array_equal(out, _resize(arr[i:i + h, j + dj:j + dj + w])), seed
     areas, ratios = np.array(areas), np.array(ratios)
     assert areas.min() >= 0.08 - 0.01 and areas.max() <= 1.0
     assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
@@ -53,23 +65,44 @@ def test_crop_box_read_back_from_pixels():
     assert fracs.min() > 0.06 and fracs.max() < 1.05
 
 
-def test_jitter_parameters_follow_strength():
-    s = 0.5
+@pytest.mark.parametrize("s", [0.5, 1.0])
+def test_jitter_parameters_follow_strength(monkeypatch, s):
     t = simclr_transform(32, color_dist_s=s)
     color = t.transforms[2]
     apply_jitter, gray = color.transforms
     assert isinstance(apply_jitter, T.RandomApply) and apply_jitter.p == 0.8
-    jitter = apply_jitter.transforms[0]
-    assert jitter.brightness == pytest.approx((1 - 0.8 * s, 1 + 0.8 * s))
-    assert jitter.contrast == pytest.approx((1 - 0.8 * s, 1 + 0.8 * s))
-    assert jitter.saturation == pytest.approx((1 - 0.8 * s, 1 + 0.8 * s))
-    assert jitter.hue == pytest.approx((-0.2 * s, 0.2 * s))
     assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
-    # the factors drawn stay within those bounds
+    jitter = apply_jitter.transforms[0]
+    # the factors the op really applies, recorded at torchvision's pixel functions, against the paper's
+    # ranges written out here: brightness, contrast, saturation U[1 - 0.8s, 1 + 0.8s], hue U[-0.2s, 0.2s]
+    want = {"brightness": (1 - 0.8 * s, 1 + 0.8 * s), "contrast": (1 - 0.8 * s, 1 + 0.8 * s),
+            "saturation": (1 - 0.8 * s, 1 + 0.8 * s), "hue": (-0.2 * s, 0.2 * s)}
+    seen: dict = {op: [] for op in want}
+    calls: list = []
+    for op in want:
+        fn = getattr(TF, f"adjust_{op}")
+
+        def record(img, factor, _op=op, _fn=fn):
+            seen[_op].append(factor)
+            calls[-1].append(_op)
+            return _fn(img, factor)
+        monkeypatch.setattr(TF, f"adjust_{op}", record)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     torch.manual_seed(0)
-    for _ in range(200):
-        _, b, c, sat, h = T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
-        assert 0.6 <= b <= 1.4 and 0.6 <= c <= 1.4 and 0.6 <= sat <= 1.4 and -0.1 <= h <= 0.1
+    n = 3000
+    for _ in range(n):
+        calls.append([])
+        jitter(img)
+    assert all(sorted(c) == sorted(want) for c in calls)  # every op once per call
+    assert len({tuple(c) for c in calls}) == 24           # in a random order: all 24 orders occur
+    for op, (lo, hi) in want.items():
+        f = np.array(seen[op])
+        assert lo - 1e-9 <= f.min() and f.max() <= hi + 1e-9, op
+        # uniform over the whole range: the extremes are reached (expected gap (hi - lo) / n) and the
+        # CDF is the uniform one (KS critical value at alpha = 0.001: 1.95 / sqrt(3000) = 0.036)
+        assert f.min() - lo < 0.005 * (hi - lo) and hi - f.max() < 0.005 * (hi - lo), op
+        grid = np.sort(f)
+        assert np.abs(np.arange(1, n + 1) / n - (grid - lo) / (hi - lo)).max() < 0.036, op
 
 
 def test_probabilities_over_many_draws():

@@ -26,10 +26,11 @@ from simclr import distributed
 from simclr.checkpoint import latest_valid, list_checkpoints, load_checkpoint
 from simclr.options import PretrainConfig
 from simclr.data.datasets import ArrayImages
-from simclr.errors import UserError
 from simclr.evaluate import extract_features, knn_classifier
+from simclr.evaluate.sharded import sharded_knn
+from simclr.launch import PROCS_ENV
 from simclr.loss import nt_xent
-from simclr.models import build_model
+from simclr.models import build_model, convert_sync_batchnorm
 
 from conftest import tiny_args
 
@@ -52,7 +53,7 @@ def _local_rows(t: torch.Tensor, m: int, rank: int, world: int) -> torch.Tensor:
 def _model(sync: bool, dtype=torch.float32):
     torch.manual_seed(0)
     model = build_model(PretrainConfig(arch="resnet18", width=8, proj_dim=D), 32).to(dtype)
-    return distributed.convert_sync_batchnorm(model, torch.device("cpu")) if sync else model
+    return convert_sync_batchnorm(model, torch.device("cpu")) if sync else model
 
 
 def _knn_sets():
@@ -118,7 +119,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         res[f"z{m}"] = {"loss": zl.item(), "acc": za.item(), "grad": z.grad.clone()}
     res["steps"] = _sgd_steps(rank, world)
     tr, te = _knn_sets()
-    res["knn"] = distributed.sharded_knn(_encoder(), tr, te, 32, torch.device("cpu"), None, k=10, temperature=0.1)
+    res["knn"] = sharded_knn(_encoder(), tr, te, 32, torch.device("cpu"), None, k=10, temperature=0.1)
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -202,57 +203,6 @@ def test_sharded_knn_equals_single_process(two_rank_results):
 
 
 # --------------------------------------------------------------------------------------------
-# launch arithmetic: clear errors before any process-group work
-# --------------------------------------------------------------------------------------------
-def _cfg(**kw) -> PretrainConfig:
-    return PretrainConfig(device="cpu", batch_size=32, **kw)
-
-
-def test_indivisible_batch_is_refused_before_spawning(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
-    with pytest.raises(UserError, match=r"batch_size 33 is not divisible by the number of processes 2"):
-        distributed.maybe_spawn(PretrainConfig(device="cpu", batch_size=33, dist="ddp", world_size=2), [])
-    monkeypatch.setenv(distributed.PROCS_ENV, "3")  # 2 nodes x 3 processes
-    with pytest.raises(UserError, match=r"batch_size 32 is not divisible by the number of processes 6"):
-        distributed.maybe_spawn(_cfg(dist="ddp", world_size=2), [])
-    # under torchrun the environment gives the world size
-    monkeypatch.delenv(distributed.PROCS_ENV)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(UserError, match=r"batch_size 32 is not divisible by the number of processes 3"):
-        distributed.maybe_spawn(_cfg(), [])
-
-
-def test_launch_form_errors_and_single_node_env(monkeypatch):
-    # maybe_spawn writes the ranks into os.environ: give it a copy that is put back afterwards
-    monkeypatch.setattr(os, "environ", dict(os.environ))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(k, None)
-    with pytest.raises(UserError, match="--node_rank 2 must be below --world_size 2"):
-        distributed.maybe_spawn(_cfg(dist="ddp", world_size=2, node_rank=2), [])
-    with pytest.raises(UserError, match="<address>:<port>"):
-        distributed.maybe_spawn(_cfg(dist="ddp", world_size=2, dist_address="10.0.0.1"), [])
-    assert distributed.maybe_spawn(_cfg(dist="ddp", world_size=1), []) is False  # one process in all
-    assert "RANK" not in os.environ
-    # a CPU node of a 2-node job is one process: this one, with its ranks set for init()
-    assert distributed.maybe_spawn(_cfg(dist="ddp", world_size=2, node_rank=1, dist_address="10.1.2.3:4567"),
-                                   []) is False
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) \
-        == ("1", "2", "10.1.2.3", "4567")
-
-
-def test_cli_indivisible_batch_exits_before_waiting_for_peers(tmp_path):
-    # without the check, rank 0 would wait for a second node that never comes
-    r = _cli("pretrain", *tiny_args(tmp_path, batch_size=33), "--dist", "ddp", "--world_size", "2",
-             "--dist_address", "127.0.0.1:1", env=_env())
-    assert r.returncode == 2, r.stderr
-    assert "batch_size 33 is not divisible by the number of processes 2" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "logs").exists()
-
-
-# --------------------------------------------------------------------------------------------
 # the real CLI on real CIFAR-10: spec launch form, torchrun on two "nodes", a dead peer
 # --------------------------------------------------------------------------------------------
 # In fp32 this tiny network on real images is ill-conditioned (see _sgd_steps, which checks the
@@ -271,7 +221,7 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", distributed.PROCS_ENV):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", PROCS_ENV):
         e.pop(k, None)
     e.update(extra)
     return e
@@ -337,7 +287,7 @@ def _assert_same_training(run: Path, ref: Path) -> None:
 def test_spec_launch_form_two_processes_train_like_one(tmp_path, reference_run):
     # --dist ddp on one "node" with two processes: maybe_spawn starts them with torch.multiprocessing
     r = _cli("pretrain", *tiny_args(tmp_path, **RUN), "--dist", "ddp", "--world_size", "1",
-             "--dist_address", f"127.0.0.1:{_free_port()}", env=_env(**{distributed.PROCS_ENV: "2"}))
+             "--dist_address", f"127.0.0.1:{_free_port()}", env=_env(**{PROCS_ENV: "2"}))
     assert r.returncode == 0, r.stderr
     assert "2 process(es)" in (_runs(tmp_path / "logs")[0] / "log.txt").read_text()
     (run,) = _runs(tmp_path / "logs")  # rank 0 alone writes: one run folder

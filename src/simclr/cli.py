@@ -7,6 +7,7 @@ calls ``sys.exit`` and turns errors into output: bad input (:class:`simclr.error
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
@@ -74,12 +75,16 @@ def pretrain_main(argv: Sequence[str]) -> int:
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
-    from . import distributed
-    if distributed.maybe_spawn(cfg, list(argv)):
+    from . import distributed, launch
+    if launch.maybe_spawn(cfg, list(argv), _pretrain_process):
         return 0
     from .train import pretrain
-    with StopSignals() as stop:
-        result = pretrain(cfg, should_stop=stop)
+    try:
+        with StopSignals() as stop:
+            result = pretrain(cfg, should_stop=stop)
+    finally:
+        if distributed.is_broken():  # a peer died: the interpreter's teardown of the group could hang
+            atexit.register(_hard_exit)
     if result.get("run_dir"):
         summary = [f"run folder: {result['run_dir']}", f"status: {result['status']} at step {result['step']}"]
         if "knn_start_top1" in result:
@@ -109,6 +114,22 @@ def eval_main(argv: Sequence[str]) -> int:
 
 def knn_main(argv: Sequence[str]) -> int:
     return _eval(argv, {"protocol": "knn"})
+
+
+def _pretrain_process(argv: list) -> None:
+    """One process of a run that ``launch`` spawned: the same command, its exit code the process's."""
+    code = run_command("pretrain", argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
+
+
+def _hard_exit() -> None:
+    """Leave with code 2 without the interpreter's teardown, once the error line is out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def spec_main(argv: Sequence[str]) -> int:

@@ -1,37 +1,31 @@
-"""Process-group setup, the spec's multi-node launch, and small collective helpers, on torch.distributed alone.
+"""Process-group setup and teardown, and the few collectives the package uses, on torch.distributed alone.
 
-Launch forms (all end in the same training code, one process per GPU):
-  * the spec's: ``--dist ddp --world_size NODES --node_rank R --dist_address HOST:PORT`` on every
-    node; :func:`maybe_spawn` starts one process per local GPU (torch.multiprocessing), global
-    rank = R * GPUs_per_node + local rank. Without a GPU a node runs one process (gloo), in place.
+Where the ranks come from (all end in the same training code, one process per GPU):
   * torchrun / torch.distributed.run: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
   * SLURM (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (+ MASTER_ADDR/PORT you export);
+  * the spec's ``--dist ddp --world_size NODES ...`` form: :mod:`simclr.launch` starts the
+    processes and hands them the torchrun variables;
   * nothing: a single process (no process group).
 Backend: NCCL when training on CUDA, gloo on CPU.
 
 Faults: every collective carries a timeout (``SIMCLR_DIST_TIMEOUT`` seconds, default 300). A
 peer that dies closes its sockets, so the survivors usually fail at once; a peer that hangs
-makes them fail after the timeout. Either way they stop with a one-line error (exit code 2)
-and the last checkpoint, written atomically by rank 0, is untouched.
+makes them fail after the timeout. Either way :func:`peer_failure` turns the error into one
+line, and :func:`is_broken` tells the entry point to leave without tearing the group down.
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .errors import UserError
 
 # A dead peer makes the survivors fail at their next collective after this long instead of hanging.
 DEFAULT_TIMEOUT_S = int(os.environ.get("SIMCLR_DIST_TIMEOUT", "300"))
-# Processes per node in the spec's launch form; default: the number of visible GPUs (1 without GPUs).
-PROCS_ENV = "SIMCLR_PROCS_PER_NODE"
 
 
 @dataclass
@@ -66,14 +60,15 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
         return DistInfo()
     rank, world, local = ranks
     timeout_s = timeout_s or int(os.environ.get("SIMCLR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # into the rendezvous URL, not os.environ: the environment belongs to whoever started the process
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address needs brackets in a URL
+        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port}", rank, world, timeout=timeout))
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
         # attempt, the new processes read the dead ones' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -81,7 +76,7 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
                                 world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"rank {rank} of {world} could not join the process group at "
-                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s} s "
+                        f"{addr}:{port} within {timeout_s} s "
                         f"({str(e).splitlines()[0][:200]}); check that every node was started with the same "
                         f"address and world size and that the port is open") from None
     return DistInfo(rank, world, local)
@@ -136,105 +131,26 @@ def check_same(value, what: str) -> None:
                         f"folder and checkpoints must be on storage that every node sees at the same path")
 
 
-# --------------------------------------------------------------------------------------------
-# synchronised batch norm
-# --------------------------------------------------------------------------------------------
-class _GlobalBatchNormFn(torch.autograd.Function):
-    """y = (x - mean) / sqrt(var + eps) * w + b with mean/var over every rank's rows.
-
-    The backward is the closed form (as in cuDNN and PyTorch's own BN), not autograd through
-    the statistics: differentiating mean and variance separately cancels catastrophically in
-    fp32 for channels of tiny variance, which real images produce."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        c = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, c] + [1] * (x.dim() - 2)
-        stats = torch.cat([x.sum(dims), x.new_tensor([x.numel() / c])])
-        dist.all_reduce(stats)
-        n = stats[-1]
-        mean = stats[:-1] / n
-        xmu = x - mean.view(shape)
-        var = xmu.pow(2).sum(dims)
-        dist.all_reduce(var)
-        var = var / n  # biased: what the normalisation uses
-        invstd = torch.rsqrt(var + eps)
-        xhat = xmu * invstd.view(shape)
-        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
-        ctx.save_for_backward(xhat, invstd, weight)
-        ctx.n, ctx.dims, ctx.shape = n, dims, shape
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var, n
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dn):
-        xhat, invstd, weight = ctx.saved_tensors
-        dims, shape, c = ctx.dims, ctx.shape, xhat.shape[1]
-        local = torch.cat([dy.sum(dims), (dy * xhat).sum(dims)])
-        # this rank's parameter gradients stay local: DDP averages them over ranks
-        db, dw = local[:c].clone(), local[c:].clone()
-        dist.all_reduce(local)  # dy arrives already summed over every rank's loss (collective backwards)
-        mean_dy, mean_dy_xhat = (local / ctx.n).split(c)
-        scale = invstd if weight is None else invstd * weight
-        dx = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * scale.view(shape)
-        needs = ctx.needs_input_grad
-        return dx, (dw if needs[1] else None), (db if needs[2] else None), None
+def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's ``t`` (the same shape on every rank) concatenated along ``dim`` in rank order."""
+    if not is_enabled():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim)
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose statistics cover the whole global batch, on any device and backend.
-
-    Written by hand because ``nn.SyncBatchNorm`` runs only on GPUs (DDP refuses it on CPU),
-    while CPU/gloo training and our multi-process tests need the same semantics. Same
-    parameters and buffers as a BatchNorm, so checkpoints do not change; outside training or
-    without a process group it is a plain BatchNorm.
-    """
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-d input (N, C, ...), got {x.dim()}-d")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_enabled()):
-            return super().forward(x)
-        self._check_input_dim(x)
-        xf = x if x.dtype == torch.float64 else x.float()  # statistics in fp32 at least
-        w, b = (self.weight, self.bias) if self.affine else (None, None)
-        y, mean, var, n = _GlobalBatchNormFn.apply(xf, w, b, self.eps)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
-                unbiased = var * (n / (n - 1).clamp(min=1))
-                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
-        return y.to(x.dtype)
+def gather_rows(t: torch.Tensor, sizes: list) -> torch.Tensor:
+    """Every rank's rows concatenated, on every rank, when rank r holds sizes[r] of them
+    (all_gather needs equal shapes: the shorter ranks pad and the padding is cut off)."""
+    if not is_enabled():
+        return t
+    buf = t.new_zeros((max(sizes), *t.shape[1:]))
+    buf[:t.shape[0]] = t
+    parts = gather_cat(buf.unsqueeze(0))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm -> PyTorch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` elsewhere.
-    Parameters and buffers are shared with the original module (same names, same objects)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        if module.track_running_stats:
-            out.running_mean, out.running_var = module.running_mean, module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# batch arithmetic and the spec's launch form
-# --------------------------------------------------------------------------------------------
 def check_batch(batch_size: int, processes: int) -> int:
     """Images per process; refuses a remainder before any process-group work can hang."""
     if batch_size % processes:
@@ -243,77 +159,6 @@ def check_batch(batch_size: int, processes: int) -> int:
                         f"use a multiple of {processes}, e.g. --batch_size {lo or processes} or "
                         f"{lo + processes}")
     return batch_size // processes
-
-
-def procs_per_node(device: str) -> int:
-    if os.environ.get(PROCS_ENV):
-        n = int(os.environ[PROCS_ENV])
-        if n < 1:
-            raise UserError(f"{PROCS_ENV}={n} must be >= 1")
-        return n
-    if device == "cpu" or not torch.cuda.is_available():
-        return 1
-    return torch.cuda.device_count()
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--dist_address must be <address>:<port> of the main node, e.g. 10.0.0.1:29500; "
-                        f"got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def maybe_spawn(cfg, argv: list) -> bool:
-    """The spec's launch form (``--dist ddp --world_size NODES --node_rank R``) spawns one process
-    per local GPU; returns True when it did (this process then only waited for them).
-    Under torchrun/SLURM, or with one process in all, it returns False and the caller trains.
-    Checks the batch split first, so a bad value fails here and not inside a collective."""
-    ranks = env_ranks()
-    if ranks is not None:  # torchrun / SLURM gave the ranks
-        check_batch(cfg.batch_size, ranks[1])
-        return False
-    if cfg.dist != "ddp":
-        return False
-    if cfg.node_rank >= cfg.world_size:
-        raise UserError(f"--node_rank {cfg.node_rank} must be below --world_size {cfg.world_size} "
-                        f"(the number of nodes; ranks are 0 .. {cfg.world_size - 1})")
-    if cfg.device.startswith("cuda:"):
-        raise UserError(f"--device {cfg.device} pins one GPU, but --dist ddp uses every visible GPU; "
-                        f"use --device cuda and select GPUs with CUDA_VISIBLE_DEVICES")
-    local = procs_per_node(cfg.device)
-    world = cfg.world_size * local
-    check_batch(cfg.batch_size, world)
-    if world == 1:
-        return False
-    host, port = parse_address(cfg.dist_address)
-    env = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-           "LOCAL_WORLD_SIZE": str(local), "NODE_RANK": str(cfg.node_rank)}
-    if local == 1:  # one process on this node: it is this one
-        os.environ.update(env, RANK=str(cfg.node_rank), LOCAL_RANK="0")
-        return False
-    import torch.multiprocessing as mp
-    try:
-        mp.start_processes(_spawned, args=(env, cfg.node_rank, local, list(argv)), nprocs=local,
-                           join=True, start_method="spawn")
-    except mp.ProcessExitedException as e:
-        rank = cfg.node_rank * local + e.error_index
-        raise UserError(f"training process {e.error_index} of this node (rank {rank}) exited with code "
-                        f"{e.exit_code}; see its message above. The others were stopped.") from None
-    except mp.ProcessRaisedException as e:
-        raise UserError(f"a training process of this node failed:\n{e}") from None
-    return True
-
-
-def _spawned(local_rank: int, env: dict, node_rank: int, local: int, argv: list) -> None:
-    """Body of one spawned process: the same CLI command, with the ranks in its environment."""
-    os.environ.update(env, RANK=str(node_rank * local + local_rank), LOCAL_RANK=str(local_rank))
-    from .cli import run_command
-    code = run_command("pretrain", argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,9 +172,9 @@ _MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out"
 def peer_failure(e: BaseException, rank: int, where: str = "") -> UserError | None:
     """A collective that failed because another process died or hung -> a clear error, else None.
 
-    After such a failure the process group is unusable, and tearing it down (or letting the
-    interpreter do it at exit) can hang or abort; so we skip the teardown and leave with
-    ``os._exit`` once the error has been printed."""
+    After such a failure the process group is unusable: :func:`cleanup` then skips the teardown,
+    and :func:`is_broken` says so to the entry point, which should leave without the interpreter's
+    own teardown (it can hang or abort in the dead group) once the error is printed."""
     global _broken
     if not is_enabled() or not isinstance(e, RuntimeError):
         return None
@@ -337,91 +182,12 @@ def peer_failure(e: BaseException, rank: int, where: str = "") -> UserError | No
     if not (isinstance(e, dist.DistError) or any(m in msg.lower() for m in _MARKERS)):
         return None
     _broken = True
-    atexit.register(_hard_exit)
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
     return UserError(f"rank {rank}: another training process stopped or stopped responding "
                      f"(timeout {int(os.environ.get('SIMCLR_DIST_TIMEOUT', DEFAULT_TIMEOUT_S))} s): {first[:300]}. "
                      f"The last checkpoint is intact{where}; resume with --resume auto --run_dir <run folder>")
 
 
-def _hard_exit() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(2)
-
-
-# --------------------------------------------------------------------------------------------
-# kNN over the whole test set, the work split across ranks
-# --------------------------------------------------------------------------------------------
-def _shard(images, indices: range):
-    """Images ``indices`` of a dataset, keeping an in-memory array where there is one (a plain
-    ``subset`` of a subset drops it, and the feature extractor would take the PIL path instead)."""
-    arr = getattr(images, "images", None)
-    if arr is None:
-        return images.subset(indices)
-    from .data.datasets import ArrayImages
-    return ArrayImages(arr[indices.start:indices.stop:indices.step], [images.targets[i] for i in indices],
-                       images.classes, images.name, images.image_size)
-
-
-def _gather_rows(t: torch.Tensor, sizes: list) -> torch.Tensor:
-    """Concatenate every rank's rows (rank r holds sizes[r] rows) on every rank."""
-    pad = max(sizes)
-    buf = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    buf[:t.shape[0]] = t
-    out = [torch.empty_like(buf) for _ in sizes]
-    dist.all_gather(out, buf)
-    return torch.cat([o[:n] for o, n in zip(out, sizes)])
-
-
-@torch.no_grad()
-def sharded_knn(encode, train_set, test_set, image_size: int, device: torch.device, amp_dtype,
-                k: int = 200, temperature: float = 0.1, batch_size: int = 512, chunk: int = 1024) -> dict:
-    """Weighted kNN of the whole test set against the whole training set, each rank embedding
-    1/W of each (rank r takes images r, r+W, ...); the result is identical on every rank and
-    equals ``knn_classifier`` on one process (up to ties between equal similarities).
-
-    Training features stay sharded (no rank holds all of them): for each chunk of test rows every
-    rank finds the k most similar of its own shard, the W candidate lists are gathered and the k
-    best of them are the global k nearest neighbours."""
-    from .evaluate import extract_features
-    from .evaluate.knn import topk_accuracy
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # labels of the (sub)sets are plain lists on every rank: the class count needs no collective
-    num_classes = int(max(max(train_set.targets), max(test_set.targets))) + 1
-    if len(train_set) < world or len(test_set) < world:  # too small to split: every rank does it all
-        tr_idx, te_idx = range(len(train_set)), range(len(test_set))
-    else:
-        tr_idx, te_idx = range(rank, len(train_set), world), range(rank, len(test_set), world)
-    tr_f, tr_y = extract_features(encode, _shard(train_set, tr_idx), image_size, batch_size, 0, device, amp_dtype)
-    te_f, te_y = extract_features(encode, _shard(test_set, te_idx), image_size, batch_size, 0, device, amp_dtype)
-    if len(te_idx) != len(test_set):
-        te_sizes = [len(range(r, len(test_set), world)) for r in range(world)]
-        te_f, te_y = _gather_rows(te_f, te_sizes), _gather_rows(te_y, te_sizes)
-    sharded = len(tr_idx) != len(train_set)
-    k_all = min(k, len(train_set))
-    k_pad = min(k, max(len(range(r, len(train_set), world)) for r in range(world))) if sharded else k_all
-    tr_f = torch.nn.functional.normalize(tr_f.float(), dim=1)
-    te_f = torch.nn.functional.normalize(te_f.float(), dim=1)
-    scores = []
-    for i in range(0, te_f.shape[0], chunk):
-        sim = te_f[i:i + chunk] @ tr_f.t()
-        kk = min(k_pad, sim.shape[1])
-        top_sim, top_idx = sim.topk(kk, dim=1)
-        top_lab = tr_y[top_idx]
-        if sharded:
-            if kk < k_pad:  # a shard one image short: pad with candidates that never win
-                fill = k_pad - kk
-                top_sim = torch.cat([top_sim, top_sim.new_full((sim.shape[0], fill), float("-inf"))], 1)
-                top_lab = torch.cat([top_lab, top_lab.new_zeros((sim.shape[0], fill))], 1)
-            sims, labs = [torch.empty_like(top_sim) for _ in range(world)], [torch.empty_like(top_lab) for _ in range(world)]
-            dist.all_gather(sims, top_sim.contiguous())
-            dist.all_gather(labs, top_lab.contiguous())
-            all_sim, all_lab = torch.cat(sims, 1), torch.cat(labs, 1)
-            top_sim, pick = all_sim.topk(k_all, dim=1)
-            top_lab = all_lab.gather(1, pick)
-        s = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        s.scatter_add_(1, top_lab, (top_sim / temperature).exp())
-        scores.append(s)
-    res = topk_accuracy(torch.cat(scores), te_y)
-    return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+def is_broken() -> bool:
+    """Whether :func:`peer_failure` found the process group dead in this process."""
+    return _broken

@@ -23,8 +23,9 @@ from .data import get_dataset, maybe_subset
 from .data.loaders import build_loader
 from .errors import UserError
 from .evaluate import extract_features, knn_classifier
+from .evaluate.sharded import sharded_knn
 from .loss import nt_xent
-from .models import SimCLRModel, build_model
+from .models import SimCLRModel, build_model, convert_sync_batchnorm
 from .optim import build_optimizer, lr_schedule, set_lr
 from .runs import RunDir, environment, find_run_dir
 from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
@@ -55,8 +56,7 @@ def knn_monitor(model: SimCLRModel, cfg: PretrainConfig, train_set, test_set, im
     try:
         enc = model.convnet
         if distributed.is_enabled():  # every rank embeds 1/W of both sets; the result covers all of them
-            return distributed.sharded_knn(enc, train_set, test_set, image_size, device, amp_dtype,
-                                           cfg.knn_k, cfg.knn_t)
+            return sharded_knn(enc, train_set, test_set, image_size, device, amp_dtype, cfg.knn_k, cfg.knn_t)
         tr_f, tr_y = extract_features(enc, train_set, image_size, 512, 0, device, amp_dtype)
         te_f, te_y = extract_features(enc, test_set, image_size, 512, 0, device, amp_dtype)
         res = knn_classifier(tr_f, tr_y, te_f, te_y, k=cfg.knn_k, temperature=cfg.knn_t)
@@ -98,7 +98,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_bn:
-            model = distributed.convert_sync_batchnorm(model, self.device)  # CPU/gloo too
+            model = convert_sync_batchnorm(model, self.device)  # CPU/gloo too
         self.model = model  # the unwrapped module: checkpoints and evaluation use it
         self.optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                          foreach=self.device.type == "cuda")

@@ -1,22 +1,39 @@
 """kNN classification on frozen features: weighted (InstDisc, k=200, T=0.1) and majority vote.
 
-Pure functions on tensors; feature extraction lives in features.py. The same code serves
-the monitor during pretraining and ``simclr knn``.
+Pure functions on tensors; feature extraction lives in features.py, the multi-process
+version (training set sharded over ranks) in sharded.py, which reuses the vote below. The
+same code serves the monitor during pretraining and ``simclr knn``.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
+
+# (top_sim, top_lab) -> (top_sim, top_lab): combines a chunk's candidates before the vote
+Merge = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def knn_vote(top_sim: torch.Tensor, top_lab: torch.Tensor, num_classes: int, temperature: float = 0.1,
+             weighted: bool = True) -> torch.Tensor:
+    """Class scores (n, C) from each row's neighbours. top_sim, top_lab: (n, k) cosine similarity
+    and label of the k neighbours. weighted: each votes exp(sim / temperature) (Wu et al. 2018);
+    else 1."""
+    votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
+    scores = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    return scores.scatter_add_(1, top_lab, votes)
 
 
 @torch.no_grad()
 def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int = 200,
                 temperature: float = 0.1, weighted: bool = True, num_classes: int | None = None,
-                chunk: int = 1024) -> torch.Tensor:
+                chunk: int = 1024, merge: Optional[Merge] = None) -> torch.Tensor:
     """Class scores (n_test, C) from the k nearest training features by cosine similarity.
 
-    weighted: each neighbour votes exp(sim / temperature) (Wu et al. 2018); else 1.
-    train_f: (n_train, d), train_y: (n_train,), test_f: (n_test, d).
+    train_f: (n_train, d), train_y: (n_train,), test_f: (n_test, d). ``merge`` sees each chunk's
+    (n, k) candidates before the vote; the sharded kNN uses it to pick the global k nearest from
+    every rank's candidates, so the vote exists once.
     """
     num_classes = num_classes or int(train_y.max()) + 1
     k = min(k, train_f.shape[0])
@@ -26,10 +43,10 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     for i in range(0, test_f.shape[0], chunk):
         sim = test_f[i:i + chunk] @ train_f.t()
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
-        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        scores.scatter_add_(1, train_y[top_idx], votes)
-        out.append(scores)
+        top_lab = train_y[top_idx]
+        if merge is not None:
+            top_sim, top_lab = merge(top_sim, top_lab)
+        out.append(knn_vote(top_sim, top_lab, num_classes, temperature, weighted))
     return torch.cat(out)
 
 

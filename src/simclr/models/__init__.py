@@ -1,4 +1,4 @@
-"""Model builder: encoder (ResNet), projection head, and the SimCLR module that joins them."""
+"""Model builder: encoder (ResNet), projection head, the SimCLR module that joins them, and global BN."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,12 @@ import math
 import torch
 from torch import nn
 
+from .batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from .head import ProjectionHead
 from .resnet import ENCODERS, ResNet
 
-__all__ = ["ENCODERS", "ResNet", "ProjectionHead", "SimCLRModel", "build_model", "init_weights"]
+__all__ = ["ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "build_model",
+           "convert_sync_batchnorm", "init_weights"]
 
 
 class SimCLRModel(nn.Module):

@@ -1,0 +1,92 @@
+"""The spec's multi-node launch form: one process per local GPU, started here.
+
+``--dist ddp --world_size NODES --node_rank R --dist_address HOST:PORT`` on every node;
+:func:`maybe_spawn` starts one process per local GPU (torch.multiprocessing), global rank =
+R * GPUs_per_node + local rank, and gives each the torchrun variables that
+:func:`simclr.distributed.init` reads. Without a GPU a node runs one process (gloo), in place.
+
+The launcher is handed the function each process runs, so it knows nothing of the commands
+above it; it creates those processes, which is why it (and not the library) sets their ranks
+in the environment.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .distributed import check_batch, env_ranks
+from .errors import UserError
+
+# Processes per node in the spec's launch form; default: the number of visible GPUs (1 without GPUs).
+PROCS_ENV = "SIMCLR_PROCS_PER_NODE"
+
+
+def procs_per_node(device: str) -> int:
+    if os.environ.get(PROCS_ENV):
+        n = int(os.environ[PROCS_ENV])
+        if n < 1:
+            raise UserError(f"{PROCS_ENV}={n} must be >= 1")
+        return n
+    if device == "cpu" or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.device_count()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--dist_address must be <address>:<port> of the main node, e.g. 10.0.0.1:29500; "
+                        f"got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def maybe_spawn(cfg, argv: list, target: Callable[[list], None]) -> bool:
+    """The spec's launch form spawns one process per local GPU, each running ``target(argv)``
+    (a picklable top-level function: the processes are started with ``spawn``; it signals failure
+    by raising or by ``sys.exit(code)``). Returns True when it spawned (this process then only
+    waited for them). Under torchrun/SLURM, or with one process in all, it returns False and the
+    caller trains. Checks the batch split first, so a bad value fails here and not inside a
+    collective."""
+    ranks = env_ranks()
+    if ranks is not None:  # torchrun / SLURM gave the ranks
+        check_batch(cfg.batch_size, ranks[1])
+        return False
+    if cfg.dist != "ddp":
+        return False
+    if cfg.node_rank >= cfg.world_size:
+        raise UserError(f"--node_rank {cfg.node_rank} must be below --world_size {cfg.world_size} "
+                        f"(the number of nodes; ranks are 0 .. {cfg.world_size - 1})")
+    if cfg.device.startswith("cuda:"):
+        raise UserError(f"--device {cfg.device} pins one GPU, but --dist ddp uses every visible GPU; "
+                        f"use --device cuda and select GPUs with CUDA_VISIBLE_DEVICES")
+    local = procs_per_node(cfg.device)
+    world = cfg.world_size * local
+    check_batch(cfg.batch_size, world)
+    if world == 1:
+        return False
+    host, port = parse_address(cfg.dist_address)
+    env = {"MASTER_ADDR": host, "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "LOCAL_WORLD_SIZE": str(local), "NODE_RANK": str(cfg.node_rank)}
+    if local == 1:  # one process on this node: it is this one
+        os.environ.update(env, RANK=str(cfg.node_rank), LOCAL_RANK="0")
+        return False
+    import torch.multiprocessing as mp
+    try:
+        mp.start_processes(_spawned, args=(target, env, cfg.node_rank, local, list(argv)), nprocs=local,
+                           join=True, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        rank = cfg.node_rank * local + e.error_index
+        raise UserError(f"training process {e.error_index} of this node (rank {rank}) exited with code "
+                        f"{e.exit_code}; see its message above. The others were stopped.") from None
+    except mp.ProcessRaisedException as e:
+        raise UserError(f"a training process of this node failed:\n{e}") from None
+    return True
+
+
+def _spawned(local_rank: int, target: Callable[[list], None], env: dict, node_rank: int, local: int,
+             argv: list) -> None:
+    """Body of one spawned process: its ranks in its environment, then the caller's function."""
+    os.environ.update(env, RANK=str(node_rank * local + local_rank), LOCAL_RANK=str(local_rank))
+    target(argv)
