@@ -29,12 +29,26 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/simclr pretrain --config configs/demo.yaml
 
-# fast suite (< ~10 min on 2 CPU cores) + the slow tests (CI runs this target)
-test: $(STAMP)
+# lint + the whole suite, slow tests included (CI runs this target through .ci/run)
+test: lint
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-all: test
+
+# without the tests marked slow
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff's small rule set (pyproject.toml) and the layering contract (import-linter)
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples train.py
+	$(BIN)/lint-imports
+
+# report.html of the newest demo run (make demo first)
+report: $(STAMP)
+	@run=$$(ls -td logs/demo/*/ 2>/dev/null | head -1); \
+	if [ -z "$$run" ]; then echo "no demo run under logs/demo: run 'make demo' first" >&2; exit 2; fi; \
+	$(BIN)/simclr report "$$run"
 
 bench: $(STAMP)
 	$(BIN)/simclr bench --arch resnet18 --width 16 --data cifar10 --batch_size 64 --steps 10

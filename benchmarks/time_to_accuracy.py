@@ -61,13 +61,12 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     from simclr import config as config_lib
-    from simclr.options import PretrainConfig
     from simclr.data import get_dataset, maybe_subset
     from simclr.data.fast import FastLoader
     from simclr.evaluate import extract_features, knn_classifier
-    from simclr.models import build_model
-    from simclr.optim import build_optimizer, set_lr
-    from simclr.train import autocast_dtype, contrastive_loss, resolve_device
+    from simclr.options import PretrainConfig
+    from simclr.runtime import resolve_device
+    from simclr.train import DivergenceGuard, build, train_step, wrap
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -78,23 +77,24 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     cfg = config_lib.build(PretrainConfig, dict(
         arch=args.arch, width=args.width, data=args.data, batch_size=args.batch_size, seed=args.seed,
-        temperature=args.temperature, color_dist_s=args.color_dist_s, loader="fast", device=str(device)))
+        temperature=args.temperature, color_dist_s=args.color_dist_s, loader="fast", device=str(device),
+        lr=args.lr, weight_decay=args.weight_decay, channels_last=cuda, compile=compiled))
     torch.manual_seed(args.seed)
     pretrain = maybe_subset(get_dataset(args.data, "pretrain"), args.train_subset, 0)
     test = maybe_subset(get_dataset(args.data, "test"), args.test_subset, 0)
     size = pretrain.image_size
-    model = build_model(cfg, size).to(device).to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    optimizer = build_optimizer(model, "lars", args.lr, args.weight_decay, foreach=True)
-    forward = torch.compile(model) if compiled else model
-    loader = FastLoader(cfg, pretrain, device, interpolation=args.interpolation)
-    amp = autocast_dtype("auto", device)
+    # the training run's own parts and step (multi-tensor LARS, bf16 on CUDA); only the LR clock differs
+    parts = build(cfg, pretrain, device, foreach=True,
+                  loader=FastLoader(cfg, pretrain, device, interpolation=args.interpolation))
+    wrap(parts, cfg, distributed_run=False)
+    model, amp, guard = parts.model, parts.amp_dtype, DivergenceGuard("stop", device)
     model.train()
 
     t_loop = time.perf_counter()
     # the schedule's clock starts after the first step, which compiles: warm-up spent compiling is no warm-up
     t_sched, span = t_loop, max(deadline - t_loop, 1e-3)
     step, first_step_s, loss = 0, None, None
-    batches = loader.batches(0, 10 ** 9)
+    batches = parts.loader.batches(0, 10 ** 9)
     while True:
         now = time.perf_counter()
         if now >= deadline:
@@ -102,12 +102,8 @@ def main(argv=None) -> int:
         frac = (now - t_sched) / span
         w = args.warmup_frac
         lr = args.lr * (frac / w if frac < w else 0.5 * (1 + math.cos(math.pi * (frac - w) / (1 - w))))
-        set_lr(optimizer, lr)
         x, _ = next(batches)
-        loss, _ = contrastive_loss(forward, x, cfg.temperature, cfg.multiplier, amp, channels_last=cuda)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _, _ = train_step(parts, cfg, x, step, guard, lr=lr)
         step += 1
         if step == 1 or step % args.sync_every == 0:
             if cuda:

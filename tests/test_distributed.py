@@ -21,18 +21,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_args
 
 from simclr import distributed
 from simclr.checkpoint import latest_valid, list_checkpoints, load_checkpoint
-from simclr.options import PretrainConfig
 from simclr.data.datasets import ArrayImages
 from simclr.evaluate import extract_features, knn_classifier
 from simclr.evaluate.sharded import sharded_knn
 from simclr.launch import PROCS_ENV
 from simclr.loss import nt_xent
 from simclr.models import build_model, convert_sync_batchnorm
-
-from conftest import tiny_args
+from simclr.options import PretrainConfig
 
 WORLD = 2
 B = 8  # global images per step in the contract tests
@@ -274,12 +273,12 @@ def _assert_same_training(run: Path, ref: Path) -> None:
     # the logged kNN accuracy covers the whole test set although each rank embedded half of it:
     # recompute it in this process from the saved weights
     from simclr.data import get_dataset, maybe_subset
-    from simclr.train import knn_monitor
+    from simclr.evaluate.monitor import knn_monitor
     cfg = PretrainConfig(**{k: v for k, v in a["config"].items() if k in PretrainConfig.__dataclass_fields__})
     model = build_model(cfg, 32)
     model.load_state_dict(a["model"])
     sets = [maybe_subset(get_dataset("cifar10", split), n, seed=0) for split, n in (("train", 64), ("test", 40))]
-    want_knn = knn_monitor(model, cfg, *sets, 32, torch.device("cpu"), None)["knn_top1"]
+    want_knn = knn_monitor(model.convnet, *sets, 32, torch.device("cpu"), None, cfg.knn_k, cfg.knn_t)["knn_top1"]
     assert [m["knn_top1"] for m in got if "knn_top1" in m] == [pytest.approx(want_knn, abs=2.6)]  # <= 1 tie of 40
 
 

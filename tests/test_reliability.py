@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_args
+
 from simclr import checkpoint as ckpt_lib
 from simclr import cli
 from simclr.errors import CheckpointError, UserError
@@ -181,9 +181,23 @@ def test_disk_full_in_training_is_one_error_and_keeps_last_checkpoint(tmp_path, 
 # --------------------------------------------------------------------------------------------
 # divergence guard
 # --------------------------------------------------------------------------------------------
-def test_nan_stops_with_failed_status_and_last_good_checkpoint(tmp_path, capsys):
+def nan_at_step(monkeypatch, bad_step: int) -> None:
+    """Fault injection: the loss (and so every gradient) of optimizer step ``bad_step`` becomes NaN."""
+    from simclr.train import step as step_lib
+    real = step_lib.nt_xent
+
+    def loss(z, temperature, multiplier):
+        value, acc = real(z, temperature, multiplier)
+        return (value * float("nan") if calls.pop(0) == bad_step else value), acc
+
+    calls = list(range(1000))
+    monkeypatch.setattr(step_lib, "nt_xent", loss)
+
+
+def test_nan_stops_with_failed_status_and_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    rc, err = cli_run(capsys, *small(tmp_path, iters=6, save_freq=1, keep_last=10, fail_at_step=2, run_dir=run))
+    nan_at_step(monkeypatch, 2)
+    rc, err = cli_run(capsys, *small(tmp_path, iters=6, save_freq=1, keep_last=10, run_dir=run))
     assert_one_line_error(rc, err, "non-finite", "step 2", "--on_nan skip")
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "failed" and status["step"] == 2
@@ -195,9 +209,10 @@ def test_nan_stops_with_failed_status_and_last_good_checkpoint(tmp_path, capsys)
     assert "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
 
 
-def test_nan_skip_leaves_weights_and_bn_stats_untouched_and_counts(tmp_path, capsys):
+def test_nan_skip_leaves_weights_and_bn_stats_untouched_and_counts(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    rc, err = cli_run(capsys, *small(tmp_path, iters=4, save_freq=1, keep_last=10, fail_at_step=2, on_nan="skip",
+    nan_at_step(monkeypatch, 2)
+    rc, err = cli_run(capsys, *small(tmp_path, iters=4, save_freq=1, keep_last=10, on_nan="skip",
                                      run_dir=run))
     assert rc == 0, err
     load = lambda s: ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(run, s))  # noqa: E731
@@ -416,25 +431,25 @@ def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys)
     """Data order and augmentations are functions of (seed, step); the default --seed -1 draws a new seed
     at every start, so a resumed run must continue with the seed its checkpoint was trained with."""
     from simclr import config as config_lib
-    from simclr.options import PretrainConfig
     from simclr.data.loaders import build_loader
-    from simclr.train import Trainer
+    from simclr.options import PretrainConfig
+    from simclr.train import setup
 
     run = tmp_path / "run"
     rc, err = cli_run(capsys, *small(tmp_path, iters=1, seed=123, run_dir=run))
     assert rc == 0, err
     cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=-1, resume="auto", run_dir=run))
-    tr = Trainer(cfg)
+    tr = setup(cfg)
     tr.run.close()
-    assert (tr.step, tr.cfg.seed) == (1, 123)
+    assert (tr.state.step, tr.cfg.seed) == (1, 123)
     assert "seed: 123" in (run / "config.yaml").read_text()
     # the loader it trains from draws what a loader built with seed 123 draws (images and augmentations)
     ref_cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, seed=123))
-    (xa, ya), = tr.loader.batches(1, 2)
+    (xa, ya), = tr.parts.loader.batches(1, 2)
     (xb, yb), = build_loader(ref_cfg, tr.images, torch.device("cpu")).batches(1, 2)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     # an explicit, different seed is obeyed, with a warning
     cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=7, resume="auto", run_dir=run))
-    tr = Trainer(cfg)
+    tr = setup(cfg)
     tr.run.close()
     assert tr.cfg.seed == 7 and "trained with seed 123" in capsys.readouterr().err

@@ -99,40 +99,34 @@ def device_name(device: torch.device) -> str:
 def run_path(path: str, args, images, device: torch.device) -> dict:
     """Train ``args.warmup + args.steps`` steps on one path and time the last ``args.steps``."""
     from . import config as config_lib
+    from .data.fast import FastLoader
     from .options import PretrainConfig
-    from .data.loaders import build_loader
-    from .models import build_model
-    from .optim import build_optimizer
-    from .train import autocast_dtype, contrastive_loss
+    from .train import DivergenceGuard, build, train_step, wrap
 
     fast = path == "fast"
-    cfg = config_lib.build(PretrainConfig, dict(
-        arch=args.arch, width=args.width, data=args.data, batch_size=args.batch_size, multiplier=args.multiplier,
-        seed=args.seed, workers=args.workers, loader=path, device=str(device),
-        precision=args.precision if fast else "fp32"))
     channels_last = fast and _on(args.channels_last, device)
     compiled = fast and _on(args.compile, device)
-    amp = autocast_dtype(cfg.precision, device) if fast else None
+    cfg = config_lib.build(PretrainConfig, dict(
+        arch=args.arch, width=args.width, data=args.data, batch_size=args.batch_size, multiplier=args.multiplier,
+        seed=args.seed, workers=args.workers, loader=path, device=str(device), lr=0.1, iters=args.warmup + args.steps,
+        lr_schedule="const", precision=args.precision if fast else "fp32", channels_last=channels_last,
+        compile=compiled))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     torch.manual_seed(args.seed)
-    model = build_model(cfg, images.image_size).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, "lars", 0.1, 1e-6, foreach=fast)
-    forward = torch.compile(model) if compiled else model
-    if fast:
-        from .data.fast import FastLoader
-        loader = FastLoader(cfg, images, device, interpolation=args.interpolation)
-    else:
-        loader = build_loader(cfg, images, device)
-    model.train()
+    # the same parts and step as a training run; the reference path keeps the plain (per-tensor) LARS
+    loader = FastLoader(cfg, images, device, interpolation=args.interpolation) if fast else None
+    parts = build(cfg, images, device, foreach=fast, loader=loader)
+    wrap(parts, cfg, distributed_run=False)
+    amp = parts.amp_dtype
+    guard = DivergenceGuard("stop", device)
+    parts.model.train()
 
     total = args.warmup + args.steps
-    batches = loader.batches(0, total)
+    batches = parts.loader.batches(0, total)
     host_wait, dev_marks = 0.0, []
     t_setup = time.perf_counter()
     t_start = ev_start = ev_end = None
@@ -158,10 +152,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         if args.data_only:
             loss = x.sum()  # consume the batch (the reference path's copy/the fast path's kernels)
             continue
-        loss, _ = contrastive_loss(forward, x, cfg.temperature, cfg.multiplier, amp, channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _, _ = train_step(parts, cfg, x, s, guard)
     if cuda:
         ev_end = torch.cuda.Event(enable_timing=True)
         ev_end.record()
@@ -174,7 +165,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         data_s, peak = host_wait, None
     batches.close()  # shuts the reference path's workers down
     final_loss = float(loss.detach())
-    del model, optimizer, forward, loader, batches, x, loss
+    del parts, batches, x, loss
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

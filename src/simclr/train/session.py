@@ -1,0 +1,189 @@
+"""Setting a pretraining run up: messages, the checkpoint to resume, data, parts, the run folder; and saving.
+
+Bad input fails in :func:`setup`, before any folder is created.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import checkpoint as ckpt_lib
+from .. import config as config_lib
+from .. import distributed
+from ..data import get_dataset, maybe_subset
+from ..errors import UserError
+from ..options import PretrainConfig
+from ..runs import RunDir, environment, find_run_dir
+from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from .step import Parts, build, wrap
+
+
+# --------------------------------------------------------------------------------------------
+# setting a run up: messages, resume, data, parts, run folder
+# --------------------------------------------------------------------------------------------
+class Log:
+    """Messages of the main process: the terminal (with --verbose) and the run's log.txt. Messages from before
+    the run folder exists (resume notes) go into log.txt once it does."""
+
+    def __init__(self, main: bool, verbose: bool):
+        self.main, self.verbose, self.run, self._pending = main, verbose, None, []
+
+    def attach(self, run: RunDir) -> None:
+        self.run = run
+        for msg in self._pending:
+            run.log(msg)
+        self._pending = []
+
+    def __call__(self, msg: str) -> None:
+        if not self.main:
+            return
+        if self.verbose:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stderr)
+        if self.run is not None:
+            self.run.log(msg)
+        else:
+            self._pending.append(msg)
+
+    def warn(self, msg: str) -> None:
+        """Also on stderr with --verbose false: a skipped corrupt checkpoint must not go unseen."""
+        if self.main and not self.verbose:
+            print(msg, file=sys.stderr, flush=True)
+        self(msg)
+
+
+@dataclass
+class State:
+    """What changes as a run trains (besides the parts' tensors); saved in every checkpoint."""
+    step: int = 0
+    nan_skips: int = 0
+    saved_step: int = -1          # the step whose checkpoint is on disk already (never rewritten in place)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """One pretraining run as :func:`setup` leaves it, ready for :func:`loop`."""
+    cfg: PretrainConfig
+    dist: distributed.DistInfo
+    parts: Parts
+    state: State
+    log: Log
+    images: object                # the pretraining images (after --train_subset)
+    bad_images: list              # unreadable files skipped with --skip_bad_images
+    run: Optional[RunDir]         # the run folder (main process only)
+    knn_sets: Optional[tuple] = None
+
+
+def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
+    """The checkpoint to continue from (None: start at step 0) and the run folder to write into."""
+    if cfg.ckpt:
+        return Path(cfg.ckpt), cfg.run_dir or str(find_run_dir(Path(cfg.ckpt)) or "")
+    if cfg.resume == "auto":
+        if not cfg.run_dir:
+            raise UserError("--resume auto needs --run_dir PATH (the run folder to continue)")
+        path = ckpt_lib.latest_valid(Path(cfg.run_dir), log=log.warn)
+        if path is None:
+            log(f"note: no valid checkpoint in {cfg.run_dir}; starting from step 0")
+        return path, cfg.run_dir
+    if cfg.resume:
+        raise UserError(f"--resume takes 'auto' (or use --ckpt PATH), got {config_lib.shown(cfg.resume)}")
+    return None, cfg.run_dir
+
+
+def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
+    """Read a pretraining checkpoint to continue from; check it fits ``cfg`` and adopt its seed."""
+    ck = ckpt_lib.load_checkpoint(path)
+    if not isinstance(ck, dict) or ck.get("format") != ckpt_lib.FORMAT or "model" not in ck:
+        raise UserError(f"{path} is not a pretraining checkpoint of this project "
+                        f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
+    saved = ck.get("config", {})
+    for key in ("arch", "width", "proj_layers", "proj_dim"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
+                            f"{key}={getattr(cfg, key)!r}; pass --{key} {saved[key]}")
+    seed = saved.get("seed")
+    if isinstance(seed, int) and seed >= 0 and seed != cfg.seed:
+        # data order and augmentations are functions of (seed, step): continuing the same trajectory needs
+        # the checkpoint's seed. A drawn seed (--seed -1, the default) is replaced silently.
+        if seed_drawn:
+            cfg.seed = seed
+        else:
+            log.warn(f"warning: {path} was trained with seed {seed}, this run has --seed {cfg.seed}: "
+                     f"the images and augmentations from here on differ from an uninterrupted run")
+    return ck
+
+
+def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
+    try:
+        p.model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    p.optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):
+        p.scaler.load_state_dict(ck["scaler"])
+    if ck.get("rng"):
+        set_rng_state(ck["rng"])
+    st.step = st.saved_step = int(ck["step"])
+    st.nan_skips = int(ck.get("nan_skips", 0))
+    log(f"resumed from {path} at step {st.step}")
+
+
+def setup(cfg: PretrainConfig) -> Session:
+    """Processes, seeds, the checkpoint to resume, data, parts, and (main process) the run folder. Bad input
+    fails here, before any folder is created."""
+    dist = distributed.init("cuda" if cfg.device.startswith("cuda") or
+                            (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(cfg.device, dist.local_rank)
+    log = Log(dist.is_main, cfg.verbose)
+    seed_drawn = cfg.seed < 0
+    if seed_drawn:
+        cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
+    resume_from, run_dir = resume_point(cfg, log)
+    ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    seed_everything(cfg.seed + dist.rank)
+    images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
+    # grows while reading when workers == 0
+    bad_images = getattr(images, "bad_images", None) or []
+    images = maybe_subset(images, cfg.train_subset, seed=0)
+    parts = build(cfg, images, device, dist.rank, dist.world)
+    state = State()
+    if ck is not None:
+        restore(parts, state, ck, resume_from, log)
+    distributed.check_same(state.step, "the step to resume from")
+    wrap(parts, cfg, dist.enabled)
+    run = None
+    if dist.is_main:
+        run = RunDir.create(cfg.root, cfg.name, run_dir)
+        log.attach(run)
+        config_lib.save(cfg, run.path / "config.yaml")
+        run.write_json("env.json", environment(str(device)))
+        run.set_status("running", step=state.step, iters=cfg.iters)
+    return Session(cfg, dist, parts, state, log, images, bad_images, run)
+
+
+def save(s: Session) -> Optional[Path]:
+    cfg, p, st = s.cfg, s.parts, s.state
+    if s.run is None:
+        return None
+    path = ckpt_lib.checkpoint_path(s.run.path, st.step)
+    if st.saved_step == st.step and path.exists():
+        return path  # saved at this step already (e.g. save_freq then stop): no second write
+    epochs = st.step / max(p.loader.steps_per_epoch, 1)
+    payload = {"kind": "pretrain", "step": st.step, "image_size": s.images.image_size,
+               "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
+               "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(),
+               "metrics": st.metrics, "nan_skips": st.nan_skips}
+    card = {"arch": cfg.arch, "width": cfg.width, "data": cfg.data, "image_size": s.images.image_size,
+            "iters": cfg.iters, "epochs": epochs, "metrics": st.metrics}
+    ckpt_lib.save_checkpoint(path, payload, card)
+    st.saved_step = st.step
+    ckpt_lib.prune(s.run.path, cfg.keep_last)
+    return path

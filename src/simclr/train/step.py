@@ -1,0 +1,139 @@
+"""One SimCLR optimizer step, and the parts it runs on.
+
+``build`` makes the parts of a run from its config once (model, optimizer, learning-rate schedule, scaler,
+batch source); ``train_step`` does forward, NT-Xent, backward (plain, gradient cache, or fp16-scaled) and the
+update, guarded against non-finite values. The trainer, ``simclr bench`` and benchmarks/ all call it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed
+from ..data.loaders import build_loader
+from ..gradcache import grad_cache_backward
+from ..loss import nt_xent
+from ..models import SimCLRModel, build_model, convert_sync_batchnorm
+from ..optim import build_optimizer, lr_schedule, set_lr
+from ..options import PretrainConfig
+from ..runtime import autocast_dtype
+
+
+# --------------------------------------------------------------------------------------------
+# the parts of a run, and one step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Parts:
+    """What a run trains with, built once by :func:`build`."""
+    model: SimCLRModel            # unwrapped: checkpoints and evaluation use it
+    forward: nn.Module            # what the step calls: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    lrs: np.ndarray               # the learning rate of every step
+    loader: object                # .batches(start, end) -> (x: (m*N, 3, S, S) ordered [view 1; view 2; ...], y)
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+
+
+def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, world: int = 1,
+          foreach: Optional[bool] = None, loader: Optional[object] = None) -> Parts:
+    """Model, optimizer, schedule, scaler and batch source for ``cfg`` on ``images`` (not yet wrapped).
+    ``foreach`` picks the multi-tensor LARS (default: on CUDA); ``loader`` replaces the config's batch source."""
+    model = build_model(cfg, images.image_size).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.sync_bn:
+        model = convert_sync_batchnorm(model, device)  # CPU/gloo too
+    optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
+                                foreach=device.type == "cuda" if foreach is None else foreach)
+    amp = autocast_dtype(cfg.precision, device)
+    return Parts(model=model, forward=model, optimizer=optimizer,
+                 scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                 lrs=lr_schedule(cfg.lr, cfg.iters, cfg.lr_schedule, cfg.warmup),
+                 loader=loader if loader is not None else build_loader(cfg, images, device, rank, world), device=device, amp_dtype=amp)
+
+
+def wrap(p: Parts, cfg: PretrainConfig, distributed_run: bool) -> None:
+    """The module the step calls: compiled (``--compile``) and DDP-wrapped with several processes."""
+    forward = torch.compile(p.model) if cfg.compile else p.model
+    if distributed_run:
+        forward = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+    p.forward = forward
+
+
+def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent of the views ``x`` and its gradient in ``.grad`` (scaled for fp16) -> (loss, accuracy), detached.
+    The network runs under autocast; the loss is fp32. With ``grad_cache_chunks`` the batch is embedded
+    and back-propagated chunk by chunk (same gradient, a chunk's activation memory)."""
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg.grad_cache_chunks > 1:
+        return grad_cache_backward(p.forward, x, cfg.temperature, cfg.multiplier, cfg.grad_cache_chunks,
+                                   p.amp_dtype, scale=p.scaler.scale)
+    with torch.autocast(x.device.type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
+        z = p.forward(x)["z"]
+    loss, acc = nt_xent(z, cfg.temperature, cfg.multiplier)
+    p.scaler.scale(loss).backward()
+    return loss.detach(), acc.detach()
+
+
+class DivergenceGuard:
+    """What a non-finite loss or gradient norm does.
+
+    ``stop``: the first bad step is recorded on the device (no host sync per step) and read by
+    :meth:`first_bad` at log, eval and save points, so no checkpoint is ever written after it.
+    ``skip``: decided at once (one sync per step): no update, batch-norm statistics restored.
+    With fp16 loss scaling the scaler already skips overflowing gradients, so only the loss counts.
+    """
+
+    def __init__(self, policy: str, device: torch.device):
+        self.policy = policy
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._buffers: list = []
+
+    def before(self, model: nn.Module) -> None:
+        if self.policy == "skip":  # the forward pass changes running statistics: keep a copy to undo
+            self._buffers = [b.detach().clone() for b in model.buffers()]
+
+    def allows_update(self, loss: torch.Tensor, p: Parts, step: int) -> bool:
+        bad = ~torch.isfinite(loss)
+        if not p.scaler.is_enabled():
+            grads = [q.grad for q in p.model.parameters() if q.grad is not None]
+            if grads:
+                bad = bad | ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if self.policy == "stop":
+            self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+            return True
+        if not bool(bad):
+            return True
+        p.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(p.model.buffers(), self._buffers):
+                b.copy_(old)
+        return False
+
+    def first_bad(self) -> int:
+        """The first non-finite step on any rank, -1 if none (a collective: call it on every rank)."""
+        return int(distributed.all_reduce_max(self._first_bad)) if self.policy == "stop" else -1
+
+
+def train_step(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int, guard: DivergenceGuard,
+               lr: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Optimizer step ``step`` on the views ``x`` (learning rate ``lr``, default the schedule's) ->
+    (loss, contrastive accuracy, updated); ``updated`` is False for a step the guard skipped."""
+    set_lr(p.optimizer, float(p.lrs[step]) if lr is None else lr)
+    p.optimizer.zero_grad(set_to_none=True)
+    guard.before(p.model)
+    loss, acc = forward_backward(p, cfg, x)
+    updated = guard.allows_update(loss, p, step)
+    if updated:
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+    return loss, acc, updated
+
+
