@@ -14,6 +14,7 @@ from typing import Optional
 
 from .config import nonneg, option, positive
 from .errors import ConfigError
+from .data.transforms import blur_sigma_range
 from .models import ENCODERS
 
 # Keys the spec writes into its saved configs that describe a past run (its exman bookkeeping: run id,
@@ -40,14 +41,6 @@ def _data(v):
 
 def _lower(v):
     return v.lower() if isinstance(v, str) else v
-
-
-def blur_sigma_range(v: str) -> tuple[float, float]:
-    """'0.1,2.0' (also '0.1 2.0' or '(0.1, 2.0)') -> (0.1, 2.0)."""
-    parts = [p for p in str(v).strip("()[] ").replace(",", " ").split() if p]
-    if len(parts) != 2:
-        raise ValueError(f"expected two numbers, got {v!r}")
-    return float(parts[0]), float(parts[1])
 
 
 def _sigma_ok(v) -> bool:
