@@ -2,7 +2,7 @@
 """The spec's entry point, kept working: ``python train.py --config X.yaml [--key value ...]``.
 
 It picks the job from the config's ``problem`` (``sim-clr`` -> ``simclr pretrain``,
-``eval`` -> ``simclr eval``); every option is the same as for those commands.
+``eval`` and ``semi-supervised-eval`` -> ``simclr eval``); every option is the same as for those commands.
 """
 import sys
 from pathlib import Path

@@ -100,7 +100,7 @@ def _eval(argv: Sequence[str], extra: dict) -> int:
     from .evaluate.run import run_eval, summary
     from .options import EvalConfig
     cfg, notes = config_lib.parse(EvalConfig, argv, extra=extra)
-    if cfg.problem != "eval":
+    if cfg.problem not in ("eval", "semi-supervised-eval"):
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
@@ -133,7 +133,8 @@ def _hard_exit() -> None:
 
 
 def spec_main(argv: Sequence[str]) -> int:
-    """``python train.py ...`` (the spec's form): route to pretrain or eval by ``problem``."""
+    """``python train.py ...`` (the spec's form): route to pretrain (``sim-clr``) or eval (``eval``,
+    ``semi-supervised-eval``) by ``problem``."""
     argv = list(argv)
     try:
         path, overrides, _ = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
@@ -141,10 +142,12 @@ def spec_main(argv: Sequence[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if problem not in (None, "sim-clr", "eval"):
-        print(f"error: option 'problem' got {config_lib.shown(problem)}; allowed: sim-clr, eval", file=sys.stderr)
+    from .options import EVAL_PROBLEMS, PROBLEMS
+    if problem not in (None, *PROBLEMS):
+        print(f"error: option 'problem' got {config_lib.shown(problem)}; allowed: {', '.join(PROBLEMS)}",
+              file=sys.stderr)
         return 2
-    return run_command("eval" if problem == "eval" else "pretrain", argv)
+    return run_command("eval" if problem in EVAL_PROBLEMS else "pretrain", argv)
 
 
 def usage() -> str:

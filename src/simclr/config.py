@@ -322,7 +322,8 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
     """YAML (``--config``) then ``extra`` then command-line overrides, validated into schema ``cls``.
 
     Returns (config, notes): notes are messages for the user (keys ignored ...). A schema may define
-    ``finalize(config_path)`` to fill defaults that depend on where the config came from.
+    ``finalize(config_path)`` to fill defaults that depend on where the config came from, and
+    ``notes()`` returning more notes (values accepted that have no effect).
     """
     config_path, overrides, words = split_argv(argv, cls)
     positional = [f for f in fields(cls) if f.metadata.get("positional")]
@@ -355,6 +356,8 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
     cfg = build(cls, values, sources=sources)
     if hasattr(cfg, "finalize"):
         cfg.finalize(config_path)
+    if hasattr(cfg, "notes"):  # the schema's own notes (values accepted but without effect)
+        notes += cfg.notes()
     return cfg, notes
 
 

@@ -143,6 +143,18 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise ValueError(f"unknown optimizer {name!r}; allowed: lars, sgd, adam")
 
 
+def scaled_lr(lr: float, batch_size: int, mode: str = "none") -> float:
+    """The official SimCLR ``learning_rate_scaling``: none (the spec's: lr as given), linear
+    (lr * batch_size / 256) or sqrt (lr * sqrt(batch_size)). ``batch_size`` is the global one."""
+    if mode == "none":
+        return float(lr)
+    if mode == "linear":
+        return float(lr) * batch_size / 256.0
+    if mode == "sqrt":
+        return float(lr) * math.sqrt(batch_size)
+    raise ValueError(f"unknown lr_scaling {mode!r}; allowed: none, linear, sqrt")
+
+
 def lr_schedule(base_lr: float, iters: int, kind: str = "warmup-anneal", warmup: float = 0.0) -> np.ndarray:
     """Learning rate for every optimizer step 0..iters-1, computed up front so that resuming
     is just indexing with the global step.

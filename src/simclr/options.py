@@ -14,10 +14,18 @@ from typing import Optional
 
 from .config import nonneg, option, positive
 from .errors import ConfigError
+from .data.transforms import blur_sigma_range
 from .models import ENCODERS
 
-# Keys the spec writes into its saved configs that describe a run rather than configure one.
-IGNORED_KEYS = ("id", "time", "status", "tmp", "config_file", "model_id", "number_of_processes", "gpu")
+# Keys the spec writes into its saved configs that describe a past run (its exman bookkeeping: run id,
+# start time, final status, tmp flag, the file it was read from, the process count and GPU index of
+# that run) rather than configure one. ``ckpt_iter`` joins them for pretraining only (eval gives it a
+# meaning). Ignored with one note listing them.
+IGNORED_KEYS = ("id", "time", "status", "tmp", "config_file", "number_of_processes", "gpu")
+PRETRAIN_IGNORED_KEYS = IGNORED_KEYS + ("ckpt_iter",)
+
+PROBLEMS = ["sim-clr", "eval", "semi-supervised-eval"]
+EVAL_PROBLEMS = ("eval", "semi-supervised-eval")
 
 # Accepted spellings of dataset names, mapped to ours.
 DATA_ALIASES = {"cifar": "cifar10"}
@@ -35,6 +43,14 @@ def _lower(v):
     return v.lower() if isinstance(v, str) else v
 
 
+def _sigma_ok(v) -> bool:
+    try:
+        lo, hi = blur_sigma_range(v)
+    except ValueError:
+        return False
+    return 0 < lo <= hi
+
+
 def _path(v):
     return "" if isinstance(v, str) and v.lower() == "none" else v
 
@@ -43,7 +59,8 @@ def _path(v):
 class CommonConfig:
     """Options shared by every job (pretraining and evaluation)."""
 
-    problem: str = option("sim-clr", "which job: sim-clr (pretraining) or eval (evaluation)", ["sim-clr", "eval"])
+    problem: str = option("sim-clr", "which job: sim-clr (pretraining), eval (linear evaluation) or "
+                          "semi-supervised-eval (the spec's semi-supervised protocol)", PROBLEMS)
     name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)")
     root: str = option("", "folder holding all runs (default: $SIMCLR_LOGS or $EXMAN_PATH or ./logs)",
                        convert=_path)
@@ -65,12 +82,15 @@ class CommonConfig:
     warmup: float = option(0.01, "fraction of iters spent in linear warmup", check=lambda x: 0 <= x <= 1,
                         check_msg="must be within [0, 1]")
     opt: str = option("lars", "optimizer: lars, sgd (momentum 0.9), adam", ["lars", "sgd", "adam"])
-    weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0")
+    weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0", aliases=("wd",))
+    momentum: float = option(0.9, "SGD/LARS momentum: fixed at 0.9 as in the spec's and the official code "
+                             "(older spec configs still carry the key)", check=lambda x: x == 0.9,
+                             check_msg="is fixed at 0.9 (the spec's and the official SimCLR value)")
     aug: bool = option(True, "apply random augmentations")
     scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
                              check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
     seed: int = option(-1, "random seed; -1 draws one and records it in the run folder")
-    workers: int = option(2, "DataLoader worker processes", check=nonneg, check_msg="must be >= 0")
+    workers: int = option(2, "DataLoader worker processes", check=nonneg, check_msg="must be >= 0", aliases=("j",))
     device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
                          ["auto", "bf16", "fp16", "fp32"])
@@ -91,6 +111,10 @@ class CommonConfig:
     test_subset: int = option(0, "use a class-balanced subset of this many test images (0 = all)",
                            check=nonneg, check_msg="must be >= 0")
     deterministic: bool = option(False, "deterministic kernels (bit-exact resume on CPU)")
+    model_id: int = option(-1, "the spec's exman run id to load a model from; -1 = not set (the only value: "
+                           "pass checkpoints as --ckpt / --encoder_ckpt)", check=lambda x: x == -1,
+                           check_msg="must be -1 (not set): exman run ids are not used here; pass the "
+                           "checkpoint file as --ckpt or --encoder_ckpt")
 
     IGNORED_KEYS = IGNORED_KEYS
 
@@ -116,12 +140,21 @@ class PretrainConfig(CommonConfig):
     """SimCLR pretraining. Defaults follow the paper where the spec does not say otherwise."""
 
     COMMAND = "pretrain"
+    IGNORED_KEYS = PRETRAIN_IGNORED_KEYS
 
     temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
     multiplier: int = option(2, "augmented views per image (m >= 2)", check=lambda x: x >= 2, check_msg="must be >= 2")
     color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
     blur: str = option("auto", "Gaussian blur: auto (only for images >= 64 px, as the paper), on, off",
                     ["auto", "on", "off"])
+    blur_sigma: str = option("0.1,2.0", "range 'lo,hi' of the Gaussian blur's sigma: 0.1,2.0 is the official "
+                             "SimCLR's (and the paper's); the spec's code draws from 0.2,2.0",
+                             check=lambda v: _sigma_ok(v), check_msg="must be 'lo,hi' with 0 < lo <= hi")
+    lr_scaling: str = option("none", "official SimCLR learning_rate_scaling: none (lr as given, the spec's), "
+                             "linear (lr x batch_size / 256) or sqrt (lr x sqrt(batch_size))",
+                             ["none", "linear", "sqrt"])
+    zero_init_residual: bool = option(False, "start the last BN gamma of every residual block at 0 (the official "
+                                      "SimCLR ResNet); off = the spec's (gamma 1)")
     sync_bn: bool = option(True, "synchronise batch-norm statistics across processes")
     proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3])
     proj_dim: int = option(128, "output dimension of the projection head", check=positive, check_msg="must be > 0")
@@ -145,6 +178,9 @@ class PretrainConfig(CommonConfig):
     grad_cache_chunks: int = option(0, "compute the loss gradient of a large batch in this many chunks (0 = off)",
                                  check=nonneg, check_msg="must be >= 0")
     skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing")
+    test_bs: int = option(256, "evaluation batch size (an eval option; accepted and unused by pretraining, as "
+                          "in the spec's dumped configs)", check=positive, check_msg="must be > 0")
+    precompute_emb_bs: int = option(-1, "an eval option; accepted and unused by pretraining")
     stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
                           "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
                           check=nonneg, check_msg="must be >= 0")
@@ -158,7 +194,9 @@ class EvalConfig(CommonConfig):
 
     COMMAND = "eval"
 
-    problem: str = option("eval", "which job: eval (evaluation) or sim-clr (pretraining)", ["sim-clr", "eval"])
+    problem: str = option("eval", "which job: eval (linear evaluation: augmentation on the fly, plain test "
+                          "images), semi-supervised-eval (the spec's semi-supervised protocol: train_size, "
+                          "n_augs_*, acc_on_unlabeled) or sim-clr (pretraining)", PROBLEMS)
     arch: str = option("linear", "classifier on top of the encoder: linear (the only one, as in the spec)",
                        ["linear"], convert=_lower)
     protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
@@ -190,10 +228,12 @@ class EvalConfig(CommonConfig):
                                ["RandomCrop", "RandomResizedCrop", "none"])
     precompute_emb_bs: int = option(-1, "batch size for precomputing features once (no augmentation); -1 = "
                                     "test_bs. Without augmentation features are always computed once")
-    n_augs_train: int = option(-1, "precompute features of this many augmented copies of the training set and "
-                               "train on all of them (-1 = augment on the fly)")
-    n_augs_test: int = option(-1, "average the predictions over this many augmented copies of each test "
-                              "image (-1 = the plain test image)")
+    n_augs_train: int = option(-1, "semi-supervised-eval: precompute features of this many augmented copies of "
+                               "the training set and train on all of them (-1 = augment on the fly). Like the "
+                               "spec, problem eval ignores it")
+    n_augs_test: int = option(-1, "semi-supervised-eval: average the predictions over this many augmented copies "
+                              "of each test image (-1 = the plain test image). Like the spec, problem eval "
+                              "ignores it")
     test_bs: int = option(1024, "batch size for feature extraction and testing", check=positive,
                           check_msg="must be > 0")
     finetune: bool = option(False, "fine-tune the whole encoder (SGD) instead of freezing it")
@@ -203,8 +243,8 @@ class EvalConfig(CommonConfig):
     data_split_seed: int = option(42, "seed of the train_size draw")
     acc_on_unlabeled: bool = option(False, "also report accuracy on the training images left out by train_size")
     eval_only: bool = option(False, "evaluate a saved head (--ckpt) on the encoder without training")
-    ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 = only at the end)",
-                            check=nonneg, check_msg="must be >= 0")
+    ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 or -1, the spec's "
+                            "'not set' = only at the end)", check=lambda x: x >= -1, check_msg="must be >= -1")
     compare: bool = option(False, "run both linear and fast-linear and print both")
     k: int = option(200, "neighbours of the kNN protocol", check=positive, check_msg="must be > 0")
     temperature: float = option(0.1, "temperature of the weighted kNN", check=positive, check_msg="must be > 0")
@@ -217,5 +257,18 @@ class EvalConfig(CommonConfig):
     fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", check=positive, check_msg="must be > 0")
     cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform")
     run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
+
+    def notes(self) -> list:
+        """The spec's ``problem: eval`` (its SSLEval) has no n_augs_*: its dumped cifar_eval.yaml carries
+        n_augs_train 10 / n_augs_test 50 that its code never reads. Same here, said once."""
+        if self.problem != "eval":
+            return []
+        set_ = [f"{k}: {getattr(self, k)}" for k in ("n_augs_train", "n_augs_test") if getattr(self, k) != -1]
+        self.n_augs_train = self.n_augs_test = -1
+        if not set_:
+            return []
+        return [f"note: ignoring {', '.join(set_)}: problem eval trains on augmentation on the fly and tests "
+                f"on the plain images, as the spec's code does; use --problem semi-supervised-eval for "
+                f"augmented copies / test-time averaging"]
 
 

@@ -8,7 +8,7 @@ The augmentation follows the reference recipe of :mod:`.transforms` op by op:
 random resized crop (scale [scale_lower, 1], ratio [3/4, 4/3], torchvision's 10-trial
 rejection sampling and its centre-crop fallback), horizontal flip (p 0.5), colour jitter
 (p 0.8; brightness, contrast, saturation, hue in a random order per image, torchvision's
-formulas), grayscale (p 0.2), Gaussian blur (p 0.5, sigma U[0.1, 2], kernel 10% of the side,
+formulas), grayscale (p 0.2), Gaussian blur (p 0.5, sigma U[0.1, 2] or --blur_sigma, kernel 10% of the side,
 reflect padding; only for images >= 64 px unless --blur says otherwise), clamp to [0, 1].
 
 Two documented differences from the reference:
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .transforms import blur_kernel_size, use_blur
+from .transforms import OFFICIAL_BLUR_SIGMA, blur_kernel_size, blur_sigma_range, use_blur
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601 luma)
 INTERPOLATIONS = ("auto", "bilinear", "bicubic")
@@ -84,7 +84,8 @@ def _device_ranges(s: float, device: torch.device) -> torch.Tensor:
 
 
 def sample_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
-                  scale_lower: float = 0.08, color_dist_s: float = 1.0, blur: bool = False) -> AugParams:
+                  scale_lower: float = 0.08, color_dist_s: float = 1.0, blur: bool = False,
+                  blur_sigma: tuple = OFFICIAL_BLUR_SIGMA) -> AugParams:
     """Draw the parameters of N views (heights/widths: (N,) float source sizes, on the device).
 
     The crop follows torchvision's ``RandomResizedCrop.get_params`` exactly (10 trials,
@@ -124,7 +125,7 @@ def sample_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.
         factors=factors,
         gray=u[:, _U_GRAY] < 0.2,
         blur=(u[:, _U_BLUR] < 0.5) & blur,
-        sigma=0.1 + 1.9 * u[:, _U_SIGMA],
+        sigma=blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, _U_SIGMA],
     )
 
 
@@ -242,16 +243,18 @@ class BatchAugment:
     """The SimCLR view generator for a batch: m independent views of each of B images."""
 
     def __init__(self, image_size: int, multiplier: int = 2, scale_lower: float = 0.08,
-                 color_dist_s: float = 1.0, blur: str = "auto", interpolation: str = "auto"):
+                 color_dist_s: float = 1.0, blur: str = "auto", interpolation: str = "auto",
+                 blur_sigma=OFFICIAL_BLUR_SIGMA):
         if interpolation not in INTERPOLATIONS:
             raise DataError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.size, self.m, self.scale_lower, self.s = image_size, multiplier, scale_lower, color_dist_s
         self.blur = use_blur(image_size, blur)
         self.blur_kernel = blur_kernel_size(image_size) if self.blur else 0
+        self.blur_sigma = blur_sigma_range(blur_sigma)
         self.interpolation = interpolation
 
     def params(self, heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator) -> AugParams:
-        return sample_params(heights, widths, generator, self.scale_lower, self.s, self.blur)
+        return sample_params(heights, widths, generator, self.scale_lower, self.s, self.blur, self.blur_sigma)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x: (B, 3, H, W) float in [0, 1] -> (m*B, 3, S, S) ordered [view 1 of all; view 2; ...]."""

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .batch_aug import BatchAugment, center_view
+from .transforms import OFFICIAL_BLUR_SIGMA
 from .sampler import StepBatches, sample_seed, step_loader
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class FastLoader:
         self.size = images.image_size
         self.aug_enabled = bool(cfg.aug)
         self.augment = BatchAugment(self.size, cfg.multiplier, cfg.scale_lower, cfg.color_dist_s, cfg.blur,
-                                    interpolation)
+                                    interpolation, getattr(cfg, "blur_sigma", OFFICIAL_BLUR_SIGMA))
         self.workers = cfg.workers
         self.images = images
         self.targets = torch.as_tensor(np.asarray(images.targets, dtype=np.int64)).to(self.device)

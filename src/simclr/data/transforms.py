@@ -21,6 +21,20 @@ def use_blur(image_size: int, blur: str = "auto") -> bool:
     return blur == "on" or (blur == "auto" and image_size >= 64)
 
 
+OFFICIAL_BLUR_SIGMA = (0.1, 2.0)  # the official SimCLR's and the paper's; the spec's code uses (0.2, 2.0)
+
+
+def blur_sigma_range(v) -> tuple[float, float]:
+    """'0.1,2.0' (also '0.1 2.0', '(0.1, 2.0)' or a pair) -> (0.1, 2.0)."""
+    if isinstance(v, (tuple, list)):
+        parts = list(v)
+    else:
+        parts = [p for p in str(v).strip("()[] ").replace(",", " ").split() if p]
+    if len(parts) != 2:
+        raise ValueError(f"expected two numbers 'lo,hi', got {v!r}")
+    return float(parts[0]), float(parts[1])
+
+
 def color_distortion(s: float) -> T.Compose:
     """Colour jitter with strength s (applied with p=0.8; the four ops in random order, as
     torchvision's ColorJitter does), then random grayscale with p=0.2."""
@@ -39,8 +53,9 @@ class Clip:
 
 
 def simclr_transform(image_size: int, color_dist_s: float = 1.0, scale_lower: float = 0.08,
-                     blur: str = "auto") -> T.Compose:
-    """PIL image -> one augmented view, a float tensor (3, S, S) in [0, 1]."""
+                     blur: str = "auto", blur_sigma=OFFICIAL_BLUR_SIGMA) -> T.Compose:
+    """PIL image -> one augmented view, a float tensor (3, S, S) in [0, 1]. ``blur_sigma``: the
+    (lo, hi) range sigma is drawn from, or its 'lo,hi' text."""
     ops = [
         T.RandomResizedCrop(image_size, scale=(scale_lower, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=InterpolationMode.BICUBIC),
@@ -49,7 +64,7 @@ def simclr_transform(image_size: int, color_dist_s: float = 1.0, scale_lower: fl
         T.ToTensor(),
     ]
     if use_blur(image_size, blur):
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma_range(blur_sigma))], p=0.5))
     ops.append(Clip())
     return T.Compose(ops)
 

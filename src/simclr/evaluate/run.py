@@ -31,7 +31,8 @@ TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable
 # --------------------------------------------------------------------------------------------
 def summary(result: dict) -> str:
     trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
-    lines = [f"{result['protocol']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+    variant = result["details"].get("protocol_variant")
+    lines = [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
              f"({result['n_test']} test images{trained})"]
     if "unlabeled_top1" in result["details"]:
         lines.append(f"accuracy on the unlabelled rest of the training split: "
@@ -199,6 +200,33 @@ class Evaluation:
         return self.plain(self.test, "test")
 
     # --- protocols -------------------------------------------------------------------------
+    def protocol_variant(self) -> str:
+        """What the head was trained and tested on, named for eval.json ``details.protocol_variant``:
+        on-the-fly (the spec's problem eval: a fresh augmentation every step, frozen encoder in eval
+        mode), precomputed-augmented-copies (n_augs_train fixed copies), precomputed-features (aug off:
+        one plain image each), finetune; then ``+test-time-averaging`` when n_augs_test copies of each
+        test image are averaged (otherwise one plain test image per test sample)."""
+        cfg = self.cfg
+        augmenting = self.aug != "none"
+        if cfg.eval_only:
+            train = "eval-only"
+        elif cfg.finetune and cfg.protocol == "linear":
+            train = "finetune"
+        elif augmenting and cfg.n_augs_train > 0:
+            train = "precomputed-augmented-copies"
+        elif augmenting and cfg.protocol == "linear":
+            train = "on-the-fly"
+        else:
+            train = "precomputed-features"
+        tta = augmenting and cfg.n_augs_test > 0 and cfg.protocol != "knn"
+        return train + ("+test-time-averaging" if tta else "")
+
+    def unlabeled_features(self):
+        """The spec tests the unlabelled rest like the test split (averaged copies when n_augs_test is set)."""
+        if self.aug != "none" and self.cfg.n_augs_test > 0:
+            return self.augmented(self.unlabeled, "unlabelled rest of train", self.cfg.n_augs_test, TEST_AUG_SEED)
+        return self.plain(self.unlabeled, "unlabelled rest of train")
+
     def head_report(self, head, finetuned: bool = False) -> tuple[dict, dict]:
         if finetuned:  # the encoder changed: its features are not the cached ones
             self.cache = FeatureCache("", False)
@@ -206,7 +234,7 @@ class Evaluation:
         res = accuracy_report(predict(head, f), y, self.classes)
         details = {}
         if self.unlabeled is not None:
-            fu, yu = self.plain(self.unlabeled, "unlabelled rest of train")
+            fu, yu = self.unlabeled_features()
             details["unlabeled_top1"] = accuracy_report(predict(head, fu), yu, self.classes)["top1"]
             details["n_unlabeled"] = len(self.unlabeled)
         return res, details
@@ -308,7 +336,7 @@ class Evaluation:
     def _periodic_save(self, step: int, head) -> None:
         """Every ``ckpt_iter`` steps: the head so far (no test accuracy yet) and a metrics line."""
         cfg = self.cfg
-        if cfg.ckpt_iter and step % cfg.ckpt_iter == 0 and step < cfg.iters:
+        if cfg.ckpt_iter > 0 and step % cfg.ckpt_iter == 0 and step < cfg.iters:
             path = self.run.path / "checkpoints" / f"linear-head-{step:08d}.pt"
             info = {"iters": step, "fit": "linear", "config": config_lib.to_dict(cfg), "encode_layer": self.layer,
                     "encoder_sha256": self.encoder_hash, "classes": self.classes, "metrics": {}}
@@ -363,7 +391,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             "data": {"name": cfg.data, "path": cfg.data_path, "image_size": ev.image_size,
                      "train_size": cfg.train_size, "data_split_seed": cfg.data_split_seed,
                      "augmentation": ev.aug, "n_augs_train": cfg.n_augs_train, "n_augs_test": cfg.n_augs_test},
-            "details": res["details"], "head_ckpt": res["head_ckpt"], "compare": compare,
+            "details": dict(res["details"], protocol_variant=ev.protocol_variant(), problem=cfg.problem),
+            "head_ckpt": res["head_ckpt"], "compare": compare,
             "feature_cache_hits": ev.cache.hits, "seconds": time.time() - ev.t0, "device": str(ev.device),
             "config": config_lib.to_dict(cfg), "run_dir": str(ev.run.path),
         }

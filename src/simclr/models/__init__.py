@@ -11,7 +11,7 @@ from .head import ProjectionHead
 from .resnet import ENCODERS, ResNet
 
 __all__ = ["ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "build_model",
-           "convert_sync_batchnorm", "init_weights"]
+           "convert_sync_batchnorm", "init_weights", "zero_init_last_bn"]
 
 
 class SimCLRModel(nn.Module):
@@ -21,11 +21,13 @@ class SimCLRModel(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", cifar_stem: bool = True, width: int = 64,
-                 proj_layers: int = 2, proj_dim: int = 128):
+                 proj_layers: int = 2, proj_dim: int = 128, zero_init_residual: bool = False):
         super().__init__()
         self.convnet = ResNet(arch, cifar_stem=cifar_stem, width=width)
         self.projection = ProjectionHead(self.convnet.feat_dim, proj_dim, proj_layers)
         init_weights(self)
+        if zero_init_residual:
+            zero_init_last_bn(self.convnet)
 
     @property
     def feat_dim(self) -> int:
@@ -67,7 +69,20 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def zero_init_last_bn(encoder: nn.Module) -> None:
+    """The official SimCLR ResNet's zero-init residual: the last BN gamma of every residual block
+    (bn2 of a BasicBlock, bn3 of a Bottleneck) starts at 0, so each block starts as the identity."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    for m in encoder.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+
+
 def build_model(cfg, image_size: int) -> SimCLRModel:
     """The CIFAR stem for small inputs (32 px CIFAR, 96 px STL-10), the ImageNet stem above."""
     return SimCLRModel(arch=cfg.arch, cifar_stem=image_size <= 96, width=cfg.width,
-                       proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim)
+                       proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
+                       zero_init_residual=bool(getattr(cfg, "zero_init_residual", False)))
