@@ -107,3 +107,17 @@ def test_linear_and_const_schedules():
     lin = lr_schedule(0.1, 100, "linear")
     assert lin[0] == pytest.approx(0.1) and lin[50] == pytest.approx(0.05) and lin[99] == pytest.approx(0.001)
     assert np.all(lr_schedule(0.3, 10, "const") == 0.3)
+
+
+@pytest.mark.parametrize("mode,peak", [("none", 0.3), ("linear", 0.3 * 512 / 256), ("sqrt", 0.3 * math.sqrt(512))])
+def test_lr_scaling_sets_the_peak_of_the_schedule_a_run_trains_with(mode, peak):
+    """--lr_scaling as the official learning_rate_scaling: the schedule built for a run peaks at the scaled lr."""
+    from simclr import config as config_lib
+    from simclr.data.datasets import ArrayImages
+    from simclr.options import PretrainConfig
+    from simclr.train import build
+    images = ArrayImages(np.zeros((600, 32, 32, 3), np.uint8), [i % 2 for i in range(600)], ["a", "b"], "x", 32)
+    cfg = config_lib.build(PretrainConfig, dict(arch="resnet18", width=8, batch_size=512, lr=0.3, iters=100,
+                                                warmup=0.1, lr_scaling=mode, workers=0, device="cpu"))
+    parts = build(cfg, images, torch.device("cpu"))
+    assert parts.lrs.max() == pytest.approx(peak) and parts.lrs[10] == pytest.approx(peak)

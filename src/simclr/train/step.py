@@ -18,7 +18,7 @@ from ..data.loaders import build_loader
 from ..gradcache import grad_cache_backward
 from ..loss import nt_xent
 from ..models import SimCLRModel, build_model, convert_sync_batchnorm
-from ..optim import build_optimizer, lr_schedule, set_lr
+from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
 from ..runtime import autocast_dtype
 
@@ -53,7 +53,8 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
     amp = autocast_dtype(cfg.precision, device)
     return Parts(model=model, forward=model, optimizer=optimizer,
                  scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
-                 lrs=lr_schedule(cfg.lr, cfg.iters, cfg.lr_schedule, cfg.warmup),
+                 lrs=lr_schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), cfg.iters, cfg.lr_schedule,
+                                 cfg.warmup),
                  loader=loader if loader is not None else build_loader(cfg, images, device, rank, world), device=device, amp_dtype=amp)
 
 
