@@ -31,12 +31,22 @@ COMMANDS = {
 }
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT during a job that has nothing to save (evaluation): stop now, exit 128+signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 class StopSignals:
     """First SIGTERM/SIGINT: ask the job to stop after the current step and save (``requested`` turns True).
-    A second one exits at once with 128+signal. Installed only by the entry point, only in the main thread."""
+    A second one exits at once with 128+signal. With ``at_once`` (evaluation) the first one raises
+    :class:`Interrupted`. Installed explicitly, so it works even where the shell started us with SIGINT ignored
+    (a background job), and only by the entry point, only in the main thread."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, at_once: bool = False):
+        self.requested, self.at_once = False, at_once
         self._old = {}
 
     def __enter__(self):
@@ -51,6 +61,8 @@ class StopSignals:
         return self.requested
 
     def _handle(self, signum, frame):
+        if self.at_once:
+            raise Interrupted(signum)
         if self.requested:
             print(f"\nsecond signal {signum}: exiting now", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
@@ -104,7 +116,9 @@ def _eval(argv: Sequence[str], extra: dict) -> int:
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
-    print(summary(run_eval(cfg)))
+    with StopSignals(at_once=True):
+        result = run_eval(cfg)
+    print(summary(result))
     return 0
 
 
@@ -178,16 +192,18 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     try:
-        return int(getattr(importlib.import_module(module), func)(list(argv)) or 0)
-    except config_lib.ShowHelp as h:
-        print(str(h))
-        return 0
+        try:
+            return int(getattr(importlib.import_module(module), func)(list(argv)) or 0)
+        except config_lib.ShowHelp as h:
+            print(str(h), flush=True)
+            return 0
     except UserError as e:
         print(f"error: {_clean(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted (signal {signum})", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         return _closed_pipe()
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import yaml
 
 from .errors import ConfigError
+from .files import atomic_write
 
 COMMAND_LINE = "on the command line"
 MAX_SHOWN = 60  # characters of a bad value quoted in an error message (a YAML alias bomb stays short)
@@ -63,15 +64,12 @@ def nonneg(x) -> bool:
 
 
 def shown(value: Any) -> str:
-    """A value as quoted in an error message: repr, on one line, at most MAX_SHOWN characters."""
-    text = repr(value) if not isinstance(value, (dict, list)) else _short_container(value)
-    text = text.replace("\n", "\\n")
+    """A value as quoted in an error message: repr, on one line, at most MAX_SHOWN characters. A container is
+    only named (never repr'd whole: a YAML alias bomb expands to billions of elements)."""
+    if isinstance(value, (dict, list)):
+        return f"<{type(value).__name__} of {len(value)} item(s)>"
+    text = repr(value).replace("\n", "\\n")
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...'"
-
-
-def _short_container(value) -> str:
-    # never repr a whole nested structure: an alias bomb expands to billions of elements
-    return f"<{type(value).__name__} of {len(value)} item(s)>"
 
 
 def fields(cls) -> list:
@@ -399,5 +397,4 @@ def to_dict(cfg) -> dict:
 
 
 def save(cfg, path: Path) -> None:
-    from .files import atomic_write
     atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=True))

@@ -31,6 +31,15 @@ EVAL_PROBLEMS = ("eval", "semi-supervised-eval")
 DATA_ALIASES = {"cifar": "cifar10"}
 
 
+# Upper bounds of options whose size turns into memory (a typo such as --iters 1e12 must be a one-line error,
+# not a 7 TiB allocation): generous for any real run.
+MAX_ITERS, MAX_BATCH, MAX_SIDE, MAX_WIDTH, MAX_COUNT = 10_000_000, 1_000_000, 4096, 4096, 100_000
+
+
+def within(lo: int, hi: int):
+    return dict(check=lambda x: lo <= x <= hi, check_msg=f"must be within [{lo}, {hi:,}]")
+
+
 def default_root() -> str:
     return os.environ.get("SIMCLR_LOGS") or os.environ.get("EXMAN_PATH") or "logs"
 
@@ -68,14 +77,14 @@ class CommonConfig:
                     ["cifar10", "cifar100", "stl10", "imagenet", "folder"], convert=_data)
     data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder")
     image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
-                          check=nonneg, check_msg="must be >= 0")
+                             **within(0, MAX_SIDE))
     arch: str = option("resnet50", "encoder: resnet18, resnet34, resnet50 (spec spelling ResNet50 accepted)",
                        convert=_lower)
     width: int = option(64, "channels of the first ResNet stage (64 = standard); smaller for tiny test models",
-                     check=positive, check_msg="must be > 0")
+                        **within(1, MAX_WIDTH))
     batch_size: int = option(256, "global number of unique images per step (split over all processes)",
-                          check=positive, check_msg="must be > 0")
-    iters: int = option(1000, "number of optimizer steps", check=positive, check_msg="must be > 0")
+                             **within(1, MAX_BATCH))
+    iters: int = option(1000, "number of optimizer steps", **within(1, MAX_ITERS))
     lr: float = option(1.0, "peak learning rate", check=nonneg, check_msg="must be >= 0")
     lr_schedule: str = option("warmup-anneal", "warmup-anneal (linear warmup then cosine to 0), linear, const",
                            ["warmup-anneal", "linear", "const"])
@@ -90,7 +99,7 @@ class CommonConfig:
     scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
                              check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
     seed: int = option(-1, "random seed; -1 draws one and records it in the run folder")
-    workers: int = option(2, "DataLoader worker processes", check=nonneg, check_msg="must be >= 0", aliases=("j",))
+    workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",))
     device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
                          ["auto", "bf16", "fp16", "fp32"])
@@ -120,6 +129,9 @@ class CommonConfig:
 
     def check(self) -> None:
         """Cross-field checks (after every field's own range check)."""
+        if self.name and (Path(self.name).is_absolute() or ".." in Path(self.name).parts):
+            raise ConfigError(f"option 'name' got {self.name[:60]!r}: a run name must stay inside --root (no "
+                              f"'..', not an absolute path); use --root or --run_dir to choose the folder")
         if self.problem == "sim-clr" and self.arch not in ENCODERS:
             close = difflib.get_close_matches(self.arch, list(ENCODERS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -143,7 +155,7 @@ class PretrainConfig(CommonConfig):
     IGNORED_KEYS = PRETRAIN_IGNORED_KEYS
 
     temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
-    multiplier: int = option(2, "augmented views per image (m >= 2)", check=lambda x: x >= 2, check_msg="must be >= 2")
+    multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64))
     color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
     blur: str = option("auto", "Gaussian blur: auto (only for images >= 64 px, as the paper), on, off",
                     ["auto", "on", "off"])
@@ -157,11 +169,11 @@ class PretrainConfig(CommonConfig):
                                       "SimCLR ResNet); off = the spec's (gamma 1)")
     sync_bn: bool = option(True, "synchronise batch-norm statistics across processes")
     proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3])
-    proj_dim: int = option(128, "output dimension of the projection head", check=positive, check_msg="must be > 0")
+    proj_dim: int = option(128, "output dimension of the projection head", **within(1, MAX_COUNT))
     lars_exclude: str = option("ndim", "parameters LARS leaves without weight decay/adaptation: ndim (every "
                             "1-d param: all BN weights/biases and biases) or spec (the spec's name rule: "
                             "names containing 'bn' or 'bias')", ["ndim", "spec"])
-    knn_k: int = option(200, "k of the kNN monitor", check=positive, check_msg="must be > 0")
+    knn_k: int = option(200, "k of the kNN monitor", **within(1, MAX_COUNT))
     knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0")
     eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)")
     resume: str = option("", "'auto' resumes from the newest valid checkpoint of the run folder given by --run_dir")
@@ -207,14 +219,13 @@ class EvalConfig(CommonConfig):
                                convert=_path)
     encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty", convert=_lower)
     encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
-                                check=positive, check_msg="must be > 0")
+                                **within(1, MAX_WIDTH))
     trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
     encode_layer: str = option("h", "representation: h (encoder output) or g1/g2/g3 (projection-head block "
                                "outputs, SimCLR v2 style) or z")
-    batch_size: int = option(1024, "training batch size of the linear head", check=positive,
-                             check_msg="must be > 0")
+    batch_size: int = option(1024, "training batch size of the linear head", **within(1, MAX_BATCH))
     iters: int = option(5000, "optimizer steps of the linear head (the spec's CIFAR-10 config: 80000)",
-                        check=positive, check_msg="must be > 0")
+                        **within(1, MAX_ITERS))
     lr: float = option(0.1, "learning rate of the linear head", check=nonneg, check_msg="must be >= 0")
     lr_schedule: str = option("linear", "linear (the spec's decay to 0), warmup-anneal, const",
                               ["warmup-anneal", "linear", "const"])
@@ -234,8 +245,7 @@ class EvalConfig(CommonConfig):
     n_augs_test: int = option(-1, "semi-supervised-eval: average the predictions over this many augmented copies "
                               "of each test image (-1 = the plain test image). Like the spec, problem eval "
                               "ignores it")
-    test_bs: int = option(1024, "batch size for feature extraction and testing", check=positive,
-                          check_msg="must be > 0")
+    test_bs: int = option(1024, "batch size for feature extraction and testing", **within(1, MAX_BATCH))
     finetune: bool = option(False, "fine-tune the whole encoder (SGD) instead of freezing it")
     encoder_lr: float = option(-1.0, "learning rate of the encoder when fine-tuning (-1 = lr)")
     train_size: int = option(-1, "labelled training images, drawn class-balanced with data_split_seed "
@@ -246,7 +256,7 @@ class EvalConfig(CommonConfig):
     ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 or -1, the spec's "
                             "'not set' = only at the end)", check=lambda x: x >= -1, check_msg="must be >= -1")
     compare: bool = option(False, "run both linear and fast-linear and print both")
-    k: int = option(200, "neighbours of the kNN protocol", check=positive, check_msg="must be > 0")
+    k: int = option(200, "neighbours of the kNN protocol", **within(1, MAX_COUNT))
     temperature: float = option(0.1, "temperature of the weighted kNN", check=positive, check_msg="must be > 0")
     knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
                            ["weighted", "majority"])
@@ -254,7 +264,7 @@ class EvalConfig(CommonConfig):
                           "the penalty is l2/2 * ||W||^2 on standardised features)")
     holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
                             check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
-    fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", check=positive, check_msg="must be > 0")
+    fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", **within(1, MAX_COUNT))
     cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform")
     run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
 

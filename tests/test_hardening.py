@@ -1,0 +1,98 @@
+"""Hostile input through the real CLI (subprocesses, real files): each ends in one `error:` line and exit
+code 2 with nothing written, or, for a signal, a clean stop with the status recorded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli, tiny_args
+
+
+def one_error_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and lines[-1].startswith("error: "), r.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "1e20"])
+def test_memory_sized_options_have_ranges(tmp_path, value):
+    msg = one_error_line(run_cli("pretrain", *tiny_args(tmp_path), "--iters", value))
+    assert "option 'iters'" in msg and "must be within [1, 10,000,000]" in msg
+    assert not (tmp_path / "logs").exists()
+
+
+def test_run_name_cannot_leave_the_root(tmp_path):
+    msg = one_error_line(run_cli("pretrain", *tiny_args(tmp_path, name="../escaped")))
+    assert "must stay inside --root" in msg
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "logs").exists()
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    # 9 levels of 9 aliases: 9**9 (387 million) strings if anything expanded or printed it
+    levels = ['&a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"&{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text(f"name: [{', '.join(levels)}]\n")
+    t = time.time()
+    msg = one_error_line(run_cli("pretrain", "--config", tmp_path / "bomb.yaml", timeout=60))
+    assert time.time() - t < 60 and "option 'name' expects a string" in msg and len(msg) < 200
+
+
+def test_yaml_with_many_aliases_is_refused(tmp_path):
+    (tmp_path / "many.yaml").write_text("x: &a 1\nl: [" + ", ".join(["*a"] * 150) + "]\n")
+    msg = one_error_line(run_cli("pretrain", "--config", tmp_path / "many.yaml"))
+    assert "more than 100 YAML aliases" in msg
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    (tmp_path / "dup.yaml").write_text("lr: 0.1\nbatch_size: 32\nlr: 0.5\n")
+    msg = one_error_line(run_cli("pretrain", "--config", tmp_path / "dup.yaml"))
+    assert "key 'lr' is written twice (line 3)" in msg
+
+
+def test_errors_say_where_a_bad_key_came_from(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.1\n")
+    msg = one_error_line(run_cli("pretrain", "--config", tmp_path / "c.yaml", "--lrr", "1"))
+    assert "unknown option 'lrr' (on the command line)" in msg
+    (tmp_path / "c.yaml").write_text("lrr: 0.1\n")
+    msg = one_error_line(run_cli("pretrain", "--config", tmp_path / "c.yaml"))
+    assert f"unknown option 'lrr' (in {tmp_path / 'c.yaml'})" in msg
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig):
+    """A shell starts background jobs with SIGINT ignored; the entry point installs its handlers anyway."""
+    root = tmp_path / "logs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "simclr", "eval", "--encoder_arch", "resnet18", "--encoder_width", "8",
+                          "--train_subset", "100", "--test_subset", "50", "--augmentation", "none", "--iters",
+                          "10000000", "--batch_size", "16", "--device", "cpu", "--workers", "0", "--root", root,
+                          "--name", "e"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 300
+        status = None
+        while time.time() < deadline and p.poll() is None:
+            found = list(root.glob("e/*/status.json"))
+            if found and json.loads(found[0].read_text()).get("status") == "running" and \
+                    (found[0].parent / "log.txt").exists() and "evaluating" in (found[0].parent / "log.txt").read_text():
+                status = found[0]
+                break
+            time.sleep(0.5)
+        assert status is not None, "the evaluation did not start"
+        time.sleep(2)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + sig, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert json.loads(status.read_text())["status"] == "interrupted"
