@@ -11,8 +11,6 @@ embed: an image folder -> ``features.npy`` (one float32 row per image) and ``fea
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +19,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, sha256_file
+from .checkpoint import write_with_card
 from .errors import ConfigError, DataError, UserError
+from .files import atomic_write, sha256_file
 from .weights import Encoder, load_encoder
 
 FORMATS = ("torchvision", "safetensors")
@@ -60,13 +59,30 @@ def _dataset_name(data):
     return DATA_ALIASES.get(str(data).lower(), data) if data else data
 
 
+def _cards_of(path: Path) -> list:
+    """Where a model card of ``path`` may lie (``X.pth.json`` for exports, ``X.json`` for checkpoints)."""
+    return [card_path(path), path.with_suffix(".json")]
+
+
+def _refuse_overwriting_input(ckpt: Path, out: Path) -> None:
+    """``--out`` must not be the input, nor one of its cards, nor a name whose card would land on one."""
+    mine = {p.resolve() for p in [ckpt, *_cards_of(ckpt)]}
+    if out.resolve() == ckpt.resolve():
+        raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
+    if out.resolve() in mine:
+        raise UserError(f"--out {out} is the model card of the input checkpoint {ckpt}; writing the export there "
+                        f"would destroy the card. Choose another file name, e.g. {ckpt.with_name(ckpt.stem + '_export.pth')}")
+    if card_path(out).resolve() in mine:
+        raise UserError(f"--out {out} would put its model card at {card_path(out)}, over the input checkpoint's "
+                        f"own; choose another file name")
+
+
 def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:
     """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
     if fmt not in FORMATS:
         raise ConfigError(f"option 'format' got {fmt!r}; allowed: {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and out.resolve() == ckpt.resolve():
-        raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
+    _refuse_overwriting_input(ckpt, out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")
     enc = load_encoder(ckpt, trust=trust)
@@ -77,30 +93,23 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
         from safetensors.torch import save
         data = save(sd, metadata={k: str(v) for k, v in {**meta, "format": "simclr-export"}.items()})
     else:
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        data = buf.getvalue()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, data)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        data = lambda f: torch.save(sd, f)  # noqa: E731
     src = enc.card
-    card = {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "format": fmt,
-            **meta, "head_included": include_head,
+    recipe = torchvision_recipe(enc) if enc.width == 64 and not include_head else None
+    if fmt == "safetensors" and recipe is not None:
+        recipe = [ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
+                  for ln in recipe]
+    card = {"format": fmt, **meta, "head_included": include_head,
             "input": "float RGB (N, 3, H, W) with values in [0, 1]; no mean/std normalisation",
             "data": _dataset_name(src.get("data") or enc.info.get("data")),
             "step": src.get("step"), "epochs": src.get("epochs"), "metrics": src.get("metrics") or {},
             "source": {"file": ckpt.name, "sha256": sha256_file(ckpt), "format": src.get("format", "simclr")},
-            "torchvision_loadable": enc.width == 64,
-            "torchvision_recipe": torchvision_recipe(enc) if enc.width == 64 and not include_head else None,
-            "simclr_version": __version__}
-    if fmt == "safetensors":
-        card["torchvision_recipe"] = None if card["torchvision_recipe"] is None else [
-            ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
-            for ln in card["torchvision_recipe"]]
-    atomic_write_bytes(card_path(out), json.dumps(card, indent=2, default=str).encode())
-    return card
+            "torchvision_loadable": enc.width == 64, "torchvision_recipe": recipe, "simclr_version": __version__}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return write_with_card(out, data, card, card_path(out))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,12 +280,10 @@ def embed_main(argv: Sequence[str]) -> int:
         raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
     feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
                                          a.skip_bad_images, device)
-    buf = io.BytesIO()
-    np.save(buf, feats)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, buf.getvalue())
-        atomic_write_bytes(files_list_path(out), ("\n".join(names) + "\n").encode())
+        atomic_write(out, lambda f: np.save(f, feats))
+        atomic_write(files_list_path(out), "\n".join(names) + "\n")
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "

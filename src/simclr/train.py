@@ -159,7 +159,7 @@ class Trainer:
         self.print(msg)
 
     def _load(self, path: Path) -> None:
-        ck = ckpt_lib.load_checkpoint(path)
+        ck = ckpt_lib.read(path)
         if not isinstance(ck, dict) or ck.get("format") != ckpt_lib.FORMAT or "model" not in ck:
             raise UserError(f"{path} is not a pretraining checkpoint of this project "
                             f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError
+from ..files import sha256_file
 from ..runs import RunDir, environment
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
@@ -103,7 +103,7 @@ class Evaluation:
         cfg = self.cfg
         if cfg.encoder_ckpt:
             enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=self.device)
-            digest = ckpt_lib.sha256_file(Path(cfg.encoder_ckpt))
+            digest = sha256_file(Path(cfg.encoder_ckpt))
         else:
             from ..data import native_size
             from ..models import ENCODERS, SimCLRModel
