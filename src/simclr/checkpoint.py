@@ -191,20 +191,30 @@ def _read_safetensors(path: Path, map_location) -> dict:
     return {"format": "safetensors", "state_dict": sd, "metadata": meta}
 
 
+def _names_code(msg: str) -> bool:
+    """Whether the weights-only unpickler's message blocks a GLOBAL like ``posix.system`` (a file that needs
+    code), not a GLOBAL made of random bytes (a corrupt file)."""
+    m = re.search(r"GLOBAL (\S+)", msg)
+    return bool(m) and all(part.isidentifier() for part in m.group(1).rstrip(".,:;").split("."))
+
+
 def _unpickle(path: Path, trust: bool, map_location) -> Any:
     try:
         if trust:
             warnings.warn(f"loading {path} with full unpickling (--trust_checkpoint): only do this for files "
                           f"you trust", stacklevel=3)
             return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # garbage often "uses" pickle protocol 113: torch warns before failing; the error says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message always mentions weights_only; only a GLOBAL the safe unpickler blocked means the
-        # file needs code to load; anything else (bad load key ...) is a corrupt or non-PyTorch file
+        # torch's message always mentions weights_only; only a GLOBAL the safe unpickler blocked, naming
+        # a real dotted name, means the file needs code to load; anything else (bad load key, a GLOBAL
+        # of random bytes ...) is a corrupt or non-PyTorch file
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         msg = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else type(e).__name__)
-        if "GLOBAL" in msg and not trust:
+        if _names_code(msg) and not trust:
             raise CheckpointError(f"refusing to load {path}: it needs code beyond tensors and plain data to "
                                   f"unpickle ({msg[:200]}). If you trust its source, pass "
                                   f"--trust_checkpoint true.") from None
