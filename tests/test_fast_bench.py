@@ -80,7 +80,8 @@ def test_bench_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: reference, fast"
     assert main(["bench", "--steps", "many"]) == 2
-    assert capsys.readouterr().err.strip() == "error: option 'steps' expects an integer, got 'many' (on the command line)"
+    err = capsys.readouterr().err.strip()
+    assert err == "error: option 'steps' expects an integer, got 'many' (on the command line)"
 
 
 @pytest.mark.slow

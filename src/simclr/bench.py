@@ -231,7 +231,8 @@ def main(argv) -> int:
         speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
-               "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size, "complete": final,
+               "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
+               "complete": final,
                "results": results, "speedup": speedup, "all_runs": runs}
         if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

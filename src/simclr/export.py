@@ -73,8 +73,9 @@ def _refuse_overwriting_input(ckpt: Path, out: Path) -> None:
     if out.resolve() == ckpt.resolve():
         raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
     if out.resolve() in mine:
+        suggestion = ckpt.with_name(ckpt.stem + "_export.pth")
         raise UserError(f"--out {out} is the model card of the input checkpoint {ckpt}; writing the export there "
-                        f"would destroy the card. Choose another file name, e.g. {ckpt.with_name(ckpt.stem + '_export.pth')}")
+                        f"would destroy the card. Choose another file name, e.g. {suggestion}")
     if card_path(out).resolve() in mine:
         raise UserError(f"--out {out} would put its model card at {card_path(out)}, over the input checkpoint's "
                         f"own; choose another file name")
