@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from conftest import tiny_args
 
 from simclr import distributed
-from simclr.checkpoint import latest_valid, list_checkpoints, load_checkpoint
+from simclr.checkpoint import latest_valid, list_checkpoints
+from simclr.checkpoint import read as read_checkpoint
 from simclr.data.datasets import ArrayImages
 from simclr.evaluate import extract_features, knn_classifier
 from simclr.evaluate.sharded import sharded_knn
@@ -260,10 +261,10 @@ def _assert_same_training(run: Path, ref: Path) -> None:
     got_loss, want_loss = [m["loss"] for m in got if "loss" in m], [m["loss"] for m in want if "loss" in m]
     assert got_loss[0] == pytest.approx(want_loss[0], rel=1e-6)  # same init, images and augmentations
     assert got_loss == pytest.approx(want_loss, rel=2e-3)
-    a = load_checkpoint(list_checkpoints(run)[0])
+    a = read_checkpoint(list_checkpoints(run)[0])
     assert a["step"] == 3
-    w3 = load_checkpoint(ref / "checkpoints" / "checkpoint-00000003.pt")["model"]
-    w1 = load_checkpoint(ref / "checkpoints" / "checkpoint-00000001.pt")["model"]
+    w3 = read_checkpoint(ref / "checkpoints" / "checkpoint-00000003.pt")["model"]
+    w1 = read_checkpoint(ref / "checkpoints" / "checkpoint-00000001.pt")["model"]
     assert set(a["model"]) == set(w3)  # the same plain BatchNorm keys, whatever ran the processes
     for k, w in w3.items():
         if w.is_floating_point():
@@ -338,12 +339,12 @@ def test_dead_peer_stops_the_survivor_and_the_checkpoint_resumes(tmp_path):
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
     last = latest_valid(run)
     assert last is not None  # intact: checksum and load pass
-    step = load_checkpoint(last)["step"]
+    step = read_checkpoint(last)["step"]
     # resume (here on one process: the data order does not depend on the number of processes)
     r = _cli("pretrain", *tiny_args(tmp_path, **dict(RUN, iters=400, save_freq=2, knn_k=20)), "--run_dir", run,
              "--resume", "auto", "--stop_after", "1", env=_env())
     assert r.returncode == 0, r.stderr
-    assert load_checkpoint(latest_valid(run))["step"] == step + 1
+    assert read_checkpoint(latest_valid(run))["step"] == step + 1
 
 
 @pytest.mark.slow
@@ -367,4 +368,4 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert tr.returncode == 0, err[-3000:]
     assert "status: finished at step 8" in out
     assert "resumed from" in (run / "log.txt").read_text()
-    assert load_checkpoint(latest_valid(run))["step"] == 8
+    assert read_checkpoint(latest_valid(run))["step"] == 8

@@ -207,7 +207,7 @@ def test_fast_linear_agrees_with_spec_linear(tmp_path, encoder_ckpt):
 
 
 def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
-    from simclr.checkpoint import sha256_file
+    from simclr.files import sha256_file
     outs = {p: _eval(tmp_path, encoder_ckpt=encoder_ckpt, protocol=p, iters=50, train_subset=500, test_subset=200)
             for p in ("linear", "fast-linear", "knn")}
     keys = {p: set(json.loads((Path(r["run_dir"]) / "eval.json").read_text())) for p, r in outs.items()}

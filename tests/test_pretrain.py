@@ -9,7 +9,8 @@ import yaml
 
 from conftest import REPO, run_cli, tiny_args
 from simclr import config as config_lib
-from simclr.checkpoint import list_checkpoints, load_checkpoint
+from simclr.checkpoint import list_checkpoints
+from simclr.checkpoint import read as read_checkpoint
 from simclr.options import PretrainConfig
 from simclr.runs import read_metrics
 from simclr.train import pretrain, random_init_knn
@@ -34,7 +35,7 @@ def test_run_folder_is_complete(tmp_path, data_root):
     assert any("knn_top1" in m and m["step"] == 0 for m in metrics)   # random-init baseline
     assert any("knn_top1" in m and m["step"] == 3 for m in metrics)   # final monitor
     assert list(run.joinpath("tb").glob("events.out.tfevents.*"))
-    ck = load_checkpoint(list_checkpoints(run)[0])
+    ck = read_checkpoint(list_checkpoints(run)[0])
     assert ck["step"] == 3 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert json.loads((run / "env.json").read_text())["torch"] == torch.__version__
 
@@ -49,8 +50,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root):
     loss_full = [m["loss"] for m in read_metrics(Path(full["run_dir"])) if "loss" in m]
     loss_res = [m["loss"] for m in read_metrics(Path(part["run_dir"])) if "loss" in m]
     assert loss_full == pytest.approx(loss_res, rel=1e-5, abs=1e-6)
-    wa = load_checkpoint(list_checkpoints(Path(full["run_dir"]))[0])["model"]
-    wb = load_checkpoint(list_checkpoints(Path(part["run_dir"]))[0])["model"]
+    wa = read_checkpoint(list_checkpoints(Path(full["run_dir"]))[0])["model"]
+    wb = read_checkpoint(list_checkpoints(Path(part["run_dir"]))[0])["model"]
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
 

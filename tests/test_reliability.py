@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_args
@@ -98,13 +99,13 @@ def test_save_is_atomic_and_checksummed(tmp_path):
     # the card's checksum is the file's (computed independently here), and loading verifies it
     assert card["sha256"] == digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert card["step"] == 3 and card["bytes"] == path.stat().st_size
-    assert torch.equal(ckpt_lib.load_checkpoint(path)["model"]["w"], _payload(3)["model"]["w"])
+    assert torch.equal(ckpt_lib.read(path)["model"]["w"], _payload(3)["model"]["w"])
     assert [p.name for p in path.parent.iterdir() if ".tmp" in p.name] == []
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
-        ckpt_lib.load_checkpoint(path)
+        ckpt_lib.read(path)
 
 
 def test_latest_valid_skips_truncated_and_corrupt(tmp_path):
@@ -154,7 +155,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         ckpt_lib.save_checkpoint(old, _payload(1))
     assert tree(tmp_path) == before  # no temp file, no card, old bytes untouched
     monkeypatch.undo()
-    assert torch.equal(ckpt_lib.load_checkpoint(old)["model"]["w"], _payload(1)["model"]["w"])
+    assert torch.equal(ckpt_lib.read(old)["model"]["w"], _payload(1)["model"]["w"])
 
 
 def test_disk_full_in_training_is_one_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -215,7 +216,7 @@ def test_nan_skip_leaves_weights_and_bn_stats_untouched_and_counts(tmp_path, cap
     rc, err = cli_run(capsys, *small(tmp_path, iters=4, save_freq=1, keep_last=10, on_nan="skip",
                                      run_dir=run))
     assert rc == 0, err
-    load = lambda s: ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(run, s))  # noqa: E731
+    load = lambda s: ckpt_lib.read(ckpt_lib.checkpoint_path(run, s))  # noqa: E731
     c2, c3, c4 = load(2), load(3), load(4)
     # the skipped step (index 2, between checkpoints 2 and 3) changed nothing: weights, BN running
     # statistics (updated by its forward pass, then restored) and optimizer momentum
@@ -243,7 +244,7 @@ BAD_VALUES = [
     ({"lr": -0.1}, ["option 'lr' got -0.1", ">= 0"]),
     ({"temperature": 0}, ["option 'temperature'", "> 0"]),
     ({"temperature": -1}, ["option 'temperature'", "> 0"]),
-    ({"multiplier": 1}, ["option 'multiplier' got 1", ">= 2"]),
+    ({"multiplier": 1}, ["option 'multiplier' got 1", "within [2, 64]"]),
     ({"warmup": 1.5}, ["option 'warmup' got 1.5", "[0, 1]"]),
     ({"warmup": -0.1}, ["option 'warmup' got -0.1", "[0, 1]"]),
     ({"lr": "nan"}, ["option 'lr'"]),
@@ -330,7 +331,7 @@ def test_checkpoint_of_other_architecture_and_junk_file(tmp_path, capsys):
     rc, err = cli_run(capsys, *small(tmp_path, iters=2, arch="resnet34", ckpt=ck))
     assert_one_line_error(rc, err, "arch='resnet18'")
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(os.urandom(2000))
+    junk.write_bytes(np.random.default_rng(12).bytes(2000))
     rc, err = cli_run(capsys, *small(tmp_path, iters=2, ckpt=junk))
     assert_one_line_error(rc, err, "not a readable checkpoint")
     rc, err = cli_run(capsys, *small(tmp_path, iters=2, ckpt=tmp_path / "missing.pt"))
@@ -411,20 +412,8 @@ def test_no_unpickling_without_the_trust_flag():
     assert len(sources) > 10
     found = {str(p.relative_to(REPO)): unsafe_loads(p.read_text()) for p in sources}
     assert {k: v for k, v in found.items() if v} == {}
-    # and the one guarded full-unpickling path is reachable only through trust=True
-    assert "weights_only=False" in (REPO / "src" / "simclr" / "checkpoint.py").read_text()
-
-
-def test_unsafe_checkpoint_is_refused_without_trust(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"format": "simclr", "model": {}, "x": Evil()}, path)
-    with pytest.raises(CheckpointError, match="--trust_checkpoint"):
-        ckpt_lib.load_checkpoint(path)
-    assert not (tmp_path / "pwned").exists()
+    # that no entry point reaches the guarded full unpickling without the flag is tested by behaviour:
+    # test_checkpoint.py feeds pickles that run code through every public loading entry point
 
 
 def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys):

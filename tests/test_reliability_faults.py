@@ -75,7 +75,7 @@ def wait_for(proc: subprocess.Popen, cond, what: str, timeout: float = 300) -> N
 
 
 def final_state(run_dir: Path) -> dict:
-    ck = ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(run_dir, ITERS))
+    ck = ckpt_lib.read(ckpt_lib.checkpoint_path(run_dir, ITERS))
     assert ck["step"] == ITERS
     return ck
 
@@ -148,10 +148,10 @@ def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_identical(refere
     assert 2 <= s < ITERS
     assert f"status: interrupted at step {s}" in out
     assert [c.name for c in ckpt_lib.list_checkpoints(run)] == [f"checkpoint-{s:08d}.pt"]
-    ck = ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(run, s))
+    ck = ckpt_lib.read(ckpt_lib.checkpoint_path(run, s))
     assert ck["step"] == s
     # the checkpoint is the state after exactly s steps: identical to the reference's checkpoint s
-    ref_s = ckpt_lib.load_checkpoint(ckpt_lib.checkpoint_path(reference["dir"], s))
+    ref_s = ckpt_lib.read(ckpt_lib.checkpoint_path(reference["dir"], s))
     assert_bit_identical(ck, ref_s)
 
     r = run_cli(*args(tmp_path, run, save_freq=0, resume="auto", workers=2), env=ENV)

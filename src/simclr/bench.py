@@ -18,60 +18,67 @@ CUDA events; the step has no host synchronisation (loss values are never read).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from . import config as config_lib
+from .config import nonneg, option, positive
+from .errors import ConfigError
+from .files import atomic_write
 
 PATHS = ("reference", "fast")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line through the CLI instead of argparse's exit
-        raise UserError(f"simclr bench: {message} (see simclr bench --help)")
+@dataclass
+class BenchConfig:
+    """Throughput of the reference path vs the fast path."""
 
+    COMMAND = "bench"
+    YAML = False
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="simclr bench", description="Throughput of the reference path vs the fast path.")
-    p.add_argument("--arch", default="resnet50", help="encoder (default resnet50)")
-    p.add_argument("--width", type=int, default=64, help="first-stage channels (64 = standard)")
-    p.add_argument("--data", default="cifar10", help="dataset (cifar10, cifar100, stl10, imagenet, folder)")
-    p.add_argument("--data_path", default="", help="image folder for --data folder")
-    p.add_argument("--image_size", type=int, default=0, help="input side (0 = the dataset's own)")
-    p.add_argument("--batch_size", type=int, default=1024, help="unique images per step")
-    p.add_argument("--multiplier", type=int, default=2, help="views per image")
-    p.add_argument("--steps", type=int, default=50, help="timed steps per path")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (compile, autotune)")
-    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="DataLoader workers of the reference path (default: the CPU count, at most 16)")
-    p.add_argument("--train_subset", type=int, default=0, help="use this many training images (0 = all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile on the fast path (auto: on CUDA)")
-    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                   help="channels_last on the fast path (auto: on CUDA)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="fast path autocast (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--interpolation", default="auto", choices=["auto", "bilinear", "bicubic"],
-                   help="crop resampling of the fast path")
-    p.add_argument("--data_only", action="store_true",
-                   help="time the input pipelines alone (no model): images/s that each path can deliver")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of the main process (0 = torch's default)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run the paths this many times, alternating, and report each path's median run "
-                        "(for noisy shared machines)")
-    return p
+    arch: str = option("resnet50", "encoder")
+    width: int = option(64, "first-stage channels (64 = standard)", check=positive, check_msg="must be > 0")
+    data: str = option("cifar10", "dataset (cifar10, cifar100, stl10, imagenet, folder)")
+    data_path: str = option("", "image folder for --data folder")
+    image_size: int = option(0, "input side (0 = the dataset's own)", check=nonneg, check_msg="must be >= 0")
+    batch_size: int = option(1024, "unique images per step", check=positive, check_msg="must be > 0")
+    multiplier: int = option(2, "views per image", check=positive, check_msg="must be > 0")
+    steps: int = option(50, "timed steps per path", check=positive, check_msg="must be > 0")
+    warmup: int = option(5, "untimed steps before timing (compile, autotune)", check=lambda x: x >= 1,
+                         check_msg="must be >= 1 (the first step includes start-up)")
+    workers: int = option(min(16, os.cpu_count() or 1), "DataLoader workers of the reference path (default: the "
+                          "CPU count, at most 16)", check=nonneg, check_msg="must be >= 0")
+    train_subset: int = option(0, "use this many training images (0 = all)", check=nonneg, check_msg="must be >= 0")
+    device: str = option("auto", "auto, cpu, cuda")
+    paths: str = option("reference,fast", "comma-separated: reference, fast")
+    compile: str = option("auto", "torch.compile on the fast path (auto: on CUDA)", ["auto", "on", "off"])
+    channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA)", ["auto", "on", "off"])
+    precision: str = option("auto", "fast path autocast (auto: bf16 on CUDA, fp32 on CPU)",
+                            ["auto", "bf16", "fp16", "fp32"])
+    interpolation: str = option("auto", "crop resampling of the fast path", ["auto", "bilinear", "bicubic"])
+    data_only: bool = option(False, "time the input pipelines alone (no model): images/s that each path can deliver")
+    json: str = option("", "also write the results to this JSON file")
+    seed: int = option(0, "random seed of the model and the data order")
+    threads: int = option(0, "CPU threads of the main process (0 = torch's default)", check=nonneg,
+                          check_msg="must be >= 0")
+    repeat: int = option(1, "run the paths this many times, alternating, and report each path's median run (for "
+                            "noisy shared machines)", check=positive, check_msg="must be > 0")
+
+    def check(self) -> None:
+        for p in self.path_list():
+            if p not in PATHS:
+                raise ConfigError(f"--paths: unknown path {p!r}; allowed: {', '.join(PATHS)}")
+
+    def path_list(self) -> list:
+        return [p.strip() for p in self.paths.split(",") if p.strip()]
 
 
 def _git_commit() -> str:
@@ -193,16 +200,8 @@ def format_table(results: list) -> str:
 
 
 def main(argv) -> int:
-    args = build_parser().parse_args(list(argv))
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    for p in paths:
-        if p not in PATHS:
-            raise UserError(f"--paths: unknown path {p!r}; allowed: {', '.join(PATHS)}")
-    for key in ("steps", "batch_size", "width", "repeat"):
-        if getattr(args, key) <= 0:
-            raise UserError(f"--{key} must be > 0, got {getattr(args, key)}")
-    if args.warmup < 1:
-        raise UserError(f"--warmup must be >= 1 (the first step includes start-up), got {args.warmup}")
+    args, _ = config_lib.parse(BenchConfig, argv)
+    paths = args.path_list()
     from .data import get_dataset, maybe_subset
     from .runtime import resolve_device
     device = resolve_device(args.device)
@@ -223,11 +222,12 @@ def main(argv) -> int:
         speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
-               "args": vars(args), "n_images": len(images), "image_size": images.image_size, "complete": final,
+               "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
+               "complete": final,
                "results": results, "speedup": speedup, "all_runs": runs}
         if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2))
+            atomic_write(Path(args.json), json.dumps(out, indent=2))
         return out
 
     for _ in range(args.repeat):

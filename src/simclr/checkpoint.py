@@ -1,70 +1,302 @@
-"""Checkpoints: atomic save, checksum, safe load.
+"""Checkpoints: the one reader, the one writer (atomic, with a checksum card), and run-folder helpers.
 
 Our format (a dict saved with ``torch.save``):
     format="simclr", format_version, kind ("pretrain" | "linear" ...), step, config (plain dict),
     model (unwrapped state dict: no ``module.``/``_orig_mod.`` prefixes), optimizer, scaler,
     rng, metrics.
-Beside every checkpoint ``X.pt`` lies ``X.json``: its SHA-256, size, step and a short
-model card (architecture, data, metrics). Loading verifies the checksum when the card is
-there, and always loads with ``weights_only=True`` (no arbitrary code from pickles).
+Beside every checkpoint ``X.pt`` lies ``X.json`` (``X.pth.json`` for exports): its SHA-256, size, step
+and a short model card (architecture, data, metrics).
+
+:func:`read` is the only way the package opens a checkpoint (resume, eval, export, embed, feature
+caches): it sniffs what the file is, checks it against its card (or, without one, its zip CRCs),
+refuses a zip entry that would inflate far beyond its stored size, and unpickles with
+``weights_only=True``. Every failure is one :class:`CheckpointError` naming the file, the problem
+and the fix.
 """
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
 import json
-import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError
+from .files import DiskFullError, atomic_write, is_temp, sha256_file
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
 
+# torch's legacy (pre-1.6, non-zip) format starts with its pickled magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# torch.save stores zip entries uncompressed (ratio 1); deflated real weights shrink by < 2x. An entry
+# (or the archive) declaring far more bytes than it stores is a decompression bomb or a corrupt file,
+# refused from the zip directory before anything is inflated.
+MAX_INFLATE_RATIO = 20
+INFLATE_FREE = 1 << 20  # entries this small may compress well (pickles of zero tensors)
+MAX_CARD_BYTES = 1 << 20
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+def _unreadable(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint: {why}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def _card_target(path: Path, head: bytes) -> Optional[CheckpointError]:
+    """A JSON file passed as the checkpoint: the error pointing at the file it describes."""
+    if not head.lstrip()[:1] == b"{":
+        return None
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(MAX_CARD_BYTES))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    name = meta.get("file")
+    if isinstance(name, str) and name and Path(name).name == name:
+        target = path.with_name(name)
+    else:  # X.pth.json describes X.pth (exports), X.json describes X.pt (training checkpoints)
+        stem = path.with_suffix("")
+        target = stem if stem.suffix else path.with_suffix(".pt")
+    missing = "" if target.is_file() else " (it is not there: the card alone holds no weights)"
+    return CheckpointError(f"{path} is a model card (JSON), not a checkpoint; pass the checkpoint it describes: "
+                           f"{target}{missing}")
+
+
+def sniff(path: Path) -> str:
+    """What ``path`` holds: 'torch-zip', 'torch-legacy' or 'safetensors'; anything else (missing, a folder,
+    a FIFO, empty, a model card, a plain pickle, random bytes) is a CheckpointError saying what it is."""
+    path = Path(path)
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass a file inside it (a run's are "
+                              f"<run>/checkpoints/checkpoint-NNNNNNNN.pt)")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a pipe, socket or device); pass a checkpoint file")
+    if st.st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or save? Use an earlier "
+                              f"checkpoint or download it again")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 4 and head.startswith(_TORCH_LEGACY_MAGIC[:len(head)]):
+        return "torch-legacy"
+    # safetensors: 8-byte little-endian header length, then a JSON header
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= st.st_size - 8:
+        return "safetensors"
+    card = _card_target(path, head)
+    if card is not None:
+        raise card
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise _unreadable(path, "it is a plain Python pickle, not a torch.save or safetensors file, and unpickling "
+                                "it could run code; re-save the weights with torch.save or safetensors")
+    raise _unreadable(path, f"neither a PyTorch checkpoint nor a safetensors file (it starts with bytes "
+                            f"{head[:8].hex()}); the file is corrupt or something else entirely")
 
+
+def _card_paths(path: Path) -> list:
+    return [path.with_name(path.name + ".json"), path.with_suffix(".json")]
+
+
+def read_card(path) -> dict:
+    """The model card beside ``path`` (``X.pt.json`` for exports, ``X.json`` for training checkpoints),
+    or {} when there is none. Only a card that names this file (or names no file) counts: ``X.json``
+    may be the card of ``X.pt`` lying beside ``X.pth``."""
+    path = Path(path)
+    for card in _card_paths(path):
+        if card == path or not card.is_file():
+            continue
+        try:
+            meta = json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("file", path.name) == path.name:
+            return dict(meta, card_path=str(card))
+    return {}
+
+
+def _verify_card(path: Path, card: dict) -> None:
+    want = card.get("sha256")
+    if want and sha256_file(path) != want:
+        raise CheckpointError(f"{path} does not match the SHA-256 checksum in its model card "
+                              f"{Path(card['card_path']).name}: the file is truncated or corrupt (use an earlier "
+                              f"checkpoint, or re-download / re-export it)")
+
+
+def _check_zip(path: Path, crc: bool) -> None:
+    """The zip directory before torch reads it: intact, no entry inflating beyond MAX_INFLATE_RATIO; with
+    ``crc`` (no card to check against) every entry's CRC-32 too (torch's reader does not check them)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            packed = inflated = 0
+            for i in infos:
+                if i.compress_type == zipfile.ZIP_STORED:
+                    if i.file_size != i.compress_size:
+                        raise _unreadable(path, f"zip entry {i.filename} is corrupt (stored {i.compress_size} "
+                                                f"bytes, declares {i.file_size})")
+                    continue
+                packed, inflated = packed + i.compress_size, inflated + i.file_size
+                if i.file_size > INFLATE_FREE and i.file_size > MAX_INFLATE_RATIO * max(i.compress_size, 1):
+                    raise _bomb(path, i.filename, i.file_size, i.compress_size)
+            if inflated > INFLATE_FREE and inflated > MAX_INFLATE_RATIO * max(packed, 1):
+                raise _bomb(path, f"{len(infos)} entries", inflated, packed)
+            if crc:
+                for i in infos:
+                    if i.CRC or not i.file_size:  # a writer that skipped CRCs writes 0: nothing to check
+                        with z.open(i) as f:
+                            while f.read(1 << 22):
+                                pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise _unreadable(path, f"it is truncated or corrupt (its zip archive: {str(e)[:120] or type(e).__name__}); "
+                                f"use an earlier checkpoint or re-save it") from None
+
+
+def _bomb(path: Path, what: str, size: int, stored: int) -> CheckpointError:
+    return CheckpointError(f"{path}: {what} would inflate to {size / 2 ** 20:.0f} MiB from {stored / 2 ** 20:.1f} MiB "
+                           f"stored (more than {MAX_INFLATE_RATIO}x); refusing to inflate it: a decompression bomb "
+                           f"or a corrupt file, not something torch.save writes. Re-save the weights with torch.save")
+
+
+def _read_safetensors(path: Path, map_location) -> dict:
+    from safetensors import safe_open
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types (SafetensorError, OSError ...)
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    return {"format": "safetensors", "state_dict": sd, "metadata": meta}
+
+
+def _names_code(msg: str) -> bool:
+    """Whether the weights-only unpickler's message blocks a GLOBAL like ``posix.system`` (a file that needs
+    code), not a GLOBAL made of random bytes (a corrupt file)."""
+    m = re.search(r"GLOBAL (\S+)", msg)
+    return bool(m) and all(part.isidentifier() for part in m.group(1).rstrip(".,:;").split("."))
+
+
+def _unpickle(path: Path, trust: bool, map_location) -> Any:
+    try:
+        if trust:
+            warnings.warn(f"loading {path} with full unpickling (--trust_checkpoint): only do this for files "
+                          f"you trust", stacklevel=3)
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # garbage often "uses" pickle protocol 113: torch warns before failing; the error says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message always mentions weights_only; only a GLOBAL the safe unpickler blocked, naming
+        # a real dotted name, means the file needs code to load; anything else (bad load key, a GLOBAL
+        # of random bytes ...) is a corrupt or non-PyTorch file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else type(e).__name__)
+        if _names_code(msg) and not trust:
+            raise CheckpointError(f"refusing to load {path}: it needs code beyond tensors and plain data to "
+                                  f"unpickle ({msg[:200]}). If you trust its source, pass "
+                                  f"--trust_checkpoint true.") from None
+        raise _unreadable(path, "truncated, corrupt or not a PyTorch file; use an earlier checkpoint or "
+                                "re-save it") from None
+    except Exception as e:
+        # the weights-only unpickler runs no code from the file, so whatever it raises on garbage
+        # (IndexError, KeyError, struct.error, RuntimeError, MemoryError ...) means an unreadable file
+        first = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise _unreadable(path, f"truncated, corrupt or not a PyTorch file ({first}); use an earlier "
+                                f"checkpoint or re-save it") from None
+
+
+def read(path, *, trust: bool = False, map_location="cpu") -> dict:
+    """The content of any checkpoint file, as a dict; the one reader of the package.
+
+    sniff the file -> verify its card's SHA-256 (or, without a card, its zip CRCs) -> check zip entry
+    sizes before inflating -> ``torch.load(weights_only=True)`` (``argparse.Namespace`` allowed for the
+    spec's files; full unpickling only with ``trust=True``, the user's ``--trust_checkpoint``). A
+    safetensors file reads as ``{"format": "safetensors", "state_dict": ..., "metadata": ...}``.
+    Every failure is a :class:`CheckpointError`.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    card = read_card(path)
+    _verify_card(path, card)
+    if kind == "safetensors":
+        return _read_safetensors(path, map_location)
+    if kind == "torch-zip":
+        _check_zip(path, crc=not card.get("sha256"))
+    obj = _unpickle(path, trust, map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__}); expected our "
+                              f"checkpoint, the spec's .pth.tar or a state dict")
+    return obj
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+def write_with_card(path: Path, content: Union[bytes, Callable], card: dict, card_file: Optional[Path] = None) -> dict:
+    """Write ``content`` to ``path`` atomically and a model card (``card`` plus the SHA-256 and size of the
+    bytes written) to ``card_file`` (default ``path.with_suffix('.json')``). Returns the card.
+
+    The card goes first: a crash between the two renames leaves a card whose checksum does not match
+    the (older) file, which :func:`read` then refuses and a resume skips — never a stale card that
+    vouches for new bytes."""
+    path = Path(path)
+    card_file = Path(card_file) if card_file is not None else path.with_suffix(".json")
+    written: dict = {}
+
+    def card_first(tmp: Path) -> None:
+        written.update({"file": path.name, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, **card})
+        atomic_write(card_file, json.dumps(written, indent=2, default=str))
+
+    atomic_write(path, content, before_replace=card_first)
+    return written
+
+
+def save_checkpoint(path: Path, payload: dict, card: Optional[dict] = None) -> str:
+    """Write ``payload`` to ``path`` (atomically, see :func:`write_with_card`) with its card
+    ``path.with_suffix('.json')``. Returns the checksum. On any failure (disk full ...) an existing file
+    at ``path`` — and every other checkpoint — is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("format", FORMAT)
+    payload.setdefault("format_version", FORMAT_VERSION)
+    meta = {"step": payload.get("step"), "format": FORMAT, "format_version": FORMAT_VERSION, **(card or {})}
+    try:
+        return write_with_card(path, lambda f: torch.save(payload, f), meta)["sha256"]
+    except DiskFullError:
+        raise DiskFullError(f"disk full while saving {path}; the previous checkpoints are intact. "
+                            f"Free space and resume with --resume auto.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders
+# ---------------------------------------------------------------------------------------------
 
 def unwrap_state_dict(sd: dict) -> dict:
     """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
@@ -75,93 +307,6 @@ def unwrap_state_dict(sd: dict) -> dict:
                 k = k[len(prefix):] if k.startswith(prefix) else k.replace(f".{prefix}", ".")
         out[k] = v
     return out
-
-
-def save_checkpoint(path: Path, payload: dict, card: Optional[dict] = None) -> str:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync, rename) and
-    its model card ``path.with_suffix('.json')`` with the SHA-256. Returns the checksum.
-
-    If anything fails (disk full ...), the temp file is removed and an existing file at
-    ``path`` — and every other checkpoint — is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(payload)
-    payload.setdefault("format", FORMAT)
-    payload.setdefault("format_version", FORMAT_VERSION)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        meta = {"file": path.name, "sha256": digest, "bytes": tmp.stat().st_size, "step": payload.get("step"),
-                "format": FORMAT, "format_version": FORMAT_VERSION, **(card or {})}
-        # card first: a crash between the two renames leaves a card whose checksum does not match
-        # the (older) file, which the loader then treats as corrupt and skips — never the reverse.
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str).encode())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"disk full while saving {path}; the previous checkpoints are intact. "
-                            f"Free space and resume with --resume auto.") from None
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise UserError(f"cannot write checkpoint {path}: {e.strerror}. Choose a writable --root.") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def verify_checksum(path: Path) -> None:
-    card = Path(path).with_suffix(".json")
-    if not card.exists():
-        return
-    try:
-        meta = json.loads(card.read_text())
-    except (OSError, ValueError):
-        return
-    want = meta.get("sha256")
-    if want and sha256_file(path) != want:
-        raise CheckpointError(f"checkpoint {path} does not match the checksum in {card.name}: the file is "
-                              f"truncated or corrupt")
-
-
-def load_checkpoint(path, map_location="cpu", verify: bool = True, trust: bool = False) -> dict:
-    """Load any checkpoint safely (``weights_only=True``; ``argparse.Namespace`` allowed for the spec's
-    files). ``trust=True`` (the user's explicit ``--trust_checkpoint``) permits full unpickling."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if verify:
-        verify_checksum(path)
-    try:
-        if trust:
-            warnings.warn(f"loading {path} with full unpickling (--trust_checkpoint): only do this for files "
-                          f"you trust", stacklevel=2)
-            return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message always mentions weights_only; only a GLOBAL the safe unpickler blocked means the
-        # file needs code to load; anything else (bad load key ...) is a corrupt or non-PyTorch file
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = next((ln for ln in lines if "GLOBAL" in ln), lines[-1] if lines else type(e).__name__)
-        if "GLOBAL" in msg:
-            raise CheckpointError(f"refusing to load {path}: it needs code beyond tensors and plain data to "
-                                  f"unpickle ({msg[:200]}). If you trust its source, pass "
-                                  f"--trust_checkpoint true.") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a PyTorch "
-                              f"file)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a PyTorch "
-                              f"file): {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -181,8 +326,7 @@ def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
     """The newest checkpoint that passes its checksum and loads; corrupt ones are skipped with a warning."""
     for p in list_checkpoints(run_dir):
         try:
-            verify_checksum(p)
-            load_checkpoint(p, verify=False)
+            read(p)
             return p
         except CheckpointError as e:
             log(f"warning: skipping {p.name}: {e}")
@@ -200,7 +344,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if p.name.startswith(".checkpoint-") and ".tmp" in p.name:
+        if is_temp(p) and p.name.startswith(".checkpoint-"):
             p.unlink(missing_ok=True)
         elif p.suffix == ".json" and p.name.startswith("checkpoint-") and not p.with_suffix(".pt").exists():
             p.unlink(missing_ok=True)

@@ -109,7 +109,7 @@ def pretrain_main(argv: Sequence[str]) -> int:
 
 
 def _eval(argv: Sequence[str], extra: dict) -> int:
-    from .evaluate.run import run_eval, summary
+    from .evaluate.run import run_eval
     from .options import EvalConfig
     cfg, notes = config_lib.parse(EvalConfig, argv, extra=extra)
     if cfg.problem not in ("eval", "semi-supervised-eval"):
@@ -120,6 +120,25 @@ def _eval(argv: Sequence[str], extra: dict) -> int:
         result = run_eval(cfg)
     print(summary(result))
     return 0
+
+
+def summary(result: dict) -> str:
+    """What `simclr eval` prints: the result, the protocol variant, where the head and the run folder are."""
+    trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
+    variant = result["details"].get("protocol_variant")
+    lines = [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+             f"({result['n_test']} test images{trained})"]
+    if "unlabeled_top1" in result["details"]:
+        lines.append(f"accuracy on the unlabelled rest of the training split: "
+                     f"{result['details']['unlabeled_top1']:.2f}%")
+    if result.get("compare"):
+        c = result["compare"]
+        lines.append(f"compare: linear top-1 {c['linear']['top1']:.2f}%  fast-linear top-1 "
+                     f"{c['fast-linear']['top1']:.2f}%  (difference {c['difference']:+.2f} points)")
+    if result.get("head_ckpt"):
+        lines.append(f"linear head: {result['head_ckpt']}")
+    lines.append(f"run folder: {result['run_dir']}")
+    return "\n".join(lines)
 
 
 def eval_main(argv: Sequence[str]) -> int:

@@ -10,10 +10,8 @@ embed: an image folder -> ``features.npy`` (one float32 row per image) and ``fea
 """
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import sys
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,8 +19,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, sha256_file
+from . import config as config_lib
+from .checkpoint import write_with_card
+from .config import nonneg, option, positive
 from .errors import ConfigError, DataError, UserError
+from .files import atomic_write, sha256_file
+from .runtime import resolve_device
 from .weights import Encoder, load_encoder
 
 FORMATS = ("torchvision", "safetensors")
@@ -60,13 +62,31 @@ def _dataset_name(data):
     return DATA_ALIASES.get(str(data).lower(), data) if data else data
 
 
+def _cards_of(path: Path) -> list:
+    """Where a model card of ``path`` may lie (``X.pth.json`` for exports, ``X.json`` for checkpoints)."""
+    return [card_path(path), path.with_suffix(".json")]
+
+
+def _refuse_overwriting_input(ckpt: Path, out: Path) -> None:
+    """``--out`` must not be the input, nor one of its cards, nor a name whose card would land on one."""
+    mine = {p.resolve() for p in [ckpt, *_cards_of(ckpt)]}
+    if out.resolve() == ckpt.resolve():
+        raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
+    if out.resolve() in mine:
+        suggestion = ckpt.with_name(ckpt.stem + "_export.pth")
+        raise UserError(f"--out {out} is the model card of the input checkpoint {ckpt}; writing the export there "
+                        f"would destroy the card. Choose another file name, e.g. {suggestion}")
+    if card_path(out).resolve() in mine:
+        raise UserError(f"--out {out} would put its model card at {card_path(out)}, over the input checkpoint's "
+                        f"own; choose another file name")
+
+
 def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:
     """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
     if fmt not in FORMATS:
         raise ConfigError(f"option 'format' got {fmt!r}; allowed: {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt), Path(out)
-    if out.exists() and out.resolve() == ckpt.resolve():
-        raise UserError(f"--out {out} is the input checkpoint itself; choose another file name")
+    _refuse_overwriting_input(ckpt, out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")
     enc = load_encoder(ckpt, trust=trust)
@@ -77,30 +97,23 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
         from safetensors.torch import save
         data = save(sd, metadata={k: str(v) for k, v in {**meta, "format": "simclr-export"}.items()})
     else:
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        data = buf.getvalue()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, data)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        data = lambda f: torch.save(sd, f)  # noqa: E731
     src = enc.card
-    card = {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "format": fmt,
-            **meta, "head_included": include_head,
+    recipe = torchvision_recipe(enc) if enc.width == 64 and not include_head else None
+    if fmt == "safetensors" and recipe is not None:
+        recipe = [ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
+                  for ln in recipe]
+    card = {"format": fmt, **meta, "head_included": include_head,
             "input": "float RGB (N, 3, H, W) with values in [0, 1]; no mean/std normalisation",
             "data": _dataset_name(src.get("data") or enc.info.get("data")),
             "step": src.get("step"), "epochs": src.get("epochs"), "metrics": src.get("metrics") or {},
             "source": {"file": ckpt.name, "sha256": sha256_file(ckpt), "format": src.get("format", "simclr")},
-            "torchvision_loadable": enc.width == 64,
-            "torchvision_recipe": torchvision_recipe(enc) if enc.width == 64 and not include_head else None,
-            "simclr_version": __version__}
-    if fmt == "safetensors":
-        card["torchvision_recipe"] = None if card["torchvision_recipe"] is None else [
-            ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
-            for ln in card["torchvision_recipe"]]
-    atomic_write_bytes(card_path(out), json.dumps(card, indent=2, default=str).encode())
-    return card
+            "torchvision_loadable": enc.width == 64, "torchvision_recipe": recipe, "simclr_version": __version__}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return write_with_card(out, data, card, card_path(out))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,43 +204,57 @@ def files_list_path(out: Path) -> Path:
 # command line
 # ---------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one `error:` line through the CLI, not argparse's usage dump
-        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+@dataclass
+class ExportConfig:
+    """Export an encoder for downstream code: torchvision-named .pth or safetensors, model card <out>.json beside."""
+
+    COMMAND = "export"
+    YAML = False
+
+    ckpt: str = option(MISSING, "our checkpoint, the spec's .pth.tar, or an earlier export", positional=True)
+    out: str = option(None, "output file, e.g. resnet50_simclr.pth or encoder.safetensors (required)")
+    format: str = option("torchvision", "output format", FORMATS)
+    include_head: bool = option(False, "also write the projection head as projection.* keys (then torchvision "
+                                       "needs strict=False)")
+    trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
+                                           "you trust)")
+
+    def check(self) -> None:
+        if not self.out:
+            raise ConfigError("option 'out' is required: the file to write, e.g. --out encoder.pth")
 
 
-def _bool(v: str) -> bool:
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expects true or false, got {v!r}")
+@dataclass
+class EmbedConfig:
+    """Features of every image under a folder: <out>.npy (one row per image), <out>.files.txt (names in row order)."""
 
+    COMMAND = "embed"
+    YAML = False
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"option 'device' got {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("option 'device' is cuda but no CUDA GPU is available; use --device cpu")
-    return dev
+    encoder_ckpt: str = option(None, "our checkpoint, the spec's .pth.tar, or an export (required)")
+    images: str = option(None, "folder of images, searched recursively (required)")
+    out: str = option(None, "output .npy file (required); the file names go to <out stem>.files.txt")
+    layer: str = option("h", "h (encoder output) or g1/g2/z (projection-head layers)")
+    batch_size: int = option(256, "images encoded per forward pass (memory, not results)", check=positive,
+                             check_msg="must be > 0")
+    workers: int = option(0, "DataLoader worker processes for decoding", check=nonneg, check_msg="must be >= 0")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    skip_bad_images: bool = option(False, "skip unreadable images (left out of both files) instead of failing")
+    trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
+                                           "you trust)")
+
+    def check(self) -> None:
+        for key in ("encoder_ckpt", "images", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"option '{key}' is required (see `simclr embed --help`)")
+        if self.layer not in ("h", "z") and not (self.layer[:1] == "g" and self.layer[1:].isdigit()):
+            raise ConfigError(f"option 'layer' got {config_lib.shown(self.layer)}; allowed: h, z, g1, g2, g3")
+        if Path(self.out).suffix != ".npy":
+            raise ConfigError(f"--out {self.out} must end in .npy")
 
 
 def export_main(argv: Sequence[str]) -> int:
-    p = _Parser(prog="simclr export", description="Export an encoder for downstream code: torchvision-named state "
-                "dict (.pth) or safetensors, with a model card <out>.json beside it.")
-    p.add_argument("ckpt", help="our checkpoint, the spec's .pth.tar, or an earlier export")
-    p.add_argument("--format", default="torchvision", choices=FORMATS, help="output format (default torchvision)")
-    p.add_argument("--out", required=True, help="output file, e.g. resnet50_simclr.pth or encoder.safetensors")
-    p.add_argument("--include_head", type=_bool, default=False,
-                   help="also write the projection head as projection.* keys (then torchvision needs strict=False)")
-    p.add_argument("--trust_checkpoint", type=_bool, default=False,
-                   help="allow full unpickling of a checkpoint that needs it (only for files you trust)")
-    a = p.parse_args(list(argv))
+    a, _ = config_lib.parse(ExportConfig, argv)
     card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
     out = Path(a.out)
     print(f"wrote {out} ({card['format']}, {card['arch']} width {card['width']}, {card['feat_dim']}-d features, "
@@ -242,41 +269,18 @@ def export_main(argv: Sequence[str]) -> int:
 
 
 def embed_main(argv: Sequence[str]) -> int:
-    p = _Parser(prog="simclr embed", description="Encode every image under a folder: features.npy (one row per "
-                "image) and features.files.txt (the relative file names, in row order).")
-    p.add_argument("--encoder_ckpt", required=True, help="our checkpoint, the spec's .pth.tar, or an export")
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output .npy file")
-    p.add_argument("--layer", default="h", help="h (encoder output, default) or g1/g2/z (projection-head layers)")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--skip_bad_images", type=_bool, default=False,
-                   help="skip unreadable images (left out of both files) instead of failing")
-    p.add_argument("--trust_checkpoint", type=_bool, default=False,
-                   help="allow full unpickling of a checkpoint that needs it (only for files you trust)")
-    a = p.parse_args(list(argv))
-    if a.batch_size <= 0:
-        raise ConfigError(f"option 'batch_size' got {a.batch_size}: must be > 0")
-    if a.workers < 0:
-        raise ConfigError(f"option 'workers' got {a.workers}: must be >= 0")
-    if a.layer not in ("h", "z") and not (a.layer[:1] == "g" and a.layer[1:].isdigit()):
-        raise ConfigError(f"option 'layer' got {a.layer!r}; allowed: h, z, g1, g2, g3")
+    a, _ = config_lib.parse(EmbedConfig, argv)
     out = Path(a.out)
-    if out.suffix != ".npy":
-        raise ConfigError(f"--out {out} must end in .npy")
-    device = _device(a.device)
+    device = resolve_device(a.device)
     enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
     if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
         raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
     feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
                                          a.skip_bad_images, device)
-    buf = io.BytesIO()
-    np.save(buf, feats)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, buf.getvalue())
-        atomic_write_bytes(files_list_path(out), ("\n".join(names) + "\n").encode())
+        atomic_write(out, lambda f: np.save(f, feats))
+        atomic_write(files_list_path(out), "\n".join(names) + "\n")
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "

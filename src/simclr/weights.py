@@ -11,28 +11,24 @@ Accepted files (recognised by content, not by name):
 - exports (``simclr export``): a bare torchvision-named trunk state dict (``conv1.weight`` ...),
   as a ``torch.save`` file or as safetensors (optionally with ``projection.*`` keys).
 
-Every file is loaded without running pickled code (``weights_only=True``, only
-``argparse.Namespace`` allowed) unless the caller passes ``trust=True``. Every load is strict:
+Files are opened by :func:`simclr.checkpoint.read` (card checksum, zip size checks, no pickled code
+unless the caller passes ``trust=True``); this module turns what it returns into a model. Every load is strict:
 a missing or misshapen tensor is an error naming the file, never a partial load.
 """
 from __future__ import annotations
 
-import json
-import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, sha256_file, unwrap_state_dict
+from .checkpoint import read, read_card, unwrap_state_dict
 from .errors import CheckpointError
 from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights
 
-__all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state", "read_card", "file_kind"]
+__all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state"]
 
-# torch's legacy (pre-1.6, non-zip) format starts with its pickled magic number.
-_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _SUPPORTED = ", ".join(ENCODERS)
 
 
@@ -79,69 +75,6 @@ class Encoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"arch={self.arch}, width={self.width}, cifar_stem={self.cifar_stem}, feat_dim={self.feat_dim}, "
                 f"input_size={self.input_size}, source={self.source!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# file level: what is this file, does it match its card
-# ---------------------------------------------------------------------------------------------
-
-def file_kind(path: Path) -> str:
-    """'torch-zip', 'torch-legacy', 'safetensors' or 'empty'; anything else raises a clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or save?")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if head.startswith(_TORCH_LEGACY_MAGIC[:len(head)]) and len(head) >= 4:
-        return "torch-legacy"
-    # safetensors: 8-byte little-endian header length, then a JSON header
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
-    raise CheckpointError(f"{path} is neither a PyTorch checkpoint nor a safetensors file (it starts with bytes "
-                          f"{head[:8].hex()}); the file is corrupt or something else entirely")
-
-
-def _card_paths(path: Path) -> list:
-    return [path.with_name(path.name + ".json"), path.with_suffix(".json")]
-
-
-def read_card(path) -> dict:
-    """The model card beside ``path`` (``X.pt.json`` for exports, ``X.json`` for training checkpoints),
-    or {} when there is none. Only a card that names this file (or names no file) counts."""
-    path = Path(path)
-    for card in _card_paths(path):
-        if card == path or not card.is_file():
-            continue
-        try:
-            meta = json.loads(card.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and meta.get("file", path.name) == path.name:
-            return dict(meta, card_path=str(card))
-    return {}
-
-
-def _verify(path: Path, card: dict) -> None:
-    want = card.get("sha256")
-    if want and sha256_file(path) != want:
-        raise CheckpointError(f"{path} does not match the SHA-256 in its model card {Path(card['card_path']).name}: "
-                              f"the file is truncated or corrupt (re-download or re-export it)")
-
-
-def _check_zip(path: Path) -> None:
-    try:
-        with zipfile.ZipFile(path) as z:
-            z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt (its zip archive is incomplete: {e}); "
-                              f"re-download or re-save it") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,31 +197,6 @@ def _spec_size(hp: dict) -> int:
     return 32 if data.startswith("cifar") else (96 if data.startswith("stl") else 224)
 
 
-def _load_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError ...)
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0][:200]}") from None
-    return sd, meta
-
-
-def _read(path, trust: bool):
-    """(kind, payload, card): payload is a state dict + metadata (safetensors) or the unpickled object."""
-    path = Path(path)
-    kind = file_kind(path)
-    card = read_card(path)
-    _verify(path, card)
-    if kind == "safetensors":
-        return kind, _load_safetensors(path), card
-    if kind == "torch-zip":
-        _check_zip(path)
-    return kind, load_checkpoint(path, verify=False, trust=trust), card
-
-
 def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str] = None) -> Encoder:
     """Load an encoder from our checkpoint, the spec's ``.pth.tar``, or an exported file.
 
@@ -296,14 +204,13 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
     ``arch`` (optional) is the architecture the caller expects: another one is an error.
     """
     path = Path(path)
-    kind, ck, card = _read(path, trust)
-    if kind == "safetensors":
-        sd, meta = ck
+    ck = read(path, trust=trust)
+    card = read_card(path)
+    if ck.get("format") == "safetensors":
+        sd, meta = ck["state_dict"], ck["metadata"]
         size = meta.get("input_size") or card.get("input_size")
         enc = encoder_from_state(sd, path, dict(meta), size and int(size), arch or meta.get("arch"), card=card)
         return enc.to(device)
-    if not isinstance(ck, dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ck).__name__})")
     if ck.get("format") == "simclr":
         cfg = ck.get("config") or {}
         if "model" not in ck or not any(str(k).split(".")[0] in ("convnet", "module", "_orig_mod")
@@ -347,12 +254,10 @@ def load_linear_head(path, trust: bool = False) -> tuple[torch.Tensor, torch.Ten
     """(weight (classes, d), bias (classes,), info) of a linear-evaluation checkpoint: the spec's
     ``{"state_dict": {"weight", "bias"}, "hparams"}`` or a plain ``{"weight", "bias"}`` dict."""
     path = Path(path)
-    kind, ck, card = _read(path, trust)
-    if kind == "safetensors":
-        ck, info = ck[0], dict(ck[1])
+    ck = read(path, trust=trust)
+    if ck.get("format") == "safetensors":
+        ck, info = ck["state_dict"], dict(ck["metadata"])
     else:
-        if not isinstance(ck, dict):
-            raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ck).__name__})")
         hp = ck.get("hparams")
         info = dict(vars(hp)) if hp is not None and hasattr(hp, "__dict__") else dict(hp or {})
         ck = ck.get("state_dict", ck.get("model", ck))

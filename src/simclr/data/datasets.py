@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..files import atomic_write
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -198,9 +199,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     images = np.stack(arrays)
     if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
         return images, targets, classes, [str(f) for f, _ in bad]
-    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, targets=np.asarray(targets, dtype=np.int64))
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
     return images, targets, classes, []
 
 

@@ -1,13 +1,14 @@
 """Frozen features of a dataset: plain (batched, no augmentation), augmented copies, and a disk cache."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint import read
 from ..data.datasets import LabeledImages
+from ..errors import CheckpointError
+from ..files import atomic_write
 from ..data.transforms import eval_transform
 
 
@@ -170,14 +171,14 @@ class FeatureCache:
         path = self.folder / f"{self.key(**parts)}.pt"
         if path.exists():
             try:
-                f, y = torch.load(path, map_location="cpu", weights_only=True)
+                cached = read(path)
+                f, y = cached["features"], cached["labels"]
                 self.hits += 1
                 return f, y
-            except Exception:  # a truncated cache file: recompute it
+            except (CheckpointError, KeyError):  # a truncated (or older-format) cache file: recompute it
                 path.unlink(missing_ok=True)
         f, y = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save((f.cpu(), y.cpu()), tmp)
-        os.replace(tmp, path)
+        features, labels = f.cpu(), y.cpu()
+        atomic_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh))
         return f, y

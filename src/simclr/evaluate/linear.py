@@ -182,9 +182,7 @@ def load_head(path, trust: bool = False) -> dict:
     """Load a linear head from our checkpoint or the spec's. Returns a dict with ``weight`` (C, d),
     ``bias`` (C,), ``info`` (our saved fields or the spec's hparams) and ``encoder`` (fine-tuned
     encoder state dict, or None)."""
-    ck = ckpt_lib.load_checkpoint(path, trust=trust)
-    if not isinstance(ck, dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict ({ckpt_lib.describe(ck)})")
+    ck = ckpt_lib.read(path, trust=trust)
     encoder_state = None
     if ck.get("format") == ckpt_lib.FORMAT:
         if ck.get("kind") != "linear":

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError
+from ..files import sha256_file
 from ..runs import RunDir, environment
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
@@ -29,24 +29,6 @@ TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable
 # --------------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------------
-def summary(result: dict) -> str:
-    trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
-    variant = result["details"].get("protocol_variant")
-    lines = [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-             f"({result['n_test']} test images{trained})"]
-    if "unlabeled_top1" in result["details"]:
-        lines.append(f"accuracy on the unlabelled rest of the training split: "
-                     f"{result['details']['unlabeled_top1']:.2f}%")
-    if result.get("compare"):
-        c = result["compare"]
-        lines.append(f"compare: linear top-1 {c['linear']['top1']:.2f}%  fast-linear top-1 "
-                     f"{c['fast-linear']['top1']:.2f}%  (difference {c['difference']:+.2f} points)")
-    if result.get("head_ckpt"):
-        lines.append(f"linear head: {result['head_ckpt']}")
-    lines.append(f"run folder: {result['run_dir']}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------
 # the evaluation context: device, encoder, data, cache, run folder
 # --------------------------------------------------------------------------------------------
@@ -104,7 +86,7 @@ class Evaluation:
         cfg = self.cfg
         if cfg.encoder_ckpt:
             enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=self.device)
-            digest = ckpt_lib.sha256_file(Path(cfg.encoder_ckpt))
+            digest = sha256_file(Path(cfg.encoder_ckpt))
         else:
             from ..data import native_size
             from ..models import ENCODERS, SimCLRModel

@@ -98,7 +98,7 @@ def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
     """Read a pretraining checkpoint to continue from; check it fits ``cfg`` and adopt its seed."""
-    ck = ckpt_lib.load_checkpoint(path)
+    ck = ckpt_lib.read(path)
     if not isinstance(ck, dict) or ck.get("format") != ckpt_lib.FORMAT or "model" not in ck:
         raise UserError(f"{path} is not a pretraining checkpoint of this project "
                         f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
