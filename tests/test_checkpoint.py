@@ -298,7 +298,7 @@ def test_card_passed_as_checkpoint_points_at_its_file(tmp_path):
     exported = tmp_path / "enc.pth"
     assert cli.main(["export", str(ck), "--out", str(exported)]) == 0
     r = run_cli("embed", "--encoder_ckpt", f"{exported}.json", "--images", tmp_path, "--out", tmp_path / "f.npy")
-    one_error_line(r, "model card", f"pass the checkpoint it describes: {exported}")
+    assert f"is a model card: using the checkpoint it describes, {exported}" in r.stderr
     # a card whose checkpoint is gone says so
     ck.unlink()
     with pytest.raises(CheckpointError, match="it is not there"):

@@ -353,12 +353,14 @@ def test_output_folder_not_writable(tmp_path, capsys):
         assert list(ro.iterdir()) == []
 
 
-def test_resume_auto_needs_run_dir(tmp_path, capsys):
-    rc, err = cli_run(capsys, *small(tmp_path, resume="auto"))
-    assert_one_line_error(rc, err, "--run_dir")
+def test_resume_takes_a_run_folder_or_auto(tmp_path, capsys):
     rc, err = cli_run(capsys, *small(tmp_path, resume="yes"))
-    assert_one_line_error(rc, err, "--resume takes 'auto'")
+    assert_one_line_error(rc, err, "--resume takes a run folder or 'auto'")
     assert not (tmp_path / "logs").exists()
+    # auto with no earlier run of this name: a fresh start
+    rc, err = cli_run(capsys, *small(tmp_path, resume="auto", iters=1))
+    assert rc == 0, err
+    assert len(list((tmp_path / "logs" / "t").iterdir())) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +427,7 @@ def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys)
     from simclr.train import setup
 
     run = tmp_path / "run"
-    rc, err = cli_run(capsys, *small(tmp_path, iters=1, seed=123, run_dir=run))
+    rc, err = cli_run(capsys, *small(tmp_path, iters=3, stop_after=1, seed=123, run_dir=run))
     assert rc == 0, err
     cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=-1, resume="auto", run_dir=run))
     tr = setup(cfg)
@@ -437,8 +439,11 @@ def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys)
     (xa, ya), = tr.parts.loader.batches(1, 2)
     (xb, yb), = build_loader(ref_cfg, tr.images, torch.device("cpu")).batches(1, 2)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    # an explicit, different seed is obeyed, with a warning
-    cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=7, resume="auto", run_dir=run))
+    # an explicit, different seed changes the run: refused, or obeyed with a warning when allowed
+    with pytest.raises(UserError, match=r"seed: 123 -> 7.*--allow_config_change true"):
+        setup(config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=7, resume="auto", run_dir=run))[0])
+    cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=7, resume="auto", run_dir=run,
+                                                    allow_config_change="true"))
     tr = setup(cfg)
     tr.run.close()
-    assert tr.cfg.seed == 7 and "trained with seed 123" in capsys.readouterr().err
+    assert tr.cfg.seed == 7 and "trained with seed=123" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import json
 import pickle
 import re
 import stat
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -52,12 +53,13 @@ def _unreadable(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable checkpoint: {why}")
 
 
-def _card_target(path: Path, head: bytes) -> Optional[CheckpointError]:
-    """A JSON file passed as the checkpoint: the error pointing at the file it describes."""
-    if not head.lstrip()[:1] == b"{":
-        return None
+def card_describes(path: Path) -> Optional[Path]:
+    """The file a model card (JSON) describes, or None when ``path`` is not a card."""
     try:
         with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":
+                return None
+            f.seek(0)
             meta = json.loads(f.read(MAX_CARD_BYTES))
     except (OSError, ValueError):
         return None
@@ -65,13 +67,45 @@ def _card_target(path: Path, head: bytes) -> Optional[CheckpointError]:
         return None
     name = meta.get("file")
     if isinstance(name, str) and name and Path(name).name == name:
-        target = path.with_name(name)
-    else:  # X.pth.json describes X.pth (exports), X.json describes X.pt (training checkpoints)
-        stem = path.with_suffix("")
-        target = stem if stem.suffix else path.with_suffix(".pt")
+        return path.with_name(name)
+    stem = path.with_suffix("")  # X.pth.json describes X.pth (exports), X.json describes X.pt (training)
+    return stem if stem.suffix else path.with_suffix(".pt")
+
+
+def _card_target(path: Path, head: bytes) -> Optional[CheckpointError]:
+    """A JSON file passed as the checkpoint: the error pointing at the file it describes."""
+    target = card_describes(path) if head.lstrip()[:1] == b"{" else None
+    if target is None:
+        return None
     missing = "" if target.is_file() else " (it is not there: the card alone holds no weights)"
     return CheckpointError(f"{path} is a model card (JSON), not a checkpoint; pass the checkpoint it describes: "
                            f"{target}{missing}")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve(path, log: Callable[[str], None] = _stderr) -> Path:
+    """What a user means where a checkpoint is expected: a run folder (or its checkpoints/) is its newest
+    valid checkpoint, a model card is the file it describes; anything else is itself. Says which file it took."""
+    path = Path(path)
+    if path.is_dir():
+        run = path.parent if path.name == "checkpoints" else path
+        if (run / "checkpoints").is_dir() or (run / "status.json").is_file():
+            found = latest_valid(run, log=log)
+            if found is None:
+                raise CheckpointError(f"{run} is a run folder without a valid checkpoint (none saved yet, or all "
+                                      f"corrupt); pass a checkpoint file or a run that saved one")
+            log(f"note: {path} is a run folder: using its newest valid checkpoint {found}")
+            return found
+        return path  # read() says it is a folder
+    if path.suffix == ".json" and path.is_file():
+        target = card_describes(path)
+        if target is not None and target.is_file():
+            log(f"note: {path} is a model card: using the checkpoint it describes, {target}")
+            return target
+    return path
 
 
 def sniff(path: Path) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
@@ -80,9 +82,25 @@ def _notes(notes) -> None:
         print(n, file=sys.stderr)
 
 
+def _with_run_config(argv: Sequence[str]) -> list:
+    """``--resume RUN_DIR`` without ``--config``: the run's own config.yaml is the base, so a plain resume
+    continues the same run (the command line still overrides it)."""
+    from .options import PretrainConfig
+    argv = list(argv)
+    config_path, overrides, _ = config_lib.split_argv(argv, PretrainConfig)
+    run = Path(str(overrides.get("resume", "")))
+    if config_path is None and str(run) not in ("", ".", "auto") and (run / "config.yaml").is_file():
+        return ["--config", str(run / "config.yaml"), *argv]
+    return argv
+
+
+def resume_command(run_dir: str) -> str:
+    return f"simclr pretrain --resume {shlex.quote(str(run_dir))}"
+
+
 def pretrain_main(argv: Sequence[str]) -> int:
     from .options import PretrainConfig
-    cfg, notes = config_lib.parse(PretrainConfig, argv)
+    cfg, notes = config_lib.parse(PretrainConfig, _with_run_config(argv))
     if cfg.problem != "sim-clr":
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
@@ -104,6 +122,8 @@ def pretrain_main(argv: Sequence[str]) -> int:
         if "knn_top1" in result:
             summary.append(f"kNN top-1 after pretraining: {result['knn_top1']:.2f}% "
                            f"(top-5 {result['knn_top5']:.2f}%)")
+        if result["status"] == "interrupted":
+            summary.append(f"continue with: {resume_command(result['run_dir'])}")
         print("\n".join(summary))
     return 0
 
@@ -218,6 +238,9 @@ def run_command(name: str, argv: Sequence[str]) -> int:
             return 0
     except UserError as e:
         print(f"error: {_clean(str(e))}", file=sys.stderr)
+        if getattr(e, "run_dir", ""):  # a run that stopped on an error can be continued once it is fixed
+            print(f"the run folder is {e.run_dir}; after fixing the cause continue with: "
+                  f"{resume_command(e.run_dir)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)

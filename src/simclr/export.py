@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from . import config as config_lib
-from .checkpoint import write_with_card
+from .checkpoint import resolve, write_with_card
 from .config import nonneg, option, positive
 from .errors import ConfigError, DataError, UserError
 from .files import atomic_write, sha256_file
@@ -85,7 +85,7 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
     """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
     if fmt not in FORMATS:
         raise ConfigError(f"option 'format' got {fmt!r}; allowed: {', '.join(FORMATS)}")
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = resolve(ckpt), Path(out)
     _refuse_overwriting_input(ckpt, out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")

@@ -176,7 +176,11 @@ class PretrainConfig(CommonConfig):
     knn_k: int = option(200, "k of the kNN monitor", **within(1, MAX_COUNT))
     knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0")
     eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)")
-    resume: str = option("", "'auto' resumes from the newest valid checkpoint of the run folder given by --run_dir")
+    resume: str = option("", "continue a run: RUN_DIR (its newest valid checkpoint, with its config.yaml as the base "
+                         "config) or 'auto' (the run folder --run_dir, else the newest run of this --name; a fresh "
+                         "start when it has no checkpoint)")
+    allow_config_change: bool = option(False, "let a resumed run change options that shape its trajectory (iters, "
+                                       "lr, batch_size, ...); the old and new values are logged")
     run_dir: str = option("", "use this exact run folder instead of creating <root>/<name>/<run-id>")
     keep_last: int = option(2, "checkpoints kept in the run folder (the newest N)", check=positive,
                          check_msg="must be > 0")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import read, read_card, unwrap_state_dict
+from .checkpoint import read, read_card, resolve, unwrap_state_dict
 from .errors import CheckpointError
 from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights
 
@@ -203,7 +203,7 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
     ``trust=True`` (the user's ``--trust_checkpoint true``) allows full unpickling, with a warning;
     ``arch`` (optional) is the architecture the caller expects: another one is an error.
     """
-    path = Path(path)
+    path = resolve(path)  # a run folder: its newest valid checkpoint; a model card: the file it describes
     ck = read(path, trust=trust)
     card = read_card(path)
     if ck.get("format") == "safetensors":

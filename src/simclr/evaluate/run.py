@@ -14,6 +14,7 @@ import torch
 from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
+from ..checkpoint import resolve
 from ..errors import CheckpointError, ConfigError, DataError
 from ..files import sha256_file
 from ..runs import RunDir, environment
@@ -84,7 +85,8 @@ class Evaluation:
     # --- encoder ---------------------------------------------------------------------------
     def _load_encoder(self) -> tuple[Encoder, str]:
         cfg = self.cfg
-        if cfg.encoder_ckpt:
+        if cfg.encoder_ckpt:  # a run folder means its newest valid checkpoint; recorded as the file it took
+            cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))
             enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=self.device)
             digest = sha256_file(Path(cfg.encoder_ckpt))
         else:

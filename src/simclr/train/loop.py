@@ -206,6 +206,10 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
             except OSError:
                 pass
         if failure is not None:  # a peer died or hung: one clear line instead of a gloo/NCCL traceback
+            e = failure
+        if s is not None and s.run is not None and isinstance(e, UserError):
+            e.run_dir = str(s.run.path)  # the entry point says how to continue
+        if failure is not None:
             raise failure from None
         raise
     finally:

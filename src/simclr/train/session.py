@@ -4,8 +4,10 @@ Bad input fails in :func:`setup`, before any folder is created.
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -82,18 +84,39 @@ class Session:
 
 def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
     """The checkpoint to continue from (None: start at step 0) and the run folder to write into."""
-    if cfg.ckpt:
-        return Path(cfg.ckpt), cfg.run_dir or str(find_run_dir(Path(cfg.ckpt)) or "")
+    if cfg.ckpt:  # a run folder: its newest valid checkpoint
+        path = ckpt_lib.resolve(cfg.ckpt, log=log.warn)
+        return path, cfg.run_dir or str(find_run_dir(path) or "")
     if cfg.resume == "auto":
-        if not cfg.run_dir:
-            raise UserError("--resume auto needs --run_dir PATH (the run folder to continue)")
-        path = ckpt_lib.latest_valid(Path(cfg.run_dir), log=log.warn)
+        run_dir = cfg.run_dir or str(newest_run(Path(cfg.root) / cfg.name) or "")
+        path = ckpt_lib.latest_valid(Path(run_dir), log=log.warn) if run_dir else None
         if path is None:
-            log(f"note: no valid checkpoint in {cfg.run_dir}; starting from step 0")
-        return path, cfg.run_dir
+            log(f"note: no valid checkpoint in {run_dir or Path(cfg.root) / cfg.name}; starting from step 0")
+        return path, run_dir
     if cfg.resume:
-        raise UserError(f"--resume takes 'auto' (or use --ckpt PATH), got {config_lib.shown(cfg.resume)}")
+        if not Path(cfg.resume).is_dir():
+            raise UserError(f"--resume takes a run folder or 'auto', got {config_lib.shown(cfg.resume)}: no such "
+                            f"folder (to continue from one file use --ckpt PATH)")
+        return ckpt_lib.resolve(cfg.resume, log=log.warn), cfg.run_dir or cfg.resume
     return None, cfg.run_dir
+
+
+def newest_run(folder: Path) -> Optional[Path]:
+    """The most recently started run folder under <root>/<name> (None when there is none)."""
+    runs = [p.parent for p in folder.glob("*/config.yaml")] if folder.is_dir() else []
+    return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime, default=None)
+
+
+# options that change where a run goes: a resume that changes them is a different run unless allowed
+TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature",
+              "multiplier", "arch", "width", "data", "data_path", "train_subset", "aug", "scale_lower",
+              "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
+
+
+def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
+    """{key: (checkpoint's value, this run's value)} for the trajectory keys that differ."""
+    return {k: (saved[k], getattr(cfg, k)) for k in TRAJECTORY
+            if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)}
 
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
@@ -108,14 +131,19 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
             raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
                             f"{key}={getattr(cfg, key)!r}; pass --{key} {saved[key]}")
     seed = saved.get("seed")
-    if isinstance(seed, int) and seed >= 0 and seed != cfg.seed:
-        # data order and augmentations are functions of (seed, step): continuing the same trajectory needs
-        # the checkpoint's seed. A drawn seed (--seed -1, the default) is replaced silently.
-        if seed_drawn:
-            cfg.seed = seed
-        else:
-            log.warn(f"warning: {path} was trained with seed {seed}, this run has --seed {cfg.seed}: "
-                     f"the images and augmentations from here on differ from an uninterrupted run")
+    if seed_drawn and isinstance(seed, int) and seed >= 0:
+        # data order and augmentations are functions of (seed, step): continuing the same trajectory needs the
+        # checkpoint's seed, and a drawn one (--seed -1, the default) is replaced silently
+        cfg.seed = seed
+    changes = config_changes(saved, cfg)
+    if changes and not cfg.allow_config_change:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise UserError(f"resuming {path} with options that change the run: {listed}. Resume with the run's own "
+                        f"config (simclr pretrain --resume RUN_DIR), or pass --allow_config_change true")
+    for k, (old, new) in changes.items():
+        log.warn(f"warning: {path} was trained with {k}={old!r}, this run continues with {k}={new!r} "
+                 f"(--allow_config_change)")
+    ck["config_changes"] = {k: list(v) for k, v in changes.items()}
     return ck
 
 
@@ -163,6 +191,10 @@ def setup(cfg: PretrainConfig) -> Session:
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir)
         log.attach(run)
+        if ck is not None and ck["config_changes"]:  # --allow_config_change: what changed, and when
+            with open(run.path / "config_history.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "step": state.step, "changes": ck["config_changes"]},
+                                   default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml")
         run.write_json("env.json", environment(str(device)))
         run.set_status("running", step=state.step, iters=cfg.iters)
