@@ -73,3 +73,27 @@ def test_a_run_folder_or_a_card_means_its_newest_valid_checkpoint(tmp_path):
     from simclr import load_encoder
     assert load_encoder(run).source == str(want)
     assert load_encoder(want.with_suffix(".json")).source == str(want)  # a card: the file it describes
+
+
+def test_a_forgotten_encoder_is_a_labelled_reproducible_baseline(tmp_path):
+    args = ["knn", "--train_subset", "200", "--test_subset", "100", "--encoder_arch", "resnet18", "--encoder_width",
+            "8", "--device", "cpu", "--verbose", "false", "--root", tmp_path / "ev"]
+    outs = [run_cli(*args) for _ in range(2)]
+    for r in outs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.startswith("BASELINE: a randomly initialised encoder"), r.stdout
+    evals = [json.loads(p.read_text()) for p in sorted((tmp_path / "ev").glob("*/*/eval.json"))]
+    assert [e["kind"] for e in evals] == ["baseline", "baseline"]
+    assert evals[0]["top1"] == evals[1]["top1"] and evals[0]["config"]["seed"] == 0  # the same baseline each time
+
+
+def test_logs_to_a_file_are_plain_timestamped_lines_with_progress(tmp_path):
+    """stderr is a pipe here, as under SLURM: no progress bar, no carriage returns."""
+    import re
+    r, _ = _run(tmp_path, iters=2, log_freq=1, verbose="true")
+    assert "\r" not in r.stderr
+    steps = [ln for ln in r.stderr.splitlines() if " step 1/2 " in ln or " step 2/2 " in ln]
+    assert len(steps) == 2, r.stderr
+    pattern = (r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 2/2 epoch 0\.\d\d loss [\d.]+ contrast_acc [\d.]+ .* img/s "
+               r"data \d+% elapsed \d+:\d\d:\d\d eta 0:00:00$")
+    assert re.match(pattern, steps[1]), steps[1]

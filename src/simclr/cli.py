@@ -146,7 +146,9 @@ def summary(result: dict) -> str:
     """What `simclr eval` prints: the result, the protocol variant, where the head and the run folder are."""
     trained = f", {result['n_train']} labelled training images" if result["n_train"] else ""
     variant = result["details"].get("protocol_variant")
-    lines = [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+    lines = ["BASELINE: a randomly initialised encoder, not a trained one (pass --encoder_ckpt to evaluate yours)"
+             ] if result.get("kind") == "baseline" else []
+    lines += [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
              f"({result['n_test']} test images{trained})"]
     if "unlabeled_top1" in result["details"]:
         lines.append(f"accuracy on the unlabelled rest of the training split: "

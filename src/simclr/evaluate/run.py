@@ -40,8 +40,8 @@ class Evaluation:
         self.t0 = time.time()
         self.device = resolve_device(cfg.device)
         self.amp = autocast_dtype(cfg.precision, self.device)
-        if cfg.seed < 0:
-            cfg.seed = random.SystemRandom().randrange(2 ** 31)
+        if cfg.seed < 0:  # a random-init baseline is reproducible by default (seed 0); a trained encoder draws one
+            cfg.seed = 0 if not cfg.encoder_ckpt else random.SystemRandom().randrange(2 ** 31)
         torch.manual_seed(cfg.seed)
         self.aug = cfg.augmentation if cfg.aug else "none"
         self.layer = cfg.encode_layer
@@ -366,6 +366,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                        for k, v in both.items()}
             compare["difference"] = both["fast-linear"]["top1"] - both["linear"]["top1"]
         result = {
+            "kind": "eval" if cfg.encoder_ckpt else "baseline",
             "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
             "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"],
             "n_train": 0 if cfg.eval_only else len(ev.train), "n_test": res["n"], "classes": ev.classes,

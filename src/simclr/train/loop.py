@@ -29,9 +29,14 @@ from .step import DivergenceGuard, train_step
 class Speed:
     """Images per second and the share of time spent waiting for the next batch, since the last lap."""
 
-    def __init__(self, images_per_step: int):
-        self.per_step = images_per_step
+    def __init__(self, images_per_step: int, start_step: int):
+        self.per_step, self.start_step, self.started = images_per_step, start_step, time.perf_counter()
         self.lap()
+
+    def elapsed_and_eta(self, step: int, iters: int) -> tuple[float, float]:
+        """Seconds since this invocation's loop began, and the remaining ones at its average pace."""
+        elapsed = time.perf_counter() - self.started
+        return elapsed, elapsed / max(step - self.start_step, 1) * (iters - step)
 
     def timed(self, batches):
         it = iter(batches)
@@ -67,8 +72,19 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
         s.run.heartbeat(step=st.step)
     if bar is not None:
         bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
-    s.log(f"step {st.step}/{s.cfg.iters} loss {loss_v:.4f} contrast_acc {acc_v:.3f} lr {rec['lr']:.4g} "
-          f"{images_per_s:.0f} img/s data {100 * data_frac:.0f}%")
+    elapsed, eta = speed.elapsed_and_eta(st.step, s.cfg.iters)
+    mem = ""
+    if s.parts.device.type == "cuda":
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.parts.device) / 2 ** 30
+        mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
+    s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f} "
+          f"lr {rec['lr']:.4g} {images_per_s:.0f} img/s data {100 * data_frac:.0f}%{mem} "
+          f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def monitor(s: Session, at_start: bool = False) -> dict:
@@ -146,7 +162,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
         monitor(s, at_start=True)
     distributed.barrier()
     p.model.train()
-    guard, speed, status = DivergenceGuard(cfg.on_nan, p.device), Speed(cfg.batch_size), "finished"
+    guard, speed, status = DivergenceGuard(cfg.on_nan, p.device), Speed(cfg.batch_size, st.step), "finished"
     stop_at = min(cfg.iters, st.step + cfg.stop_after) if cfg.stop_after else cfg.iters
     bar = progress_bar(s)
     for x, _ in speed.timed(p.loader.batches(st.step, cfg.iters)):
@@ -183,8 +199,8 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
 
 
 def progress_bar(s: Session):
-    if not (s.dist.is_main and s.cfg.verbose):
-        return None
+    if not (s.dist.is_main and s.cfg.verbose and sys.stderr.isatty()):
+        return None  # under SLURM or a pipe the timestamped log lines are the progress (no carriage returns)
     from tqdm import tqdm
     return tqdm(total=s.cfg.iters, initial=s.state.step, desc="pretrain", dynamic_ncols=True, file=sys.stderr,
                 mininterval=1.0)

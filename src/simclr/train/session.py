@@ -44,9 +44,11 @@ class Log:
     def __call__(self, msg: str) -> None:
         if not self.main:
             return
-        if self.verbose:
+        if self.verbose and sys.stderr.isatty():
             from tqdm import tqdm
             tqdm.write(msg, file=sys.stderr)
+        elif self.verbose:  # a log file (SLURM, a pipe): plain timestamped lines
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
         if self.run is not None:
             self.run.log(msg)
         else:
