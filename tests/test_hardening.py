@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,68 @@ def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig
     assert p.returncode == 128 + sig, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert json.loads(status.read_text())["status"] == "interrupted"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    r = run_cli("pretrain", *tiny_args(tmp, iters=2, save_freq=1, keep_last=5, train_subset=128, test_subset=50))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [p.parent for p in (tmp / "logs").glob("t/*/status.json")]
+    return run
+
+
+def _tampered(tiny_run, tmp_path, change) -> Path:
+    from simclr import checkpoint as ckpt_lib
+    ck = ckpt_lib.read(ckpt_lib.checkpoint_path(tiny_run, 2))
+    change(ck)
+    out = tmp_path / "run" / "checkpoints" / "checkpoint-00000009.pt"
+    ckpt_lib.save_checkpoint(out, ck)  # a valid card: only the content is hostile
+    return out
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda ck: ck["model"]["convnet.conv1.weight"].fill_(float("nan")), "non-finite weights (NaN or inf) in "
+                                                                          "convnet.conv1.weight"),
+    (lambda ck: ck.update(config="resnet18"), "its 'config' is a str"),
+    (lambda ck: ck.update(image_size=1000000), "image_size '1000000' is not a side"),
+], ids=["nan-weights", "config-string", "huge-image-size"])
+def test_hostile_checkpoint_content_is_one_error_everywhere(tiny_run, tmp_path, change, needle):
+    ck = _tampered(tiny_run, tmp_path, change)
+    imgs = tmp_path / "imgs" / "a"
+    imgs.mkdir(parents=True)
+    for commandline in (["embed", "--encoder_ckpt", ck, "--images", imgs.parent, "--out", tmp_path / "f.npy"],
+                        ["export", ck, "--out", tmp_path / "e.pth"],
+                        ["knn", "--encoder_ckpt", ck, "--train_subset", "50", "--test_subset", "20",
+                         "--root", tmp_path / "ev"]):
+        msg = one_error_line(run_cli(*commandline))
+        assert needle in msg, (commandline[0], msg)
+    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "e.pth").exists()
+
+
+def test_resume_auto_skips_a_foreign_dict_under_a_checkpoint_name(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    torch.save({"weights": torch.zeros(3)}, run / "checkpoints" / "checkpoint-00000003.pt")
+    r = run_cli("pretrain", "--resume", run, "--iters", "3", "--allow_config_change", "true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping checkpoint-00000003.pt: not a checkpoint of this project" in r.stderr
+    assert "status: finished at step 3" in r.stdout
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, data_root):
+    import shutil
+    for c in ("cat", "dog"):
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        (tmp_path / "d" / "test" / c).mkdir(parents=True)
+        for f in sorted((data_root / "cifar10" / "train" / c).iterdir())[:16]:
+            shutil.copy(f, tmp_path / "d" / "train" / c / f.name)
+        for f in sorted((data_root / "cifar10" / "test" / c).iterdir())[:8]:
+            shutil.copy(f, tmp_path / "d" / "test" / c / f.name)
+    os.mkfifo(tmp_path / "d" / "train" / "cat" / "zz.jpg")
+    r = run_cli("pretrain", *tiny_args(tmp_path, data="folder", data_path=tmp_path / "d", image_size=32,
+                                       train_subset=0, test_subset=0, batch_size=8, iters=1, knn_k=5), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

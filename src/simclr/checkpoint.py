@@ -356,12 +356,19 @@ def list_checkpoints(run_dir: Path) -> list:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def is_ours(ck: Any) -> bool:
+    """A checkpoint this project wrote (any kind), as opposed to a foreign dict under our file name."""
+    return isinstance(ck, dict) and ck.get("format") == FORMAT and isinstance(ck.get("model"), dict)
+
+
 def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
-    """The newest checkpoint that passes its checksum and loads; corrupt ones are skipped with a warning."""
+    """The newest checkpoint that passes its checksum, loads, and is one of ours; others are skipped with a
+    warning."""
     for p in list_checkpoints(run_dir):
         try:
-            read(p)
-            return p
+            if is_ours(read(p)):
+                return p
+            log(f"warning: skipping {p.name}: not a checkpoint of this project")
         except CheckpointError as e:
             log(f"warning: skipping {p.name}: {e}")
     return None

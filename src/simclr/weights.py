@@ -140,6 +140,10 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {_short(list(map(str, bad)))}")
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:  # a diverged run's weights give NaN features and chance accuracy: refuse them here
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {_short(list(map(str, nonfinite)))}; "
+                              f"the run diverged before this checkpoint — use an earlier one")
     sd = unwrap_state_dict(sd)
     if not any(k.startswith("convnet.") for k in sd):
         if "conv1.weight" in sd:  # a bare torchvision-style trunk (our export, or a torchvision model)
@@ -213,12 +217,17 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
         return enc.to(device)
     if ck.get("format") == "simclr":
         cfg = ck.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path}: its 'config' is a {type(cfg).__name__}, not a mapping; the file was not "
+                                  f"written by this project or was edited")
         if "model" not in ck or not any(str(k).split(".")[0] in ("convnet", "module", "_orig_mod")
                                         for k in (ck.get("model") or {})):
             if _looks_linear(ck.get("model") or ck.get("head") or {}) or ck.get("kind") == "linear":
                 raise _linear_error(path)
             raise CheckpointError(f"{path} is a {ck.get('kind', '?')} checkpoint without encoder weights")
         size = ck.get("image_size") or cfg.get("image_size") or _spec_size(cfg)
+        if not isinstance(size, int) or not 8 <= size <= 4096:
+            raise CheckpointError(f"{path}: its image_size {str(size)[:40]!r} is not a side in pixels (8-4096)")
         meta = {k: ck.get(k) for k in ("kind", "step", "metrics") if ck.get(k) is not None}
         meta.update({k: cfg[k] for k in ("data", "iters", "batch_size", "temperature") if k in cfg})
         meta.update({k: card[k] for k in ("epochs", "sha256") if k in card})

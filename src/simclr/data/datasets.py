@@ -115,7 +115,8 @@ def scan_folder(root: Path) -> tuple[list, list, list]:
     files, targets = [], []
     for ci, c in enumerate(classes):
         for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() in IMG_EXTENSIONS:
+            # only regular files: a FIFO or socket named x.jpg would block the reader forever
+            if f.suffix.lower() in IMG_EXTENSIONS and f.is_file():
                 files.append(f)
                 targets.append(ci)
     if not files:
