@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simclr import runs
+from simclr import rundir, runs
 from simclr.cli import main as cli_main
 
 HOST = socket.gethostname()
@@ -164,20 +164,47 @@ def test_eval_linked_by_checksum_when_path_is_gone(tmp_path):
     assert by.loc["b", "linear"] != by.loc["b", "linear"]
 
 
-def test_pid_reuse_is_not_mistaken_for_the_run(tmp_path):
+def _running(pid: int, started: float) -> dict:
     now = time.time()
-    # this very process, but the run claims to have started long before the process did
-    st = {"status": "running", "pid": os.getpid(), "host": HOST, "started": now - 30 * 86400, "updated": now}
-    status, why = runs.effective_status(st)
-    if Path("/proc/self/stat").exists():
+    return {"status": "running", "pid": pid, "host": HOST, "started": started, "updated": now}
+
+
+def test_liveness_follows_a_real_process(tmp_path):
+    """A run whose status.json names a live process is running; killed, it is interrupted (zombie or reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = make_run(tmp_path / "logs", "exp", "live", _running(proc.pid, time.time()), cfg(),
+                       train_recs(range(1, 3)))
+        assert runs.index(tmp_path / "logs").set_index("id").loc["live", "status"] == "running"
+        proc.kill()
+        deadline = time.time() + 10  # killed but not yet reaped: a zombie is no live run either
+        while runs.effective_status(_running(proc.pid, time.time()))[0] != "interrupted" and time.time() < deadline:
+            time.sleep(0.05)
+        status, why = runs.effective_status(json.loads((run / "status.json").read_text()))
+        assert status == "interrupted" and f"process {proc.pid}" in why and "gone" in why
+        proc.wait()
+        row = runs.index(tmp_path / "logs").set_index("id").loc["live"]
+        assert row["status"] == "interrupted" and "gone" in row["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pid_reuse_is_not_mistaken_for_the_run():
+    """The pid is alive, but its process was created long after the run started: another program got the pid."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status, why = runs.effective_status(_running(proc.pid, time.time() - 30 * 86400))
         assert status == "interrupted" and "another process" in why
-    st["started"] = now
-    assert runs.effective_status(st)[0] == "running"
+        assert runs.effective_status(_running(proc.pid, time.time()))[0] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_heartbeat_thread_keeps_a_live_run_fresh(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
-    rd = runs.RunDir(tmp_path / "r")
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    rd = rundir.RunDir(tmp_path / "r")
     rd.set_status("running", step=0)
     first = json.loads((rd.path / "status.json").read_text())["updated"]
     deadline = time.time() + 10
@@ -245,7 +272,7 @@ def test_index_compat_and_package_attribute(zoo):
 def test_metrics_lines_are_strict_json_even_for_non_finite_values(tmp_path):
     import json as _json
 
-    from simclr.runs import RunDir
+    from simclr.rundir import RunDir
 
     run = RunDir(tmp_path / "r", tensorboard=False)
     run.log_metrics({"step": 3, "loss": float("nan"), "lr": float("inf"), "contrast_acc": 0.5})

@@ -22,7 +22,7 @@ COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
     "eval": ("simclr.cli:eval_main", "evaluate an encoder: linear, fast-linear, kNN, fine-tune, transfer, eval-only"),
     "knn": ("simclr.cli:knn_main", "weighted or majority kNN accuracy of an encoder's frozen features"),
-    "runs": ("simclr.runs:runs_main", "table of all runs under a folder (status, progress, kNN, linear top-1)"),
+    "runs": ("simclr.runs.cli:runs_main", "table of all runs under a folder (status, progress, kNN, linear top-1)"),
     "report": ("simclr.report:report_main", "write an HTML report with plots and pictures into a run folder"),
     "compare": ("simclr.report:compare_main", "plot two or more runs together and list their config differences"),
     "export": ("simclr.export:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import runs as runs_lib
+from .runs.index import encoder_sha as _encoder_sha
 from .errors import DataError, UserError
 
 PICTURES = "report"  # sub-folder of the run folder holding the PNGs
@@ -504,7 +505,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     records = runs_lib.read_metrics(run)
     evals = runs_lib.read_evals(run)
     row = runs_lib.summarize(run)
-    env = runs_lib._read_json(run / "env.json") or {}
+    env = runs_lib.read_json(run / "env.json") or {}
     if not os.environ.get("DATA_ROOT") and env.get("data_root"):
         # the pictures need the run's images: read them from where the run read them
         os.environ["DATA_ROOT"] = env["data_root"]
@@ -582,7 +583,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     for ev in evals:
         eval_rows.append((f"{ev.get('protocol', 'eval')} ({ev.get('_file')})",
                           f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
-                          + (f", encoder sha256 {runs_lib._encoder_sha(ev)[:12]}" if runs_lib._encoder_sha(ev) else "")))
+                          + (f", encoder sha256 {_encoder_sha(ev)[:12]}" if _encoder_sha(ev) else "")))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(row['name'])} / {_esc(row['id'])}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>{_esc(row['name'])} / {_esc(row['id'])} <span class='{_esc(status)}'>{_esc(status)}</span></h1>",

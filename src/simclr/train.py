@@ -27,7 +27,7 @@ from .evaluate.sharded import sharded_knn
 from .loss import nt_xent
 from .models import SimCLRModel, build_model, convert_sync_batchnorm
 from .optim import build_optimizer, lr_schedule, set_lr
-from .runs import RunDir, environment, find_run_dir
+from .rundir import RunDir, environment, find_run_dir
 from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
 
 

@@ -16,7 +16,7 @@ from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError
-from ..runs import RunDir, environment
+from ..rundir import RunDir, environment
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
 from .features import FeatureCache, augment_transform, dataset_fingerprint, extract_augmented, extract_features
