@@ -279,3 +279,19 @@ def test_metrics_lines_are_strict_json_even_for_non_finite_values(tmp_path):
     line = (tmp_path / "r" / "metrics.jsonl").read_text().strip()
     rec = _json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # rejects NaN/Infinity
     assert rec == {"step": 3, "loss": None, "lr": None, "contrast_acc": 0.5}
+
+
+def test_run_folder_files_are_readable_by_the_team(tmp_path):
+    """Atomically written files get the umask's permissions like any open(), not mkstemp's private 0o600:
+    a shared runs folder must stay readable to the index and report of other users."""
+    old = os.umask(0o022)
+    try:
+        run = rundir.RunDir(tmp_path / "r", tensorboard=False)
+        run.set_status("finished", step=1)
+        run.write_json("env.json", {"host": HOST})
+        run.log_metrics({"step": 1, "loss": 1.0})
+    finally:
+        os.umask(old)
+    for name in ("status.json", "env.json", "metrics.jsonl"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
+    assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary file left
