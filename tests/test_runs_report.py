@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,34 @@ def _refs(page: Path) -> list:
     return p.refs
 
 
+class _StatusText(HTMLParser):
+    """The text of the page's status element (id="status"), as a browser shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.text = 0, ""
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth:
+            self.depth += 1
+        elif dict(attrs).get("id") == "status":
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth:
+            self.text += data
+
+
+def _status(page: Path) -> str:
+    p = _StatusText()
+    p.feed(page.read_text())
+    return p.text.strip()
+
+
 @pytest.mark.slow  # ~30-70 s on a busy 2-core box (feature extraction, subprocess + CIFAR load)
 def test_report_on_a_real_run(real_run, tmp_path):
     run = tmp_path / "run"
@@ -64,7 +93,28 @@ def test_report_on_a_real_run(real_run, tmp_path):
     for r in refs:  # every picture the page shows exists, relative to the page (no server, no absolute paths)
         assert not Path(r).is_absolute() and (page.parent / r).is_file() and (page.parent / r).stat().st_size > 1000
     text = page.read_text()
-    assert "finished" in text and "61.00" in text and "skipped" not in text
+    assert _status(page) == "finished"  # the rendered status, not the CSS class `.finished` in the style sheet
+    assert "61.00" in text and "skipped" not in text
+
+
+@pytest.mark.slow  # ~25 s: feature extraction twice
+def test_report_reads_images_where_the_run_did(real_run, tmp_path, monkeypatch):
+    """No DATA_ROOT: the pictures come from the data root recorded in env.json, passed down explicitly;
+    the process environment is left as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    monkeypatch.delenv("DATA_ROOT")
+    monkeypatch.chdir(tmp_path)  # ./data does not exist here
+    report.write_report(run, gallery=50, n_embed=50, n_queries=2, log=lambda m: None)
+    assert {"views", "retrieval", "embedding"} <= {p.stem for p in (run / "report").glob("*.png")}
+    assert "DATA_ROOT" not in os.environ
+    # an explicit data root wins over the recorded one (which would not be found)
+    env = json.loads((run / "env.json").read_text())
+    (run / "env.json").write_text(json.dumps(dict(env, data_root=str(tmp_path / "nowhere"))))
+    page = report.write_report(run, pictures=True, gallery=50, n_embed=50, n_queries=2, log=lambda m: None,
+                               data_root=env["data_root"])
+    assert "views.png" in page.read_text() and "skipped" not in page.read_text()
+    assert "DATA_ROOT" not in os.environ
 
 
 def test_report_degrades_to_notes_when_inputs_are_missing(tmp_path, capsys):
@@ -75,8 +125,23 @@ def test_report_degrades_to_notes_when_inputs_are_missing(tmp_path, capsys):
     assert cli_main(["report", str(run)]) == 0
     page = run / "report.html"
     assert _refs(page) == [] and "no training records" in page.read_text() and "no readable config" in page.read_text()
+    assert _status(page) == "failed"
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "run folder not found" in capsys.readouterr().err
+
+
+def test_report_page_shows_status_and_escapes_run_values(tmp_path, capsys):
+    """Values from a run folder are text on the page (autoescaped template), and the status is rendered."""
+    run = tmp_path / "logs" / "x" / "r2"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "interrupted", "started": 1.0, "updated": 2.0}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "<script>alert(1)</script>", "lr": 0.5}))
+    assert cli_main(["report", str(run), "--no_pictures"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run / 'report.html'}"
+    text = (run / "report.html").read_text()
+    assert _status(run / "report.html") == "interrupted"
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "skipped (--no_pictures)" in text
 
 
 def test_config_diff_lists_exactly_the_differing_keys():
@@ -88,7 +153,7 @@ def test_config_diff_lists_exactly_the_differing_keys():
     assert report.config_diff([a, dict(a)]) == {}
 
 
-def test_compare_command(real_run, tmp_path, capsys):
+def test_compare_command(real_run, tmp_path, capsys, monkeypatch):
     other = tmp_path / "logs" / "t" / "other"
     shutil.copytree(real_run, other)
     cfg = yaml.safe_load((other / "config.yaml").read_text())
@@ -104,6 +169,15 @@ def test_compare_command(real_run, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "temperature" in table and "lr" in table and "arch" not in table
     assert cli_main(["compare", str(real_run)]) == 2
+    # without --out: inside the first run's folder (never ./compare.png of whatever folder we are in), path printed
+    first = tmp_path / "logs" / "t" / "first"
+    shutil.copytree(real_run, first)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert cli_main(["compare", str(first), str(other)]) == 0
+    assert f"figure: {first / 'compare.png'}" in capsys.readouterr().out
+    assert (first / "compare.png").stat().st_size > 10_000 and list(cwd.iterdir()) == []
 
 
 def test_tensorboard_reads_the_runs_folder(real_run):
