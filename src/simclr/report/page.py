@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from ..errors import DataError, UserError
 from ..files import atomic_write
 from ..runs import read_config, read_evals, read_json, read_metrics, summarize
-from ..runs.index import encoder_sha
+from ..runs.evals import encoder_sha
 from . import plots
 from .pictures import Datasets, load_run_encoder, plot_retrieval_and_embedding, plot_views
 
@@ -55,8 +55,8 @@ class _Figures:
 
 
 def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path, is_eval: bool) -> None:
-    figs.add("Loss and contrastive accuracy", plots.plot_curves(records, pic_dir / "curves.png",
-                                                                "training loss of the head" if is_eval else "NT-Xent loss"),
+    loss_name = "training loss of the head" if is_eval else "NT-Xent loss"
+    figs.add("Loss and contrastive accuracy", plots.plot_curves(records, pic_dir / "curves.png", loss_name),
              "NT-Xent loss and the fraction of anchors whose positive scores highest among all 2N-1 candidates, "
              "at each logged step.", "no training records in metrics.jsonl yet")
     figs.add("Learning-rate schedule", plots.plot_lr(records, cfg, pic_dir / "lr.png"),

@@ -1,7 +1,9 @@
 """Run folders, read: ``simclr.runs.index(root)`` -> a pandas DataFrame, one row per run.
 
-    index.py    read run folders (config, status, metrics, eval results) into the index
+    folder.py   read the files of one run folder (config, metrics, eval results), tolerantly
     status.py   whether a run that says 'running' is alive (psutil + heartbeat)
+    evals.py    what an eval run measured, and which pretraining run's checkpoint it evaluated
+    index.py    one row per run folder under a root -> pandas DataFrame; filters
     cli.py      ``simclr runs``: the index as a table, CSV or JSON
 
 The writer of run folders is :mod:`simclr.rundir` (used by training and evaluation); nothing here
@@ -10,8 +12,8 @@ writes. Note: ``simclr.runs.index`` is the *function* (the public API); the modu
 """
 from __future__ import annotations
 
-from .index import (MARKERS, SUMMARY_COLUMNS, Index, filter_rows, find_runs, flatten, index, read_config,
-                    read_evals, read_json, read_metrics, summarize)
+from .folder import flatten, read_config, read_evals, read_json, read_metrics
+from .index import MARKERS, SUMMARY_COLUMNS, Index, filter_rows, find_runs, index, summarize
 from .status import STALE_S, STATUSES, effective_status
 
 __all__ = ["MARKERS", "SUMMARY_COLUMNS", "STALE_S", "STATUSES", "Index", "effective_status", "filter_rows",

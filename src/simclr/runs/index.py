@@ -8,15 +8,15 @@ value and the row says why, never an exception. ``index(root)`` is the public en
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import socket
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .evals import eval_summary, link_evals
+from .folder import metrics_summary, read_config, read_evals, read_json
 from .status import effective_status
 
 MARKERS = ("status.json", "config.yaml", "metrics.jsonl", "eval.json")
@@ -26,53 +26,6 @@ _MAX_DEPTH = 4
 # The columns `simclr runs` shows by default, in this order.
 SUMMARY_COLUMNS = ["id", "name", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
                    "linear", "images_per_s", "started", "duration"]
-
-
-def _yaml_load(text: str):
-    import yaml
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster on 1,000 runs
-    return yaml.load(text, Loader=loader)
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept as values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def read_config(run: Path) -> dict:
-    """The run's resolved config (flattened), or {} when missing or unreadable."""
-    try:
-        cfg = _yaml_load((Path(run) / "config.yaml").read_text())
-    except OSError:
-        return {}
-    except Exception:  # a half-written YAML file: yaml raises several error types
-        return {}
-    return flatten(cfg) if isinstance(cfg, dict) else {}
-
-
-def read_evals(run: Path) -> list:
-    """Every ``eval*.json`` of a run folder that parses as a dict (tolerant of missing keys)."""
-    out = []
-    for p in sorted(Path(run).glob("eval*.json")):
-        d = read_json(p)
-        if isinstance(d, dict):
-            d.setdefault("_file", p.name)
-            out.append(d)
-    return out
 
 
 def find_runs(root) -> list:
@@ -105,124 +58,6 @@ def find_runs(root) -> list:
 
 
 
-def read_metrics(path: Path) -> list:
-    """metrics.jsonl -> list of dicts; a half-written last line is ignored."""
-    out = []
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.exists():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _metrics_summary(path: Path) -> dict:
-    """Summary of metrics.jsonl without parsing every line: the last training record (from the
-    end), median throughput of the last 20 training records, and every kNN record.
-
-    Lines that do not parse (a half-written last line) are skipped.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return {}
-    lines = data.split(b"\n")
-    out: dict = {}
-    train: list = []
-    for ln in reversed(lines):
-        if b'"loss"' not in ln:
-            continue
-        try:
-            rec = json.loads(ln)
-        except ValueError:
-            continue
-        train.append(rec)
-        if len(train) >= 20:
-            break
-    if train:
-        last = train[0]
-        for k in ("step", "epoch", "loss", "contrast_acc", "lr"):
-            if isinstance(last.get(k), (int, float)):
-                out[k] = last[k]
-        for k in ("images_per_s", "data_time_frac"):
-            vals = [r[k] for r in train if isinstance(r.get(k), (int, float))]
-            if vals:
-                out[k] = statistics.median(vals)
-    knn = []
-    for ln in lines:
-        if b'"knn_top1"' in ln:
-            try:
-                rec = json.loads(ln)
-            except ValueError:
-                continue
-            if isinstance(rec.get("knn_top1"), (int, float)):
-                knn.append(rec)
-    # step 0 is the random-init baseline (eval_at_start): reported apart, not as the run's best
-    init = [r for r in knn if not r.get("step")]
-    trained = [r for r in knn if r.get("step")]
-    if init:
-        out["knn_init"] = init[-1]["knn_top1"]
-    if trained:
-        best = max(trained, key=lambda r: r["knn_top1"])
-        out["knn"] = best["knn_top1"]
-        out["knn_top5"] = best.get("knn_top5")
-        out["knn_last"] = trained[-1]["knn_top1"]
-        out["step"] = max(out.get("step", 0), trained[-1].get("step", 0))
-    return out
-
-
-def _encoder_path(ev: dict, cfg: dict) -> str:
-    for src in (ev, ev.get("config") if isinstance(ev.get("config"), dict) else {}, cfg):
-        for key in ("encoder_ckpt", "encoder", "encoder_path"):
-            v = src.get(key)
-            if isinstance(v, dict):
-                v = v.get("path")
-            if isinstance(v, str) and v:
-                return v
-    return ""
-
-
-# eval.json protocols whose top-1 is a linear classifier on frozen features ("eval-only" re-scores a
-# saved linear head); fine-tuning ("linear+finetune") and kNN are reported as eval_top1 only.
-LINEAR_PROTOCOLS = ("linear", "fast-linear", "eval-only")
-
-
-def encoder_sha(ev: dict) -> str:
-    enc = ev.get("encoder")
-    for v in (ev.get("encoder_sha256"), enc.get("sha256") if isinstance(enc, dict) else None):
-        if isinstance(v, str) and v:
-            return v
-    return ""
-
-
-def _eval_summary(evals: list, cfg: dict) -> dict:
-    out: dict = {}
-    for ev in evals:
-        protocol = str(ev.get("protocol") or cfg.get("protocol") or "eval")
-        top1, top5 = ev.get("top1"), ev.get("top5")
-        if not isinstance(top1, (int, float)):
-            continue
-        out.setdefault("protocol", protocol)
-        out.setdefault("eval_top1", top1)
-        out.setdefault("eval_top5", top5 if isinstance(top5, (int, float)) else None)
-        if protocol in LINEAR_PROTOCOLS and top1 >= out.get("linear", float("-inf")):
-            out["linear"] = top1
-            if isinstance(top5, (int, float)):
-                out["linear_top5"] = top5
-    enc = _encoder_path(evals[0], cfg) if evals else ""
-    if enc:
-        out["encoder_ckpt"] = enc
-    sha = next((h for h in map(encoder_sha, evals) if h), "")
-    if sha:
-        out["encoder_sha256"] = sha
-    return out
-
-
 def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None) -> dict:
     """One index row for a run folder: flattened config, then summary fields on top."""
     run = Path(run)
@@ -234,7 +69,7 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     else:
         status = "unknown"
         reason = "status.json unreadable" if (run / "status.json").exists() else "no status.json"
-    m = _metrics_summary(run / "metrics.jsonl")
+    m = metrics_summary(run / "metrics.jsonl")
     evals = read_evals(run)
     row = dict(cfg)
     started, updated = st.get("started"), st.get("updated")
@@ -264,40 +99,8 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
             row[k] = m[k]
     if "lr" in m:
         row["lr_last"] = m["lr"]
-    row.update(_eval_summary(evals, cfg))
+    row.update(eval_summary(evals, cfg))
     return row
-
-
-def _link_evals(rows: list) -> None:
-    """Give each pretraining row the best linear top-1 among the eval runs of its checkpoints."""
-    by_path = {}
-    for r in rows:
-        by_path[os.path.realpath(r["path"])] = r
-    sha_cache: dict = {}
-    for r in rows:
-        if r["kind"] != "eval" or "linear" not in r:
-            continue
-        target = None
-        enc = r.get("encoder_ckpt")
-        if enc:
-            p = Path(enc)
-            if not p.is_absolute():  # relative to the folder the eval was launched from
-                env = read_json(Path(r["path"]) / "env.json")
-                p = Path(env.get("cwd") if isinstance(env, dict) and env.get("cwd") else os.getcwd()) / p
-            owner = p.parent.parent if p.parent.name == "checkpoints" else None
-            target = by_path.get(os.path.realpath(owner)) if owner is not None else None
-        if target is None and r.get("encoder_sha256"):
-            if not sha_cache:  # checksums of every checkpoint card, read once and only when needed
-                for t in rows:
-                    for card in Path(t["path"], "checkpoints").glob("*.json"):
-                        d = read_json(card)
-                        if isinstance(d, dict) and d.get("sha256"):
-                            sha_cache[d["sha256"]] = t
-            target = sha_cache.get(r["encoder_sha256"])
-        if target is not None and target is not r:
-            r["encoder_run"] = target["path"]
-            if r["linear"] >= target.get("linear", float("-inf")):
-                target["linear"] = r["linear"]
 
 
 def index(root="logs", where: Optional[dict] = None):
@@ -315,7 +118,7 @@ def index(root="logs", where: Optional[dict] = None):
     import pandas as pd
     now, host = time.time(), socket.gethostname()
     rows = [summarize(p, now, host) for p in find_runs(root)]
-    _link_evals(rows)
+    link_evals(rows)
     df = pd.DataFrame.from_records(rows)
     if df.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
