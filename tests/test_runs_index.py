@@ -295,3 +295,77 @@ def test_run_folder_files_are_readable_by_the_team(tmp_path):
     for name in ("status.json", "env.json", "metrics.jsonl"):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
     assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def _evals_beside_the_zoo(root: Path) -> None:
+    """A kNN evaluation of the finished run's checkpoint and a random-init (baseline) linear evaluation."""
+    now = time.time()
+    ckpt = str(root / "exp" / "finished" / "checkpoints" / "checkpoint-00000010.pt")
+    knn_ev = {"protocol": "knn", "top1": 47.5, "top5": 88.0,
+              "encoder": {"path": ckpt, "sha256": "abc123", "arch": "resnet18", "random_init": False}}
+    make_run(root, "knn", "knneval", {"status": "finished", "pid": 1, "host": HOST, "started": now - 10,
+                                      "updated": now - 9},
+             dict(problem="eval", data="cifar10", protocol="knn", arch="linear", batch_size=1024, iters=5000,
+                  temperature=0.1, encoder_ckpt=ckpt), [], evals={"eval.json": knn_ev})
+    base_ev = {"protocol": "linear", "top1": 20.0, "top5": 60.0,
+               "encoder": {"path": "", "sha256": "", "arch": "resnet50", "random_init": True}}
+    make_run(root, "lin", "baseline", {"status": "finished", "pid": 1, "host": HOST, "started": now - 3,
+                                       "updated": now - 2},
+             dict(problem="eval", data="cifar10", protocol="linear", arch="linear", batch_size=1024, iters=5000,
+                  temperature=0.1, encoder_ckpt="", encoder_arch="resnet50"), [], evals={"eval.json": base_ev})
+
+
+def test_eval_rows_have_a_kind_their_result_and_their_own_columns(zoo):
+    import pandas as pd
+    root, _ = zoo
+    _evals_beside_the_zoo(root)
+    by = runs.index(root).set_index("id")
+    k = by.loc["knneval"]
+    assert (k["kind"], k["protocol"], k["knn"], k["knn_top5"]) == ("eval", "knn", 47.5, 88.0)
+    assert k["arch"] == "resnet18" and k["head"] == "linear"  # the evaluated encoder, not the classifier
+    assert pd.isna(k["temperature"]) and k["knn_tau"] == 0.1  # the kNN tau is not NT-Xent's temperature
+    assert pd.isna(k["iters"]) and pd.isna(k["batch_size"]) and pd.isna(k["step"])  # kNN trains nothing
+    assert k["encoder_run"] == str(root / "exp" / "finished")
+    f = by.loc["finished"]
+    assert f["kind"] == "pretrain" and f["temperature"] == 0.2 and f["knn"] == 41.0 and pd.isna(f["knn_tau"])
+    b = by.loc["baseline"]
+    assert (b["kind"], b["protocol"], b["linear"], b["arch"]) == ("baseline", "linear", 20.0, "resnet50")
+    assert f["linear"] == 55.5  # a baseline is linked to no pretraining run
+    assert by.loc["eval1", "kind"] == "eval" and by.loc["eval1", "iters"] is pd.NA
+    assert (b["step"], b["iters"], b["batch_size"]) == (5000, 5000, 1024)  # a finished SGD head: all its steps
+    assert str(by["batch_size"].dtype) == "Int64" and by.loc["finished", "batch_size"] == 32
+    assert set(runs.index(root, where={"batch_size": "32"}).id) == {
+        i for i in by.index if by.loc[i, "batch_size"] is not pd.NA and by.loc[i, "batch_size"] == 32}
+
+
+def test_runs_table_kind_filter_newest_first_and_plain_machine_formats(zoo, capsys):
+    import csv
+    import io
+    root, _ = zoo
+    _evals_beside_the_zoo(root)
+    assert cli_main(["runs", "--root", str(root), "--columns", "id,kind,protocol,knn,linear"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["id", "kind", "protocol", "knn", "linear"]
+    rows = [ln.split() for ln in out[1:]]
+    ids = [r[0] for r in rows]
+    # newest first (by start time; ties keep the path order), runs without a start time last
+    assert ids[:3] == ["alive", "truncated", "baseline"] and ids[-2:] == ["badstatus", "configonly"]
+    assert ["knneval", "eval", "knn", "47.5"] in rows  # an eval row shows its protocol and its result
+    assert ["eval1", "eval", "linear", "55.5"] in rows
+    assert cli_main(["runs", "--root", str(root), "--columns", "id,steps", "--kind", "eval"]) == 0
+    assert capsys.readouterr().out.split()[2:] == ["knneval", "eval1"]  # no "/5000": kNN took no steps
+    assert cli_main(["runs", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:4] == ["id", "name", "kind", "status"]
+    for kind, want in (("baseline", {"baseline"}), ("eval", {"eval1", "knneval"})):
+        assert cli_main(["runs", "--root", str(root), "--kind", kind, "--columns", "id"]) == 0
+        assert set(capsys.readouterr().out.split()[1:]) == want
+    assert cli_main(["runs", "--root", str(root), "--kind", "evals"]) == 2
+    assert "allowed: all, pretrain, eval, baseline" in capsys.readouterr().err
+    # machine formats: durations in seconds, ISO times, numbers as numbers
+    assert cli_main(["runs", "--root", str(root), "--format", "csv", "--columns", "id,duration,started,step"]) == 0
+    rec = {r["id"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert float(rec["finished"]["duration"]) == pytest.approx(60, abs=1) and rec["finished"]["step"] == "10"
+    assert rec["finished"]["started"][10] == "T" and "days" not in rec["finished"]["duration"]
+    assert cli_main(["runs", "--root", str(root), "--format", "json", "--columns", "id,duration,knn"]) == 0
+    js = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert js["finished"]["duration"] == pytest.approx(60, abs=1) and js["knneval"]["knn"] == 47.5

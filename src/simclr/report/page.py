@@ -137,7 +137,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     if not data_root and not os.environ.get("DATA_ROOT"):
         data_root = env.get("data_root") or None  # the pictures need the run's images: read them where it did
     figs = _Figures()
-    _plots(figs, records, evals, cfg, pic_dir, row["kind"] == "eval")
+    _plots(figs, records, evals, cfg, pic_dir, row["kind"] != "pretrain")
     if pictures and cfg:
         _pictures(figs, run, cfg, pic_dir, Datasets(cfg, data_root), n_queries, gallery, n_embed, device, log)
     elif not cfg:

@@ -13,8 +13,9 @@ from .status import STATUSES
 _DESCENDING = {"knn", "knn_top5", "knn_last", "linear", "linear_top5", "eval_top1", "contrast_acc",
                "images_per_s", "started", "updated", "step", "duration"}
 
-DEFAULT_TABLE = ["id", "name", "status", "arch", "data", "batch_size", "steps", "loss", "knn", "linear",
-                 "images_per_s", "started", "duration"]
+DEFAULT_TABLE = ["id", "name", "kind", "status", "arch", "data", "batch_size", "steps", "loss", "knn", "linear",
+                 "protocol", "images_per_s", "started", "duration"]
+KINDS = ("all", "pretrain", "eval", "baseline")
 
 
 @dataclass
@@ -27,12 +28,16 @@ class RunsOptions:
     root: str = option("", "folder holding the runs (default: $SIMCLR_LOGS or ./logs)")
     where: list = option(help="keep runs whose column KEY equals VALUE, written KEY=VALUE (repeatable), "
                               "e.g. --where data=cifar10", default_factory=list)
-    sort: str = option("", "sort by this column; accuracy/speed/time columns put the largest first")
+    kind: str = option("all", "only runs of this kind: pretrain, eval, baseline (an evaluation of a randomly "
+                              "initialised encoder), or all", KINDS)
+    sort: str = option("", "sort by this column (default: newest first); accuracy/speed/time columns put the "
+                           "largest first")
     columns: str = option("", "comma-separated columns to show (any config key or summary column; "
                               "'steps' = done/total)")
     status: str = option("", f"only runs with this status ({', '.join(STATUSES)})",
                          check=lambda s: s in ("",) + STATUSES, check_msg=f"allowed: {', '.join(STATUSES)}")
-    format: str = option("table", "output format", ["table", "csv", "json"])
+    format: str = option("table", "output format; csv and json give plain numbers (duration in seconds, "
+                                  "accuracies in percent) and ISO times", ["table", "csv", "json"])
 
     def check(self) -> None:
         for w in self.where:
@@ -57,7 +62,9 @@ def format_table(df, columns: list) -> str:
     out = pd.DataFrame(index=df.index)
     for c in columns:
         if c == "steps":
-            out[c] = [f"{'' if pd.isna(a) else int(a)}/{'' if pd.isna(b) else int(b)}"
+            def count(v):
+                return "" if pd.isna(v) else str(int(v))
+            out[c] = ["" if pd.isna(a) and pd.isna(b) else f"{count(a)}/{count(b)}"
                       for a, b in zip(df["step"], df["iters"])]
             continue
         col = df[c]
@@ -70,8 +77,20 @@ def format_table(df, columns: list) -> str:
         elif pd.api.types.is_float_dtype(col):
             out[c] = [("" if pd.isna(v) else f"{v:.4g}") for v in col]
         else:
-            out[c] = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in col]
+            out[c] = ["" if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else str(v) for v in col]
     return out.to_string(index=False)
+
+
+def machine_format(df, fmt: str) -> str:
+    """CSV or JSON with plain values: durations in seconds (not ``0 days 00:00:03``), times in ISO 8601."""
+    import pandas as pd
+    df = df.copy()
+    for c in df.columns:
+        if pd.api.types.is_timedelta64_dtype(df[c]):
+            df[c] = df[c].dt.total_seconds()
+    if fmt == "csv":
+        return df.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S").rstrip("\n")
+    return df.to_json(orient="records", date_format="iso", indent=1)
 
 
 def runs_main(argv) -> int:
@@ -83,6 +102,8 @@ def runs_main(argv) -> int:
         where[k.strip()] = v.strip()
     if args.status:
         where["status"] = args.status
+    if args.kind != "all":
+        where["kind"] = args.kind
     root = args.root or default_root()
     df = index(root)
     if df.empty:
@@ -90,19 +111,16 @@ def runs_main(argv) -> int:
         return 0
     if where:
         df = filter_rows(df, where)
-    if args.sort:
-        key = args.sort
-        if key not in df.columns:
-            raise UserError(f"cannot sort by unknown column {key!r}{suggest_column(key, df.columns)}")
-        df = df.sort_values(key, ascending=key not in _DESCENDING, na_position="last", kind="stable")
+    key = args.sort or "started"
+    if key not in df.columns:
+        raise UserError(f"cannot sort by unknown column {key!r}{suggest_column(key, df.columns)}")
+    df = df.sort_values(key, ascending=key not in _DESCENDING, na_position="last", kind="stable")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else DEFAULT_TABLE
     for c in columns:
         if c != "steps" and c not in df.columns:
             raise UserError(f"unknown column {c!r}{suggest_column(c, list(df.columns) + ['steps'])}")
-    if args.format == "csv":
-        text = df[[c for c in columns if c != "steps"]].to_csv(index=False).rstrip("\n")
-    elif args.format == "json":
-        text = df[[c for c in columns if c != "steps"]].to_json(orient="records", date_format="iso", indent=1)
+    if args.format in ("csv", "json"):
+        text = machine_format(df[[c for c in columns if c != "steps"]], args.format)
     else:
         text = format_table(df, columns)
     print(text, flush=True)  # a closed pipe (`simclr runs | head`) is the entry point's to handle

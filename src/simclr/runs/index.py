@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .evals import eval_summary, link_evals
+from .evals import eval_columns, eval_summary, is_baseline, link_evals
 from .folder import metrics_summary, read_config, read_evals, read_json
 from .status import effective_status
 
@@ -24,8 +24,8 @@ _NOT_RUNS = {"checkpoints", "tb", "report", "features", "__pycache__"}
 _MAX_DEPTH = 4
 
 # The columns `simclr runs` shows by default, in this order.
-SUMMARY_COLUMNS = ["id", "name", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
-                   "linear", "images_per_s", "started", "duration"]
+SUMMARY_COLUMNS = ["id", "name", "kind", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
+                   "linear", "protocol", "images_per_s", "started", "duration"]
 
 
 def find_runs(root) -> list:
@@ -72,6 +72,9 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     m = metrics_summary(run / "metrics.jsonl")
     evals = read_evals(run)
     row = dict(cfg)
+    kind = "pretrain"
+    if evals or cfg.get("problem") == "eval":
+        kind = "baseline" if is_baseline(evals, cfg) else "eval"
     started, updated = st.get("started"), st.get("updated")
     if status == "running" and isinstance(started, (int, float)):
         end = time.time() if now is None else now
@@ -82,7 +85,7 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
         "id": run.name,
         "name": cfg.get("name") or run.parent.name,
         "status": status,
-        "kind": "eval" if (evals or cfg.get("problem") == "eval") else "pretrain",
+        "kind": kind,
         "step": step,
         "iters": cfg.get("iters", st.get("iters")),
         "started": started if isinstance(started, (int, float)) else None,
@@ -100,18 +103,24 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     if "lr" in m:
         row["lr_last"] = m["lr"]
     row.update(eval_summary(evals, cfg))
+    if kind != "pretrain":
+        row.update(eval_columns(evals, cfg))
     return row
 
 
 def index(root="logs", where: Optional[dict] = None):
     """All runs under ``root`` as a pandas DataFrame, one row per run.
 
-    Columns: every config key (flattened with dots), plus ``id, name, status, kind, step, iters,
-    epoch, loss, contrast_acc, lr_last, images_per_s, data_time_frac, knn`` (best kNN top-1 after
-    training), ``knn_top5, knn_last, knn_init`` (random-init baseline), ``linear`` (best linear
-    top-1 of this run or of eval runs of its checkpoints), ``protocol, eval_top1, started,
-    updated`` (datetimes), ``duration`` (Timedelta), ``host, error, path``. A run whose process
-    died without a word shows ``status == 'interrupted'`` with the reason in ``error``.
+    Columns: every config key (flattened with dots), plus ``id, name, kind`` (pretrain, eval, or
+    baseline: an evaluation of a randomly initialised encoder), ``status, step, iters, epoch, loss,
+    contrast_acc, lr_last, images_per_s, data_time_frac, knn`` (best kNN top-1 after training; for a
+    kNN evaluation its result), ``knn_top5, knn_last, knn_init`` (random-init baseline), ``linear``
+    (best linear top-1 of this run or of eval runs of its checkpoints), ``protocol, eval_top1``
+    (an eval run's protocol and result), ``encoder_run`` (the run whose checkpoint it evaluated),
+    ``started, updated`` (datetimes), ``duration`` (Timedelta), ``host, error, path``. On eval rows
+    ``arch`` is the encoder's, ``head`` the classifier, ``knn_tau`` the kNN temperature; ``temperature``
+    is NT-Xent's only. A run whose process died without a word shows ``status == 'interrupted'``
+    with the reason in ``error``.
 
     ``where``: {column: value} equality filter, e.g. ``{"data": "cifar10"}``.
     """
@@ -122,19 +131,23 @@ def index(root="logs", where: Optional[dict] = None):
     df = pd.DataFrame.from_records(rows)
     if df.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    for c in SUMMARY_COLUMNS + ["kind", "error", "path"]:
+    for c in SUMMARY_COLUMNS + ["error", "path"]:
         if c not in df.columns:
             df[c] = None
     for c in ("started", "updated"):
         df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True).dt.tz_convert(_local_tz()).dt.tz_localize(None)
     df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s")
-    for c in ("step", "iters", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init", "linear",
-              "linear_top5", "eval_top1", "eval_top5", "images_per_s", "data_time_frac", "epoch", "lr_last"):
+    for c in ("step", "iters", "batch_size", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init",
+              "linear", "linear_top5", "eval_top1", "eval_top5", "images_per_s", "data_time_frac", "epoch", "lr_last",
+              "temperature", "knn_tau"):
         if c in df.columns:
             df[c] = pd.to_numeric(df[c], errors="coerce")
-    front = [c for c in SUMMARY_COLUMNS + ["kind", "knn_init", "knn_last", "epoch", "contrast_acc",
-                                           "data_time_frac", "protocol", "eval_top1", "updated", "host", "error",
-                                           "path"] if c in df.columns]
+    for c in ("step", "iters", "batch_size"):  # counts stay integers where a row has none (eval rows, kNN)
+        vals = df[c].dropna()
+        if pd.api.types.is_float_dtype(df[c]) and (vals == vals.round()).all():
+            df[c] = df[c].astype("Int64")
+    front = [c for c in SUMMARY_COLUMNS + ["knn_init", "knn_last", "epoch", "contrast_acc", "data_time_frac",
+                                           "eval_top1", "updated", "host", "error", "path"] if c in df.columns]
     df = df[front + sorted(c for c in df.columns if c not in front)]
     if where:
         df = filter_rows(df, where)
@@ -157,7 +170,8 @@ def filter_rows(df, where: dict):
 
 
 def _equal(v, want) -> bool:
-    if v is None or (isinstance(v, float) and v != v):
+    import pandas as pd
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
         return str(want).lower() in ("", "none", "nan")
     if isinstance(v, bool):
         return str(want).lower() in (("true", "1", "yes") if v else ("false", "0", "no"))
