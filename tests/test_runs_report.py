@@ -144,6 +144,31 @@ def test_report_page_shows_status_and_escapes_run_values(tmp_path, capsys):
     assert "skipped (--no_pictures)" in text
 
 
+def test_eval_figure_is_named_and_captioned_for_what_it_draws(tmp_path):
+    """A confusion matrix is drawn as one (confusion.png, rows = true classes); an eval.json with per-class
+    accuracy only gets per_class.png and a caption that says so, never a confusion-matrix caption."""
+    from simclr.report import plots
+    run = tmp_path / "logs" / "x" / "r"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1.0, "updated": 2.0}))
+    cm = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
+    (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3, "classes": ["a", "b", "c"],
+                                               "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}, "confusion": cm}))
+    page = report.write_report(run, pictures=False, log=lambda m: None)
+    assert {p.stem for p in (run / "report").glob("*.png")} >= {"confusion"}
+    assert "Confusion matrix from eval.json: rows are true classes" in page.read_text()
+    ax = plots.eval_figure({"confusion": cm, "classes": ["a", "b", "c"]}).axes[0]
+    assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
+    # what is drawn is the row-normalised counts
+    assert ax.images[0].get_array().tolist() == [[80.0, 20.0, 0.0], [10.0, 90.0, 0.0], [0.0, 50.0, 50.0]]
+    (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3,
+                                               "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}}))
+    text = report.write_report(run, pictures=False, log=lambda m: None).read_text()
+    assert {p.stem for p in (run / "report").glob("*.png")} >= {"per_class"}
+    assert not (run / "report" / "confusion.png").exists() and "Confusion matrix" not in text
+    assert "Per-class top-1 accuracy from eval.json, which holds no confusion matrix" in text
+
+
 def test_config_diff_lists_exactly_the_differing_keys():
     a = {"lr": 1.0, "temperature": 0.5, "arch": "resnet18", "seed": 0}
     b = {"lr": 0.5, "temperature": 0.5, "arch": "resnet18", "seed": 0, "extra": 1}

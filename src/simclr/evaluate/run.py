@@ -355,7 +355,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             compare["difference"] = both["fast-linear"]["top1"] - both["linear"]["top1"]
         result = {
             "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
-            "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"],
+            "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"], "confusion": res.get("confusion"),
             "n_train": 0 if cfg.eval_only else len(ev.train), "n_test": res["n"], "classes": ev.classes,
             "encoder": {"path": cfg.encoder_ckpt, "sha256": ev.encoder_hash, "arch": ev.encoder.arch,
                         "feat_dim": ev.encoder.feat_dim, "layer": ev.layer, "input_size": ev.encoder.input_size,

@@ -98,6 +98,24 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
         figs.add("Nearest-neighbour retrieval", None, None, f"skipped: {e}")
 
 
+def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int]) -> None:
+    """The confusion matrix of one evaluation, and/or its per-class accuracy; named and captioned for
+    what is drawn (an eval.json of an older version holds per-class accuracy only)."""
+    src = ev.get("_file")
+    has_cm = plots.confusion_matrix(ev) is not None
+    has_per = isinstance(ev.get("per_class"), dict) and bool(ev["per_class"])
+    stem = "confusion" if has_cm else "per_class"
+    produced = plots.plot_eval(ev, pic_dir / f"{stem}{'' if i is None else i}.png")
+    if has_cm:
+        caption = (f"Confusion matrix from {src}: rows are true classes, columns the predicted ones, each row "
+                   f"normalised to 100% (the diagonal is each class's accuracy)"
+                   + ("; right: per-class top-1 accuracy." if has_per else "."))
+    else:
+        caption = f"Per-class top-1 accuracy from {src}, which holds no confusion matrix (an older evaluation)."
+    figs.add(f"Evaluation: {ev.get('protocol', 'eval')} ({src})", produced, caption,
+             f"{src} holds no confusion matrix or per-class accuracy")
+
+
 def _facts(run: Path, row: dict) -> list:
     status = row["status"]
     return [("run", str(run)), ("status", status + (f" ({row['error']})" if row.get("error") else "")),
@@ -145,10 +163,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     else:
         figs.add("Pictures", None, None, "augmented views, retrieval and embedding skipped (--no_pictures)")
     for i, ev in enumerate(evals):
-        name = f"eval{i}.png" if len(evals) > 1 else "confusion.png"
-        figs.add(f"Evaluation: {ev.get('protocol', 'eval')} ({ev.get('_file')})", plots.plot_eval(ev, pic_dir / name),
-                 f"From {ev.get('_file')}: rows are true classes, each normalised to 100%.",
-                 f"{ev.get('_file')} holds no confusion matrix or per-class accuracy")
+        _eval_figure(figs, ev, pic_dir, i if len(evals) > 1 else None)
 
     eval_rows = [(f"{ev.get('protocol', 'eval')} ({ev.get('_file')})",
                   f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"

@@ -180,7 +180,8 @@ def plot_speed(records: list, path: Path) -> Optional[Path]:
 # --------------------------------------------------------------------------------------------
 # evaluation results
 # --------------------------------------------------------------------------------------------
-def _confusion(ev: dict):
+def confusion_matrix(ev: dict):
+    """The eval.json's confusion matrix (counts, rows: true class) as an array, or None."""
     for key in ("confusion", "confusion_matrix"):
         m = ev.get(key)
         if isinstance(m, dict):
@@ -197,7 +198,12 @@ def _confusion(ev: dict):
 
 def plot_eval(ev: dict, path: Path) -> Optional[Path]:
     """Confusion matrix (rows: true class, normalised per row) and/or per-class accuracy bars."""
-    cm = _confusion(ev)
+    fig = eval_figure(ev)
+    return save(fig, path) if fig is not None else None
+
+
+def eval_figure(ev: dict):
+    cm = confusion_matrix(ev)
     per = ev.get("per_class") if isinstance(ev.get("per_class"), dict) else None
     if cm is None and not per:
         return None
@@ -232,8 +238,7 @@ def plot_eval(ev: dict, path: Path) -> Optional[Path]:
         if isinstance(ev.get("top1"), (int, float)):
             a.axvline(ev["top1"], color="k", ls="--", lw=1)
         a.grid(axis="x", alpha=0.3)
-    return save(fig, path)
-
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
