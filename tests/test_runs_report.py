@@ -169,6 +169,44 @@ def test_eval_figure_is_named_and_captioned_for_what_it_draws(tmp_path):
     assert "Per-class top-1 accuracy from eval.json, which holds no confusion matrix" in text
 
 
+def test_report_shows_the_evaluations_of_the_runs_checkpoints(tmp_path, capsys):
+    """Results of eval runs elsewhere under the runs root are the run's results too, as in `simclr runs`:
+    linked by checkpoint path or by checksum; an eval of another run's checkpoint is not shown."""
+    root = tmp_path / "logs"
+    run = root / "exp" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1.0, "updated": 2.0}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "exp", "iters": 10, "lr": 0.5}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 5, "epoch": 1.0, "loss": 5.0}, {"step": 10, "epoch": 2.0, "knn_top1": 30.0, "knn_top5": 70.0})))
+    (run / "checkpoints" / "checkpoint-00000010.json").write_text(json.dumps({"sha256": "feed"}))
+
+    def eval_run(name, ev):
+        folder = root / "lin" / name
+        folder.mkdir(parents=True)
+        (folder / "status.json").write_text(json.dumps({"status": "finished", "started": 3.0, "updated": 4.0}))
+        (folder / "eval.json").write_text(json.dumps(ev))
+
+    eval_run("by-path", {"protocol": "linear", "top1": 55.5, "top5": 90.0, "classes": ["a", "b"],
+                         "confusion": [[9, 1], [3, 7]],
+                         "encoder": {"path": str(run / "checkpoints" / "checkpoint-00000010.pt")}})
+    eval_run("by-sha", {"protocol": "knn", "top1": 41.0, "top5": 80.0,
+                        "encoder": {"path": "/moved/away.pt", "sha256": "feed"}})
+    eval_run("other", {"protocol": "linear", "top1": 99.0, "encoder": {"path": "/x/checkpoints/c.pt"}})
+    assert cli_main(["report", str(run), "--root", str(root), "--no_pictures"]) == 0
+    text = (run / "report.html").read_text()
+    assert "<th>linear top-1</th><td>55.50</td>" in text  # the same number `simclr runs` shows
+    assert "lin/by-path/eval.json" in text and "lin/by-sha/eval.json" in text and "lin/other" not in text
+    assert "99.00" not in text
+    assert (run / "report" / "confusion0.png").is_file() and (run / "report" / "accuracy.png").is_file()
+    # without the runs root the run's own folder is all there is
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["report", str(run), "--root", str(empty), "--no_pictures"]) == 0
+    text = (run / "report.html").read_text()
+    assert "<th>linear top-1</th><td>-</td>" in text and "lin/by-path" not in text
+
+
 def test_config_diff_lists_exactly_the_differing_keys():
     a = {"lr": 1.0, "temperature": 0.5, "arch": "resnet18", "seed": 0}
     b = {"lr": 0.5, "temperature": 0.5, "arch": "resnet18", "seed": 0, "extra": 1}

@@ -31,6 +31,8 @@ class ReportOptions:
                         check_msg="must be >= 0")
     device: str = option("cpu", "device for feature extraction (cpu, cuda)")
     data_root: str = option("", "folder holding the datasets (default: $DATA_ROOT, else the one the run read)")
+    root: str = option("", "folder of runs searched for evaluations of this run's checkpoints, shown beside its own "
+                           "(default: $SIMCLR_LOGS or ./logs)")
 
 
 @dataclass
@@ -75,10 +77,11 @@ def report_main(argv) -> int:
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but CUDA is not available; use --device cpu")
+    from ..options import default_root
     run = resolve_run(args.run)
     page = write_report(run, Path(args.out) if args.out else None, pictures=not args.no_pictures,
                         n_queries=args.queries, gallery=args.gallery, n_embed=args.embed, device=args.device,
-                        data_root=args.data_root or None)
+                        data_root=args.data_root or None, runs_root=args.root or default_root())
     print(f"report: {page}")
     return 0
 

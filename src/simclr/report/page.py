@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from ..errors import DataError, UserError
 from ..files import atomic_write
-from ..runs import read_config, read_evals, read_json, read_metrics, summarize
+from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
 from .pictures import Datasets, load_run_encoder, plot_retrieval_and_embedding, plot_views
@@ -66,7 +66,7 @@ def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path,
     total_epochs = float(cfg["iters"]) / spe if spe and isinstance(cfg.get("iters"), (int, float)) else None
     figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_epochs),
              "Weighted kNN on the frozen representation (train split -> test split) at each evaluation; "
-             "stars: results of evaluation runs (eval.json) in this folder.",
+             "stars: results of evaluation runs of this run's checkpoints (their eval.json).",
              "no kNN evaluation in metrics.jsonl and no eval.json")
     figs.add("Throughput and data wait", plots.plot_speed(records, pic_dir / "speed.png"),
              "Images per second over each logging interval, and the share of that interval the loop waited for "
@@ -101,7 +101,7 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
 def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int]) -> None:
     """The confusion matrix of one evaluation, and/or its per-class accuracy; named and captioned for
     what is drawn (an eval.json of an older version holds per-class accuracy only)."""
-    src = ev.get("_file")
+    src = ev.get("_source") or ev.get("_file")
     has_cm = plots.confusion_matrix(ev) is not None
     has_per = isinstance(ev.get("per_class"), dict) and bool(ev["per_class"])
     stem = "confusion" if has_cm else "per_class"
@@ -130,12 +130,14 @@ def _facts(run: Path, row: dict) -> list:
 
 def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 8,
                  gallery: int = 0, n_embed: int = 0, device: str = "cpu", log=print,
-                 data_root: Optional[str] = None) -> Path:
+                 data_root: Optional[str] = None, runs_root: Optional[str] = None) -> Path:
     """Write ``report.html`` (+ PNGs in ``report/``) for a run folder; returns the HTML path.
 
     ``pictures=False`` skips the sections that need the dataset (views, retrieval, embedding).
     ``data_root``: where the run's images are (default: ``DATA_ROOT`` when set, else the folder the run
-    itself read them from, as recorded in its env.json).
+    itself read them from, as recorded in its env.json). ``runs_root``: the folder of runs searched for
+    evaluation runs of this run's checkpoints, whose results the page shows beside the run's own (as
+    ``simclr runs`` links them); None: only the ``eval*.json`` inside the run folder.
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -150,7 +152,11 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         old.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    cfg, records, evals, row = read_config(run), read_metrics(run), read_evals(run), summarize(run)
+    cfg, records = read_config(run), read_metrics(run)
+    row, evals = with_links(run, runs_root)
+    for ev in evals:  # where each result comes from, as the page names it: eval.json, or lin/<run-id>/eval.json
+        other = Path(ev["_run"]) if "_run" in ev else None
+        ev["_source"] = f"{other.parent.name}/{other.name}/{ev['_file']}" if other else ev["_file"]
     env = read_json(run / "env.json") or {}
     if not data_root and not os.environ.get("DATA_ROOT"):
         data_root = env.get("data_root") or None  # the pictures need the run's images: read them where it did
@@ -165,7 +171,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     for i, ev in enumerate(evals):
         _eval_figure(figs, ev, pic_dir, i if len(evals) > 1 else None)
 
-    eval_rows = [(f"{ev.get('protocol', 'eval')} ({ev.get('_file')})",
+    eval_rows = [(f"{ev.get('protocol', 'eval')} ({ev['_source']})",
                   f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
                   + (f", encoder sha256 {encoder_sha(ev)[:12]}" if encoder_sha(ev) else "")) for ev in evals]
     env_rows = [(k, env[k]) for k in ("device", "gpu", "host", "torch", "torchvision", "python", "git_commit",

@@ -13,8 +13,9 @@ writes. Note: ``simclr.runs.index`` is the *function* (the public API); the modu
 from __future__ import annotations
 
 from .folder import flatten, read_config, read_evals, read_json, read_metrics
-from .index import MARKERS, SUMMARY_COLUMNS, Index, filter_rows, find_runs, index, summarize
+from .index import MARKERS, SUMMARY_COLUMNS, Index, filter_rows, find_runs, index, summarize, with_links
 from .status import STALE_S, STATUSES, effective_status
 
 __all__ = ["MARKERS", "SUMMARY_COLUMNS", "STALE_S", "STATUSES", "Index", "effective_status", "filter_rows",
-           "find_runs", "flatten", "index", "read_config", "read_evals", "read_json", "read_metrics", "summarize"]
+           "find_runs", "flatten", "index", "read_config", "read_evals", "read_json", "read_metrics", "summarize",
+           "with_links"]

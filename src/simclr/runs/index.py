@@ -154,6 +154,27 @@ def index(root="logs", where: Optional[dict] = None):
     return df.reset_index(drop=True)
 
 
+def with_links(run, root) -> tuple[dict, list]:
+    """(index row, evaluation results) of one run folder, linked as :func:`index` links them.
+
+    The row's ``linear`` counts the eval runs of its checkpoints anywhere under ``root``; the results are
+    the run's own ``eval*.json`` followed by those of every eval run of its checkpoints, each of these
+    with ``_run`` (the eval run's folder). ``root=None`` or a missing folder: the run alone.
+    """
+    run = Path(run)
+    target = os.path.realpath(run)
+    rows = [summarize(p) for p in find_runs(root)] if root is not None and Path(root).is_dir() else []
+    if not any(os.path.realpath(r["path"]) == target for r in rows):
+        rows.append(summarize(run))
+    link_evals(rows)
+    row = next(r for r in rows if os.path.realpath(r["path"]) == target)
+    evals = read_evals(run)
+    for r in rows:
+        if r is not row and r.get("encoder_run") and os.path.realpath(r["encoder_run"]) == target:
+            evals += [dict(ev, _run=r["path"]) for ev in read_evals(r["path"])]
+    return row, evals
+
+
 def _local_tz():
     return _dt.datetime.now().astimezone().tzinfo
 
