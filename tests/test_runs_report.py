@@ -207,6 +207,21 @@ def test_report_shows_the_evaluations_of_the_runs_checkpoints(tmp_path, capsys):
     assert "<th>linear top-1</th><td>-</td>" in text and "lin/by-path" not in text
 
 
+def test_accuracy_is_plotted_against_the_step_like_every_other_figure():
+    from simclr.report import plots
+    recs = [{"step": s, "epoch": s / 8, "loss": 5.0} for s in (4, 8, 16)]
+    recs += [{"step": s, "epoch": s / 8, "knn_top1": acc, "knn_top5": acc + 30} for s, acc in ((0, 10.0), (16, 30.0))]
+    fig = plots.accuracy_figure(recs, [{"protocol": "linear", "top1": 42.0}], total_steps=20)
+    a = fig.axes[0]
+    assert a.get_xlabel() == "step"
+    assert list(a.lines[0].get_xdata()) == [0, 16] and list(a.lines[0].get_ydata()) == [10.0, 30.0]
+    assert list(a.lines[2].get_xdata()) == [16]  # the evaluation result at the last step, not an epoch
+    (epoch_axis,) = a.child_axes  # epochs on the top axis, 8 steps each
+    fig.canvas.draw()
+    assert epoch_axis.get_xlabel() == "epoch"
+    assert epoch_axis.get_xlim() == pytest.approx(tuple(x / 8 for x in a.get_xlim()))
+
+
 def test_config_diff_lists_exactly_the_differing_keys():
     a = {"lr": 1.0, "temperature": 0.5, "arch": "resnet18", "seed": 0}
     b = {"lr": 0.5, "temperature": 0.5, "arch": "resnet18", "seed": 0, "extra": 1}

@@ -62,10 +62,10 @@ def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path,
     figs.add("Learning-rate schedule", plots.plot_lr(records, cfg, pic_dir / "lr.png"),
              "Grey: the schedule computed from the config for every step; dots: the values logged by the run.",
              "no learning rate in config.yaml or metrics.jsonl")
-    spe = plots.steps_per_epoch(records)
-    total_epochs = float(cfg["iters"]) / spe if spe and isinstance(cfg.get("iters"), (int, float)) else None
-    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_epochs),
-             "Weighted kNN on the frozen representation (train split -> test split) at each evaluation; "
+    total_steps = cfg["iters"] if isinstance(cfg.get("iters"), (int, float)) else None
+    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps),
+             "Weighted kNN on the frozen representation (train split -> test split) at each evaluation, against "
+             "the optimizer step like every other figure (epochs on the top axis); "
              "stars: results of evaluation runs of this run's checkpoints (their eval.json).",
              "no kNN evaluation in metrics.jsonl and no eval.json")
     figs.add("Throughput and data wait", plots.plot_speed(records, pic_dir / "speed.png"),

@@ -2,7 +2,7 @@
 
     curves.png      loss and contrastive accuracy vs step
     lr.png          the planned learning-rate schedule and the logged values
-    accuracy.png    kNN top-1/top-5 vs epoch (+ linear top-1 from eval.json)
+    accuracy.png    kNN top-1/top-5 vs step, epochs on a second axis (+ evaluation results)
     speed.png       images/s and the fraction of time spent waiting for data
     confusion.png   confusion matrix / per-class accuracy from eval.json, when present
     compare.png     several runs on shared axes (``simclr compare``)
@@ -126,35 +126,44 @@ def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
     return save(fig, path)
 
 
-def plot_accuracy(records: list, evals: list, path: Path, total_epochs: Optional[float] = None) -> Optional[Path]:
-    """kNN top-1/top-5 vs epoch; linear (or other protocol) top-1 marked at the last epoch."""
+def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None) -> Optional[Path]:
+    """kNN top-1/top-5 vs step (epochs on the top axis); evaluation results marked at the last step."""
+    fig = accuracy_figure(records, evals, total_steps)
+    return save(fig, path) if fig is not None else None
+
+
+def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None):
+    """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis."""
     kr = _knn_records(records)
-    e, t1 = _series(kr, "knn_top1", "epoch")
-    _, t5 = _series(kr, "knn_top5", "epoch")
+    s, t1 = _series(kr, "knn_top1")
+    _, t5 = _series(kr, "knn_top5")
     scored = [ev for ev in evals if isinstance(ev.get("top1"), (int, float))]
-    if not len(e) and not scored:
+    if not len(s) and not scored:
         return None
-    fig, ax = figure(5.5, 3.4)
+    fig, ax = figure(5.5, 3.6)
     a = ax[0, 0]
-    if len(e):
-        a.plot(e, t1, "o-", color="C0", label="kNN top-1")
-        if len(t5) == len(e):
-            a.plot(e, t5, "s--", color="C0", alpha=0.5, label="kNN top-5")
+    if len(s):
+        a.plot(s, t1, "o-", color="C0", label="kNN top-1")
+        if len(t5) == len(s):
+            a.plot(s, t5, "s--", color="C0", alpha=0.5, label="kNN top-5")
     tr = _train_records(records)
-    x_end = max([r.get("epoch", 0) or 0 for r in tr + kr] or [0])
+    x_end = max([r.get("step", 0) or 0 for r in tr + kr] or [0])
     for i, ev in enumerate(scored):
         a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{3 + i}",
                label=f"{ev.get('protocol', 'eval')} top-1 {ev['top1']:.1f}%")
-    if total_epochs:
-        x_end = max(x_end, total_epochs)
+    if total_steps:
+        x_end = max(x_end, total_steps)
     if x_end > 0:
         a.set_xlim(-0.03 * x_end, 1.05 * x_end)
-    if len(e) and e[0] == 0:
+    if len(s) and s[0] == 0:
         a.annotate("random init", (0, t1[0]), textcoords="offset points", xytext=(6, -12), fontsize=8)
-    a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (test split)")
+    a.set(xlabel="step", ylabel="accuracy (%)", title="accuracy (test split)")
+    spe = steps_per_epoch(records)
+    if spe:
+        a.secondary_xaxis("top", functions=(lambda x: x / spe, lambda e: e * spe)).set_xlabel("epoch")
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
-    return save(fig, path)
+    return fig
 
 
 def plot_speed(records: list, path: Path) -> Optional[Path]:
@@ -264,7 +273,7 @@ def plot_compare(runs: Sequence[Path], labels: Sequence[str], path: Path) -> Pat
     """Loss, contrastive accuracy, kNN top-1, learning rate, throughput and data wait of all runs."""
     fig, ax = figure(13, 6.4, 2, 3)
     panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (%)", 100),
-              (ax[0, 2], "knn_top1", "epoch", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
+              (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
               (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (%)", 100)]
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = read_metrics(run)
