@@ -123,6 +123,8 @@ def test_accuracy_report_hand_computed():
     assert rep["top1"] == pytest.approx(50.0)
     assert rep["per_class"] == {"a": pytest.approx(50.0), "b": pytest.approx(50.0)}
     assert rep["top5"] == pytest.approx(100.0)  # capped at 3 classes
+    # rows: true class, columns: predicted (argmax 0, 1, 0, 2)
+    assert rep["confusion"] == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +218,9 @@ def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
         assert r["encoder"]["sha256"] == sha256_file(encoder_ckpt)
         assert set(r["per_class"]) == set(r["classes"]) and len(r["classes"]) == 10
         assert r["config"]["protocol"] == r["protocol"]
+        cm = np.asarray(r["confusion"])  # the report draws it: counts that agree with top-1
+        assert cm.shape == (10, 10) and cm.sum() == r["n_test"]
+        assert 100.0 * np.trace(cm) / cm.sum() == pytest.approx(r["top1"], abs=1e-4)  # top-1 is float32
     # the same features came from the cache after the first protocol extracted them
     assert outs["fast-linear"]["feature_cache_hits"] >= 2 and outs["knn"]["feature_cache_hits"] >= 2
     # kNN through the command == kNN computed here from the encoder's features (second path)

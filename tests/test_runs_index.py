@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simclr import runs
+from simclr import rundir, runs
 from simclr.cli import main as cli_main
 
 HOST = socket.gethostname()
@@ -164,20 +164,47 @@ def test_eval_linked_by_checksum_when_path_is_gone(tmp_path):
     assert by.loc["b", "linear"] != by.loc["b", "linear"]
 
 
-def test_pid_reuse_is_not_mistaken_for_the_run(tmp_path):
+def _running(pid: int, started: float) -> dict:
     now = time.time()
-    # this very process, but the run claims to have started long before the process did
-    st = {"status": "running", "pid": os.getpid(), "host": HOST, "started": now - 30 * 86400, "updated": now}
-    status, why = runs.effective_status(st)
-    if Path("/proc/self/stat").exists():
+    return {"status": "running", "pid": pid, "host": HOST, "started": started, "updated": now}
+
+
+def test_liveness_follows_a_real_process(tmp_path):
+    """A run whose status.json names a live process is running; killed, it is interrupted (zombie or reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = make_run(tmp_path / "logs", "exp", "live", _running(proc.pid, time.time()), cfg(),
+                       train_recs(range(1, 3)))
+        assert runs.index(tmp_path / "logs").set_index("id").loc["live", "status"] == "running"
+        proc.kill()
+        deadline = time.time() + 10  # killed but not yet reaped: a zombie is no live run either
+        while runs.effective_status(_running(proc.pid, time.time()))[0] != "interrupted" and time.time() < deadline:
+            time.sleep(0.05)
+        status, why = runs.effective_status(json.loads((run / "status.json").read_text()))
+        assert status == "interrupted" and f"process {proc.pid}" in why and "gone" in why
+        proc.wait()
+        row = runs.index(tmp_path / "logs").set_index("id").loc["live"]
+        assert row["status"] == "interrupted" and "gone" in row["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pid_reuse_is_not_mistaken_for_the_run():
+    """The pid is alive, but its process was created long after the run started: another program got the pid."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status, why = runs.effective_status(_running(proc.pid, time.time() - 30 * 86400))
         assert status == "interrupted" and "another process" in why
-    st["started"] = now
-    assert runs.effective_status(st)[0] == "running"
+        assert runs.effective_status(_running(proc.pid, time.time()))[0] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_heartbeat_thread_keeps_a_live_run_fresh(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
-    rd = runs.RunDir(tmp_path / "r")
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    rd = rundir.RunDir(tmp_path / "r")
     rd.set_status("running", step=0)
     first = json.loads((rd.path / "status.json").read_text())["updated"]
     deadline = time.time() + 10
@@ -245,10 +272,100 @@ def test_index_compat_and_package_attribute(zoo):
 def test_metrics_lines_are_strict_json_even_for_non_finite_values(tmp_path):
     import json as _json
 
-    from simclr.runs import RunDir
+    from simclr.rundir import RunDir
 
     run = RunDir(tmp_path / "r", tensorboard=False)
     run.log_metrics({"step": 3, "loss": float("nan"), "lr": float("inf"), "contrast_acc": 0.5})
     line = (tmp_path / "r" / "metrics.jsonl").read_text().strip()
     rec = _json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # rejects NaN/Infinity
     assert rec == {"step": 3, "loss": None, "lr": None, "contrast_acc": 0.5}
+
+
+def test_run_folder_files_are_readable_by_the_team(tmp_path):
+    """Atomically written files get the umask's permissions like any open(), not mkstemp's private 0o600:
+    a shared runs folder must stay readable to the index and report of other users."""
+    old = os.umask(0o022)
+    try:
+        run = rundir.RunDir(tmp_path / "r", tensorboard=False)
+        run.set_status("finished", step=1)
+        run.write_json("env.json", {"host": HOST})
+        run.log_metrics({"step": 1, "loss": 1.0})
+    finally:
+        os.umask(old)
+    for name in ("status.json", "env.json", "metrics.jsonl"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
+    assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def _evals_beside_the_zoo(root: Path) -> None:
+    """A kNN evaluation of the finished run's checkpoint and a random-init (baseline) linear evaluation."""
+    now = time.time()
+    ckpt = str(root / "exp" / "finished" / "checkpoints" / "checkpoint-00000010.pt")
+    knn_ev = {"protocol": "knn", "top1": 47.5, "top5": 88.0,
+              "encoder": {"path": ckpt, "sha256": "abc123", "arch": "resnet18", "random_init": False}}
+    make_run(root, "knn", "knneval", {"status": "finished", "pid": 1, "host": HOST, "started": now - 10,
+                                      "updated": now - 9},
+             dict(problem="eval", data="cifar10", protocol="knn", arch="linear", batch_size=1024, iters=5000,
+                  temperature=0.1, encoder_ckpt=ckpt), [], evals={"eval.json": knn_ev})
+    base_ev = {"protocol": "linear", "top1": 20.0, "top5": 60.0,
+               "encoder": {"path": "", "sha256": "", "arch": "resnet50", "random_init": True}}
+    make_run(root, "lin", "baseline", {"status": "finished", "pid": 1, "host": HOST, "started": now - 3,
+                                       "updated": now - 2},
+             dict(problem="eval", data="cifar10", protocol="linear", arch="linear", batch_size=1024, iters=5000,
+                  temperature=0.1, encoder_ckpt="", encoder_arch="resnet50"), [], evals={"eval.json": base_ev})
+
+
+def test_eval_rows_have_a_kind_their_result_and_their_own_columns(zoo):
+    import pandas as pd
+    root, _ = zoo
+    _evals_beside_the_zoo(root)
+    by = runs.index(root).set_index("id")
+    k = by.loc["knneval"]
+    assert (k["kind"], k["protocol"], k["knn"], k["knn_top5"]) == ("eval", "knn", 47.5, 88.0)
+    assert k["arch"] == "resnet18" and k["head"] == "linear"  # the evaluated encoder, not the classifier
+    assert pd.isna(k["temperature"]) and k["knn_tau"] == 0.1  # the kNN tau is not NT-Xent's temperature
+    assert pd.isna(k["iters"]) and pd.isna(k["batch_size"]) and pd.isna(k["step"])  # kNN trains nothing
+    assert k["encoder_run"] == str(root / "exp" / "finished")
+    f = by.loc["finished"]
+    assert f["kind"] == "pretrain" and f["temperature"] == 0.2 and f["knn"] == 41.0 and pd.isna(f["knn_tau"])
+    b = by.loc["baseline"]
+    assert (b["kind"], b["protocol"], b["linear"], b["arch"]) == ("baseline", "linear", 20.0, "resnet50")
+    assert f["linear"] == 55.5  # a baseline is linked to no pretraining run
+    assert by.loc["eval1", "kind"] == "eval" and by.loc["eval1", "iters"] is pd.NA
+    assert (b["step"], b["iters"], b["batch_size"]) == (5000, 5000, 1024)  # a finished SGD head: all its steps
+    assert str(by["batch_size"].dtype) == "Int64" and by.loc["finished", "batch_size"] == 32
+    assert set(runs.index(root, where={"batch_size": "32"}).id) == {
+        i for i in by.index if by.loc[i, "batch_size"] is not pd.NA and by.loc[i, "batch_size"] == 32}
+
+
+def test_runs_table_kind_filter_newest_first_and_plain_machine_formats(zoo, capsys):
+    import csv
+    import io
+    root, _ = zoo
+    _evals_beside_the_zoo(root)
+    assert cli_main(["runs", "--root", str(root), "--columns", "id,kind,protocol,knn,linear"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["id", "kind", "protocol", "knn", "linear"]
+    rows = [ln.split() for ln in out[1:]]
+    ids = [r[0] for r in rows]
+    # newest first (by start time; ties keep the path order), runs without a start time last
+    assert ids[:3] == ["alive", "truncated", "baseline"] and ids[-2:] == ["badstatus", "configonly"]
+    assert ["knneval", "eval", "knn", "47.5"] in rows  # an eval row shows its protocol and its result
+    assert ["eval1", "eval", "linear", "55.5"] in rows
+    assert cli_main(["runs", "--root", str(root), "--columns", "id,steps", "--kind", "eval"]) == 0
+    assert capsys.readouterr().out.split()[2:] == ["knneval", "eval1"]  # no "/5000": kNN took no steps
+    assert cli_main(["runs", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:4] == ["id", "name", "kind", "status"]
+    for kind, want in (("baseline", {"baseline"}), ("eval", {"eval1", "knneval"})):
+        assert cli_main(["runs", "--root", str(root), "--kind", kind, "--columns", "id"]) == 0
+        assert set(capsys.readouterr().out.split()[1:]) == want
+    assert cli_main(["runs", "--root", str(root), "--kind", "evals"]) == 2
+    assert "allowed: all, pretrain, eval, baseline" in capsys.readouterr().err
+    # machine formats: durations in seconds, ISO times, numbers as numbers
+    assert cli_main(["runs", "--root", str(root), "--format", "csv", "--columns", "id,duration,started,step"]) == 0
+    rec = {r["id"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert float(rec["finished"]["duration"]) == pytest.approx(60, abs=1) and rec["finished"]["step"] == "10"
+    assert rec["finished"]["started"][10] == "T" and "days" not in rec["finished"]["duration"]
+    assert cli_main(["runs", "--root", str(root), "--format", "json", "--columns", "id,duration,knn"]) == 0
+    js = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert js["finished"]["duration"] == pytest.approx(60, abs=1) and js["knneval"]["knn"] == 47.5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,34 @@ def _refs(page: Path) -> list:
     return p.refs
 
 
+class _StatusText(HTMLParser):
+    """The text of the page's status element (id="status"), as a browser shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.text = 0, ""
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth:
+            self.depth += 1
+        elif dict(attrs).get("id") == "status":
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth:
+            self.text += data
+
+
+def _status(page: Path) -> str:
+    p = _StatusText()
+    p.feed(page.read_text())
+    return p.text.strip()
+
+
 @pytest.mark.slow  # ~30-70 s on a busy 2-core box (feature extraction, subprocess + CIFAR load)
 def test_report_on_a_real_run(real_run, tmp_path):
     run = tmp_path / "run"
@@ -64,7 +93,28 @@ def test_report_on_a_real_run(real_run, tmp_path):
     for r in refs:  # every picture the page shows exists, relative to the page (no server, no absolute paths)
         assert not Path(r).is_absolute() and (page.parent / r).is_file() and (page.parent / r).stat().st_size > 1000
     text = page.read_text()
-    assert "finished" in text and "61.00" in text and "skipped" not in text
+    assert _status(page) == "finished"  # the rendered status, not the CSS class `.finished` in the style sheet
+    assert "61.00" in text and "skipped" not in text
+
+
+@pytest.mark.slow  # ~25 s: feature extraction twice
+def test_report_reads_images_where_the_run_did(real_run, tmp_path, monkeypatch):
+    """No DATA_ROOT: the pictures come from the data root recorded in env.json, passed down explicitly;
+    the process environment is left as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(real_run, run)
+    monkeypatch.delenv("DATA_ROOT")
+    monkeypatch.chdir(tmp_path)  # ./data does not exist here
+    report.write_report(run, gallery=50, n_embed=50, n_queries=2, log=lambda m: None)
+    assert {"views", "retrieval", "embedding"} <= {p.stem for p in (run / "report").glob("*.png")}
+    assert "DATA_ROOT" not in os.environ
+    # an explicit data root wins over the recorded one (which would not be found)
+    env = json.loads((run / "env.json").read_text())
+    (run / "env.json").write_text(json.dumps(dict(env, data_root=str(tmp_path / "nowhere"))))
+    page = report.write_report(run, pictures=True, gallery=50, n_embed=50, n_queries=2, log=lambda m: None,
+                               data_root=env["data_root"])
+    assert "views.png" in page.read_text() and "skipped" not in page.read_text()
+    assert "DATA_ROOT" not in os.environ
 
 
 def test_report_degrades_to_notes_when_inputs_are_missing(tmp_path, capsys):
@@ -75,8 +125,101 @@ def test_report_degrades_to_notes_when_inputs_are_missing(tmp_path, capsys):
     assert cli_main(["report", str(run)]) == 0
     page = run / "report.html"
     assert _refs(page) == [] and "no training records" in page.read_text() and "no readable config" in page.read_text()
+    assert _status(page) == "failed"
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "run folder not found" in capsys.readouterr().err
+
+
+def test_report_page_shows_status_and_escapes_run_values(tmp_path, capsys):
+    """Values from a run folder are text on the page (autoescaped template), and the status is rendered."""
+    run = tmp_path / "logs" / "x" / "r2"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "interrupted", "started": 1.0, "updated": 2.0}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "<script>alert(1)</script>", "lr": 0.5}))
+    assert cli_main(["report", str(run), "--no_pictures"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run / 'report.html'}"
+    text = (run / "report.html").read_text()
+    assert _status(run / "report.html") == "interrupted"
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "skipped (--no_pictures)" in text
+
+
+def test_eval_figure_is_named_and_captioned_for_what_it_draws(tmp_path):
+    """A confusion matrix is drawn as one (confusion.png, rows = true classes); an eval.json with per-class
+    accuracy only gets per_class.png and a caption that says so, never a confusion-matrix caption."""
+    from simclr.report import plots
+    run = tmp_path / "logs" / "x" / "r"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1.0, "updated": 2.0}))
+    cm = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
+    (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3, "classes": ["a", "b", "c"],
+                                               "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}, "confusion": cm}))
+    page = report.write_report(run, pictures=False, log=lambda m: None)
+    assert {p.stem for p in (run / "report").glob("*.png")} >= {"confusion"}
+    assert "Confusion matrix from eval.json: rows are true classes" in page.read_text()
+    ax = plots.eval_figure({"confusion": cm, "classes": ["a", "b", "c"]}).axes[0]
+    assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
+    # what is drawn is the row-normalised counts
+    assert ax.images[0].get_array().tolist() == [[80.0, 20.0, 0.0], [10.0, 90.0, 0.0], [0.0, 50.0, 50.0]]
+    (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3,
+                                               "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}}))
+    text = report.write_report(run, pictures=False, log=lambda m: None).read_text()
+    assert {p.stem for p in (run / "report").glob("*.png")} >= {"per_class"}
+    assert not (run / "report" / "confusion.png").exists() and "Confusion matrix" not in text
+    assert "Per-class top-1 accuracy from eval.json, which holds no confusion matrix" in text
+
+
+def test_report_shows_the_evaluations_of_the_runs_checkpoints(tmp_path, capsys):
+    """Results of eval runs elsewhere under the runs root are the run's results too, as in `simclr runs`:
+    linked by checkpoint path or by checksum; an eval of another run's checkpoint is not shown."""
+    root = tmp_path / "logs"
+    run = root / "exp" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1.0, "updated": 2.0}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "exp", "iters": 10, "lr": 0.5}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 5, "epoch": 1.0, "loss": 5.0}, {"step": 10, "epoch": 2.0, "knn_top1": 30.0, "knn_top5": 70.0})))
+    (run / "checkpoints" / "checkpoint-00000010.json").write_text(json.dumps({"sha256": "feed"}))
+
+    def eval_run(name, ev):
+        folder = root / "lin" / name
+        folder.mkdir(parents=True)
+        (folder / "status.json").write_text(json.dumps({"status": "finished", "started": 3.0, "updated": 4.0}))
+        (folder / "eval.json").write_text(json.dumps(ev))
+
+    eval_run("by-path", {"protocol": "linear", "top1": 55.5, "top5": 90.0, "classes": ["a", "b"],
+                         "confusion": [[9, 1], [3, 7]],
+                         "encoder": {"path": str(run / "checkpoints" / "checkpoint-00000010.pt")}})
+    eval_run("by-sha", {"protocol": "knn", "top1": 41.0, "top5": 80.0,
+                        "encoder": {"path": "/moved/away.pt", "sha256": "feed"}})
+    eval_run("other", {"protocol": "linear", "top1": 99.0, "encoder": {"path": "/x/checkpoints/c.pt"}})
+    assert cli_main(["report", str(run), "--root", str(root), "--no_pictures"]) == 0
+    text = (run / "report.html").read_text()
+    assert "<th>linear top-1</th><td>55.50</td>" in text  # the same number `simclr runs` shows
+    assert "lin/by-path/eval.json" in text and "lin/by-sha/eval.json" in text and "lin/other" not in text
+    assert "99.00" not in text
+    assert (run / "report" / "confusion0.png").is_file() and (run / "report" / "accuracy.png").is_file()
+    # without the runs root the run's own folder is all there is
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["report", str(run), "--root", str(empty), "--no_pictures"]) == 0
+    text = (run / "report.html").read_text()
+    assert "<th>linear top-1</th><td>-</td>" in text and "lin/by-path" not in text
+
+
+def test_accuracy_is_plotted_against_the_step_like_every_other_figure():
+    from simclr.report import plots
+    recs = [{"step": s, "epoch": s / 8, "loss": 5.0} for s in (4, 8, 16)]
+    recs += [{"step": s, "epoch": s / 8, "knn_top1": acc, "knn_top5": acc + 30} for s, acc in ((0, 10.0), (16, 30.0))]
+    fig = plots.accuracy_figure(recs, [{"protocol": "linear", "top1": 42.0}], total_steps=20)
+    a = fig.axes[0]
+    assert a.get_xlabel() == "step"
+    assert list(a.lines[0].get_xdata()) == [0, 16] and list(a.lines[0].get_ydata()) == [10.0, 30.0]
+    assert list(a.lines[2].get_xdata()) == [16]  # the evaluation result at the last step, not an epoch
+    (epoch_axis,) = a.child_axes  # epochs on the top axis, 8 steps each
+    fig.canvas.draw()
+    assert epoch_axis.get_xlabel() == "epoch"
+    assert epoch_axis.get_xlim() == pytest.approx(tuple(x / 8 for x in a.get_xlim()))
 
 
 def test_config_diff_lists_exactly_the_differing_keys():
@@ -88,7 +231,7 @@ def test_config_diff_lists_exactly_the_differing_keys():
     assert report.config_diff([a, dict(a)]) == {}
 
 
-def test_compare_command(real_run, tmp_path, capsys):
+def test_compare_command(real_run, tmp_path, capsys, monkeypatch):
     other = tmp_path / "logs" / "t" / "other"
     shutil.copytree(real_run, other)
     cfg = yaml.safe_load((other / "config.yaml").read_text())
@@ -104,6 +247,15 @@ def test_compare_command(real_run, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "temperature" in table and "lr" in table and "arch" not in table
     assert cli_main(["compare", str(real_run)]) == 2
+    # without --out: inside the first run's folder (never ./compare.png of whatever folder we are in), path printed
+    first = tmp_path / "logs" / "t" / "first"
+    shutil.copytree(real_run, first)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert cli_main(["compare", str(first), str(other)]) == 0
+    assert f"figure: {first / 'compare.png'}" in capsys.readouterr().out
+    assert (first / "compare.png").stat().st_size > 10_000 and list(cwd.iterdir()) == []
 
 
 def test_tensorboard_reads_the_runs_folder(real_run):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
@@ -51,10 +51,18 @@ def fsync_dir(folder: Path) -> None:
 
 def temp_path(path: Path) -> Path:
     """A fresh, unique temporary name beside ``path`` that keeps its suffix (matplotlib picks the format
-    from it). Unique per call, so two writers never remove each other's temporary file."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    from it). Unique per call, so two writers never remove each other's temporary file.
+
+    Created with mode 0o666 minus the umask, as ``open()`` would (``mkstemp`` makes 0o600: a report or
+    checkpoint would then be unreadable to the rest of a team sharing the runs folder)."""
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return name
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))  # pragma: no cover
 
 
 def is_temp(path: Path) -> bool:

@@ -210,8 +210,8 @@ def _missing(name: str, looked: list, extra: str = "") -> DataError:
                      f"(e.g. DATA_ROOT=../shared/data){extra}.")
 
 
-def _cifar(name: str, train: bool, skip_bad_images: bool = False) -> ArrayImages:
-    root = data_root()
+def _cifar(name: str, train: bool, skip_bad_images: bool = False, root: Optional[Path] = None) -> ArrayImages:
+    root = Path(root) if root else data_root()
     split = "train" if train else "test"
     folder = root / name / split
     if folder.is_dir():
@@ -232,8 +232,8 @@ def _cifar(name: str, train: bool, skip_bad_images: bool = False) -> ArrayImages
     return ArrayImages(np.asarray(ds.data), ds.targets, list(ds.classes), name, 32)
 
 
-def _stl10(split: str) -> ArrayImages:
-    root = data_root()
+def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
+    root = Path(root) if root else data_root()
     parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
     arrays, targets, classes = [], [], None
     for part in parts:
@@ -273,16 +273,20 @@ def _split_folder(base: Path, train: bool) -> Path:
 
 
 def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
-                skip_bad_images: bool = False) -> LabeledImages:
-    """split: 'pretrain' (what SimCLR trains on), 'train' (labelled train split), 'test'."""
+                skip_bad_images: bool = False, root: Optional[Path] = None) -> LabeledImages:
+    """split: 'pretrain' (what SimCLR trains on), 'train' (labelled train split), 'test'.
+
+    ``root``: the folder holding CIFAR / STL-10 (default: ``DATA_ROOT``), for callers that know where a
+    run read its images (the report) without changing the process environment.
+    """
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"split must be pretrain, train or test, got {split!r}")
     train = split != "test"
     size = image_size or NATIVE_SIZE.get(data, 224)
     if data in ("cifar10", "cifar100"):
-        ds = _cifar(data, train, skip_bad_images)
+        ds = _cifar(data, train, skip_bad_images, root)
     elif data == "stl10":
-        ds = _stl10(split)
+        ds = _stl10(split, root)
     elif data in ("imagenet", "folder"):
         if data == "imagenet":
             env = os.environ.get("IMAGENET_PATH", "")

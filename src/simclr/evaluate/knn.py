@@ -68,8 +68,14 @@ def knn_classifier(train_f, train_y, test_f, test_y, k: int = 200, temperature: 
     return topk_accuracy(scores, test_y)
 
 
+# A confusion matrix is written into eval.json up to this many classes (CIFAR-100: 10,000 counts); ImageNet's
+# would be a million numbers, so it keeps per-class accuracy only.
+MAX_CONFUSION_CLASSES = 100
+
+
 def accuracy_report(scores: torch.Tensor, y: torch.Tensor, classes=None) -> dict:
-    """The result block every protocol reports: top-1, top-5 and per-class top-1 (percent).
+    """The result block every protocol reports: top-1, top-5, per-class top-1 (percent) and, for up to
+    MAX_CONFUSION_CLASSES classes, the confusion matrix (counts; row: true class, column: predicted).
 
     scores: (N, C) any monotone class scores (logits, probabilities, votes); y: (N,).
     """
@@ -83,4 +89,9 @@ def accuracy_report(scores: torch.Tensor, y: torch.Tensor, classes=None) -> dict
         mask = y == c
         if mask.any():
             per_class[names[c] if c < len(names) else str(c)] = 100.0 * (pred[mask] == c).float().mean().item()
-    return {"top1": res["top1"], "top5": res["top5"], "per_class": per_class, "n": int(y.numel())}
+    out = {"top1": res["top1"], "top5": res["top5"], "per_class": per_class, "n": int(y.numel())}
+    if n_classes <= MAX_CONFUSION_CLASSES:
+        cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
+        cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+        out["confusion"] = cm.tolist()
+    return out

@@ -15,9 +15,9 @@ from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
 from ..checkpoint import resolve
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
-from ..runs import RunDir, environment
+from ..rundir import RunDir, environment
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
 from .features import FeatureCache, augment_transform, dataset_fingerprint, extract_augmented, extract_features
@@ -368,7 +368,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         result = {
             "kind": "eval" if cfg.encoder_ckpt else "baseline",
             "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
-            "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"],
+            "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"], "confusion": res.get("confusion"),
             "n_train": 0 if cfg.eval_only else len(ev.train), "n_test": res["n"], "classes": ev.classes,
             "encoder": {"path": cfg.encoder_ckpt, "sha256": ev.encoder_hash, "arch": ev.encoder.arch,
                         "feat_dim": ev.encoder.feat_dim, "layer": ev.layer, "input_size": ev.encoder.input_size,
@@ -389,7 +389,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:
             ev.run.set_status(status, error=f"{type(e).__name__}: {e}")
-        except OSError:
+        except (OSError, UserError):
             pass
         raise
     finally:

@@ -219,7 +219,7 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
             status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
             try:
                 s.run.set_status(status, step=s.state.step, error=f"{type(e).__name__}: {e}")
-            except OSError:
+            except (OSError, UserError):
                 pass
         if failure is not None:  # a peer died or hung: one clear line instead of a gloo/NCCL traceback
             e = failure

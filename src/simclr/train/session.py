@@ -20,7 +20,7 @@ from .. import distributed
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
-from ..runs import RunDir, environment, find_run_dir
+from ..rundir import RunDir, environment, find_run_dir
 from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from .step import Parts, build, wrap
 

@@ -1,0 +1,184 @@
+"""``report.html`` of one run folder: the figures and pictures, assembled from a Jinja2 template.
+
+``write_report(RUN_DIR)`` writes ``RUN_DIR/report.html`` with its pictures in ``RUN_DIR/report/``
+(plain PNGs beside the page: it opens from the file system, no server). The page is
+``templates/report.html.j2``, rendered with autoescape on, so every value from a run folder is shown
+as text. Every section whose inputs are missing (no metrics yet, no checkpoint, data not found) is
+replaced by a one-line note instead of failing the whole report.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import DataError, UserError
+from ..files import atomic_write
+from ..runs import read_config, read_json, read_metrics, with_links
+from ..runs.evals import encoder_sha
+from . import plots
+from .pictures import Datasets, load_run_encoder, plot_retrieval_and_embedding, plot_views
+
+PICTURES = "report"  # sub-folder of the output folder holding the PNGs
+TEMPLATE = "report.html.j2"
+
+
+def _fmt(v, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def render(**context) -> str:
+    """The page's HTML from the packaged template (a missing variable is an error, not an empty cell)."""
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.PackageLoader("simclr.report", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(TEMPLATE).render(**context)
+
+
+class _Figures:
+    """The page's figure list: (title, picture path relative to the page, caption) or (title, None, note)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def add(self, title: str, produced, caption, missing) -> None:
+        if produced is not None and Path(produced).exists():
+            self.items.append({"title": title, "src": f"{PICTURES}/{Path(produced).name}", "text": caption})
+        else:
+            self.items.append({"title": title, "src": None, "text": missing})
+
+
+def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path, is_eval: bool) -> None:
+    loss_name = "training loss of the head" if is_eval else "NT-Xent loss"
+    figs.add("Loss and contrastive accuracy", plots.plot_curves(records, pic_dir / "curves.png", loss_name),
+             "NT-Xent loss and the fraction of anchors whose positive scores highest among all 2N-1 candidates, "
+             "at each logged step.", "no training records in metrics.jsonl yet")
+    figs.add("Learning-rate schedule", plots.plot_lr(records, cfg, pic_dir / "lr.png"),
+             "Grey: the schedule computed from the config for every step; dots: the values logged by the run.",
+             "no learning rate in config.yaml or metrics.jsonl")
+    total_steps = cfg["iters"] if isinstance(cfg.get("iters"), (int, float)) else None
+    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps),
+             "Weighted kNN on the frozen representation (train split -> test split) at each evaluation, against "
+             "the optimizer step like every other figure (epochs on the top axis); "
+             "stars: results of evaluation runs of this run's checkpoints (their eval.json).",
+             "no kNN evaluation in metrics.jsonl and no eval.json")
+    figs.add("Throughput and data wait", plots.plot_speed(records, pic_dir / "speed.png"),
+             "Images per second over each logging interval, and the share of that interval the loop waited for "
+             "the next batch (high values: the input pipeline is the bottleneck).",
+             "no throughput records in metrics.jsonl")
+
+
+def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Datasets, n_queries: int,
+              gallery: int, n_embed: int, device: str, log: Callable) -> None:
+    try:
+        p, cap = plot_views(cfg, pic_dir / "views.png", datasets=datasets)
+        figs.add("What the network sees: augmented views", p, cap, "")
+    except (DataError, UserError, OSError) as e:
+        figs.add("What the network sees: augmented views", None, None, f"skipped: {e}")
+    encoder, src = load_run_encoder(run, cfg, log=log)
+    if encoder is None:
+        figs.add("Nearest-neighbour retrieval", None, None, "skipped: no loadable encoder checkpoint in this run")
+        return
+    big = (encoder.input_size or 32) > 64
+    try:
+        res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries,
+                                           gallery=gallery or (300 if big else 1000),
+                                           n_embed=n_embed or (300 if big else 500), device=device,
+                                           datasets=datasets)
+        figs.add("Nearest-neighbour retrieval", res["retrieval"][0], res["retrieval"][1] + f" Encoder: {src.name}.",
+                 "")
+        figs.add("Embedding", res["embedding"][0], res["embedding"][1], "")
+    except (DataError, UserError, OSError) as e:
+        figs.add("Nearest-neighbour retrieval", None, None, f"skipped: {e}")
+
+
+def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int]) -> None:
+    """The confusion matrix of one evaluation, and/or its per-class accuracy; named and captioned for
+    what is drawn (an eval.json of an older version holds per-class accuracy only)."""
+    src = ev.get("_source") or ev.get("_file")
+    has_cm = plots.confusion_matrix(ev) is not None
+    has_per = isinstance(ev.get("per_class"), dict) and bool(ev["per_class"])
+    stem = "confusion" if has_cm else "per_class"
+    produced = plots.plot_eval(ev, pic_dir / f"{stem}{'' if i is None else i}.png")
+    if has_cm:
+        caption = (f"Confusion matrix from {src}: rows are true classes, columns the predicted ones, each row "
+                   f"normalised to 100% (the diagonal is each class's accuracy)"
+                   + ("; right: per-class top-1 accuracy." if has_per else "."))
+    else:
+        caption = f"Per-class top-1 accuracy from {src}, which holds no confusion matrix (an older evaluation)."
+    figs.add(f"Evaluation: {ev.get('protocol', 'eval')} ({src})", produced, caption,
+             f"{src} holds no confusion matrix or per-class accuracy")
+
+
+def _facts(run: Path, row: dict) -> list:
+    status = row["status"]
+    return [("run", str(run)), ("status", status + (f" ({row['error']})" if row.get("error") else "")),
+            ("steps", f"{_fmt(row.get('step'))} / {_fmt(row.get('iters'))}"),
+            ("last loss", _fmt(row.get("loss"), 4)), ("kNN top-1 (best)", _fmt(row.get("knn"))),
+            ("kNN top-1 at random init", _fmt(row.get("knn_init"))),
+            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", _fmt(row.get("images_per_s"), 0)),
+            ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"])) if row.get("started")
+             else "-"),
+            ("duration", time.strftime("%H:%M:%S", time.gmtime(row["duration"])) if row.get("duration") else "-")]
+
+
+def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 8,
+                 gallery: int = 0, n_embed: int = 0, device: str = "cpu", log=print,
+                 data_root: Optional[str] = None, runs_root: Optional[str] = None) -> Path:
+    """Write ``report.html`` (+ PNGs in ``report/``) for a run folder; returns the HTML path.
+
+    ``pictures=False`` skips the sections that need the dataset (views, retrieval, embedding).
+    ``data_root``: where the run's images are (default: ``DATA_ROOT`` when set, else the folder the run
+    itself read them from, as recorded in its env.json). ``runs_root``: the folder of runs searched for
+    evaluation runs of this run's checkpoints, whose results the page shows beside the run's own (as
+    ``simclr runs`` links them); None: only the ``eval*.json`` inside the run folder.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    out = Path(out) if out else run
+    pic_dir = out / PICTURES
+    try:
+        pic_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the report into {out}: {e.strerror}; pass --out DIR") from None
+    for old in pic_dir.glob("*.png"):  # stale pictures of an earlier report must not linger
+        old.unlink(missing_ok=True)
+
+    t0 = time.perf_counter()
+    cfg, records = read_config(run), read_metrics(run)
+    row, evals = with_links(run, runs_root)
+    for ev in evals:  # where each result comes from, as the page names it: eval.json, or lin/<run-id>/eval.json
+        other = Path(ev["_run"]) if "_run" in ev else None
+        ev["_source"] = f"{other.parent.name}/{other.name}/{ev['_file']}" if other else ev["_file"]
+    env = read_json(run / "env.json") or {}
+    if not data_root and not os.environ.get("DATA_ROOT"):
+        data_root = env.get("data_root") or None  # the pictures need the run's images: read them where it did
+    figs = _Figures()
+    _plots(figs, records, evals, cfg, pic_dir, row["kind"] != "pretrain")
+    if pictures and cfg:
+        _pictures(figs, run, cfg, pic_dir, Datasets(cfg, data_root), n_queries, gallery, n_embed, device, log)
+    elif not cfg:
+        figs.add("Pictures", None, None, "skipped: the run has no readable config.yaml")
+    else:
+        figs.add("Pictures", None, None, "augmented views, retrieval and embedding skipped (--no_pictures)")
+    for i, ev in enumerate(evals):
+        _eval_figure(figs, ev, pic_dir, i if len(evals) > 1 else None)
+
+    eval_rows = [(f"{ev.get('protocol', 'eval')} ({ev['_source']})",
+                  f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
+                  + (f", encoder sha256 {encoder_sha(ev)[:12]}" if encoder_sha(ev) else "")) for ev in evals]
+    env_rows = [(k, env[k]) for k in ("device", "gpu", "host", "torch", "torchvision", "python", "git_commit",
+                                      "command", "cwd") if env.get(k)]
+    html = render(name=row["name"], run_id=row["id"], status=row["status"], facts=_facts(run, row),
+                  eval_rows=eval_rows, figures=figs.items, config=sorted(cfg.items()), env=env_rows,
+                  written=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=f"{time.perf_counter() - t0:.1f}")
+    page = out / "report.html"
+    atomic_write(page, html)
+    return page

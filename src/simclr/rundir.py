@@ -1,0 +1,192 @@
+"""The run-folder writer: one self-describing folder per run, written by training and evaluation.
+
+    <root>/<name>/<run-id>/
+        config.yaml      the fully resolved config
+        status.json      running | finished | failed | interrupted, pid, host, heartbeat, error
+        env.json         package versions, device, git commit, command line
+        metrics.jsonl    one JSON object per log/eval event ({"step": ..., "loss": ...})
+        log.txt          everything the run printed
+        checkpoints/     checkpoint-<step>.pt + .json model cards
+        tb/              TensorBoard event files (``tensorboard --logdir <root>``)
+        eval*.json       results of evaluation runs (protocol, top-1, top-5, per-class accuracy ...)
+
+Only the main process (rank 0) creates or writes a run folder. While a run is ``running`` a
+background thread rewrites ``status.json`` every ``HEARTBEAT_S`` seconds (also during long
+evaluations), so a run killed without warning is recognised by the index (:mod:`simclr.runs`)
+as ``interrupted``: its process is gone (same host) or its heartbeat is stale (any host).
+
+Whole files (status.json, env.json, eval.json) are replaced atomically with
+:func:`simclr.files.atomic_write`; metrics.jsonl and log.txt only ever grow by appended lines
+(a reader skips a half-written last line).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+from .files import atomic_write
+
+HEARTBEAT_S = 30.0
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: str = "") -> dict:
+    import numpy
+    import torch
+    import torchvision
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
+           "device": device, "cuda": torch.version.cuda, "git_commit": _git_commit(),
+           "command": " ".join(sys.argv), "cwd": os.getcwd(),
+           "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
+           "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpus_visible"] = torch.cuda.device_count()
+    return env
+
+
+def find_run_dir(ckpt: Path) -> Optional[Path]:
+    """The run folder that holds ``ckpt`` (``<run>/checkpoints/x.pt``), if it is one."""
+    p = Path(ckpt).resolve()
+    if p.parent.name == "checkpoints" and (p.parent.parent / "config.yaml").exists():
+        return p.parent.parent
+    return None
+
+
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+class RunDir:
+    """A run folder and its writers (status, metrics, log, TensorBoard)."""
+
+    def __init__(self, path: Path, tensorboard: bool = True):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "checkpoints").mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path):  # fail now, not at the first checkpoint
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write the run folder {self.path}: {e.strerror}. Choose a writable --root "
+                            f"(or set SIMCLR_LOGS).") from None
+        self._tb = None
+        self._tb_enabled = tensorboard
+        self._last_beat = 0.0
+        self._status: dict = {}
+        self._lock = threading.Lock()
+        self._beat_stop: Optional[threading.Event] = None
+
+    @classmethod
+    def create(cls, root: str, name: str, run_dir: str = "") -> "RunDir":
+        if run_dir:
+            return cls(Path(run_dir))
+        return cls(Path(root) / name / new_run_id())
+
+    # --- status -------------------------------------------------------------------------
+    def set_status(self, status: str, **extra) -> None:
+        with self._lock:
+            now = time.time()
+            self._status.update({"status": status, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "updated": now, **extra})
+            self._status.setdefault("started", now)
+            self._write_status()
+        if status == "running":
+            self._start_beating()
+        else:
+            self._stop_beating()
+
+    def _write_status(self) -> None:
+        # caller holds self._lock; atomic_write picks a unique temporary name, so the heartbeat thread and
+        # the loop never share one
+        atomic_write(self.path / "status.json", _json_text(self._status))
+        self._last_beat = self._status["updated"]
+
+    def heartbeat(self, **extra) -> None:
+        if time.time() - self._last_beat >= HEARTBEAT_S:
+            self.set_status(self._status.get("status", "running"), **extra)
+
+    def _start_beating(self) -> None:
+        """Refresh ``updated`` every HEARTBEAT_S from a daemon thread while the status is running.
+
+        A thread (not the training loop) beats so that a long evaluation or a slow first step is
+        not mistaken for a dead run; it dies with the process, which is exactly the signal wanted.
+        """
+        if self._beat_stop is not None:
+            return
+        stop = self._beat_stop = threading.Event()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                with self._lock:
+                    if stop.is_set() or self._status.get("status") != "running":
+                        return
+                    self._status["updated"] = time.time()
+                    try:
+                        self._write_status()
+                    except (OSError, UserError):  # a full or vanished disk must not kill training from a side thread
+                        pass
+
+        threading.Thread(target=beat, name="simclr-heartbeat", daemon=True).start()
+
+    def _stop_beating(self) -> None:
+        if self._beat_stop is not None:
+            self._beat_stop.set()
+            self._beat_stop = None
+
+    # --- writers ------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> None:
+        atomic_write(self.path / name, _json_text(obj))
+
+    def log_metrics(self, record: dict) -> None:
+        # strict JSON: a non-finite value (the loss of a step skipped by --on_nan skip) is written as null
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path / "metrics.jsonl", "a") as f:  # an append: readers skip a half-written last line
+            f.write(json.dumps(clean, default=float, allow_nan=False) + "\n")
+        if self._tb_enabled:
+            try:
+                if self._tb is None:
+                    from torch.utils.tensorboard import SummaryWriter
+                    # flush every 30 s (default 120) so a live run shows up promptly in TensorBoard
+                    self._tb = SummaryWriter(str(self.path / "tb"), flush_secs=30)
+                step = int(record.get("step", 0))
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self._tb.add_scalar(k, v, step)
+            except ImportError:
+                self._tb_enabled = False
+
+    def log(self, msg: str) -> None:
+        with open(self.path / "log.txt", "a") as f:
+            f.write(msg + "\n")
+
+    def close(self) -> None:
+        self._stop_beating()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
