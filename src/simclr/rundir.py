@@ -82,6 +82,24 @@ def _json_text(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def _take_lock(folder: Path) -> int:
+    """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock``, held until :meth:`RunDir.close`
+    or the process ends (so a dead writer's lock is free again by itself). The holder's pid and host are
+    written into the file for the message a second writer gets."""
+    import fcntl
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"the run folder {folder} is in use by {holder}; wait for that run to end, or give this "
+                        f"one another --run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+    return fd
+
+
 class RunDir:
     """A run folder and its writers (status, metrics, log, TensorBoard)."""
 
@@ -95,6 +113,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot write the run folder {self.path}: {e.strerror}. Choose a writable --root "
                             f"(or set SIMCLR_LOGS).") from None
+        self._lock_fd = _take_lock(self.path)
         self._tb = None
         self._tb_enabled = tensorboard
         self._last_beat = 0.0
@@ -190,3 +209,6 @@ class RunDir:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None

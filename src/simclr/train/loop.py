@@ -221,6 +221,8 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
                 s.run.set_status(status, step=s.state.step, error=f"{type(e).__name__}: {e}")
             except (OSError, UserError):
                 pass
+            finally:
+                s.run.close()  # the heartbeat stops and the run folder's lock is released
         if failure is not None:  # a peer died or hung: one clear line instead of a gloo/NCCL traceback
             e = failure
         if s is not None and s.run is not None and isinstance(e, UserError):

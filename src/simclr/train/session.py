@@ -99,7 +99,10 @@ def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
         if not Path(cfg.resume).is_dir():
             raise UserError(f"--resume takes a run folder or 'auto', got {config_lib.shown(cfg.resume)}: no such "
                             f"folder (to continue from one file use --ckpt PATH)")
-        return ckpt_lib.resolve(cfg.resume, log=log.warn), cfg.run_dir or cfg.resume
+        path = ckpt_lib.latest_valid(Path(cfg.resume), log=log.warn)
+        if path is None:
+            log(f"note: no valid checkpoint in {cfg.resume}; starting it from step 0")
+        return path, cfg.run_dir or cfg.resume
     return None, cfg.run_dir
 
 
