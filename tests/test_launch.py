@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from simclr import launch
-from simclr.config import PretrainConfig
+from simclr.options import PretrainConfig
 from simclr.errors import UserError
 
 from conftest import tiny_args

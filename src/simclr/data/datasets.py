@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
 from ..files import atomic_write
@@ -111,14 +112,14 @@ def scan_folder(root: Path) -> tuple[list, list, list]:
     """``root/<class>/<image>`` -> (files, targets, classes), classes sorted (torchvision's order)."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files, targets = [], []
-    for ci, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            # only regular files: a FIFO or socket named x.jpg would block the reader forever
-            if f.suffix.lower() in IMG_EXTENSIONS and f.is_file():
-                files.append(f)
-                targets.append(ci)
+    try:  # torchvision's own scan (ImageFolder's class order and file walk)
+        classes, class_to_idx = find_classes(str(root))
+    except FileNotFoundError:
+        classes, class_to_idx = [], {}
+    # only regular files: a FIFO or socket named x.jpg would block the reader forever
+    found = make_dataset(str(root), class_to_idx, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS)
+                         and os.path.isfile(p), allow_empty=True) if classes else []
+    files, targets = [Path(p) for p, _ in found], [t for _, t in found]
     if not files:
         raise DataError(f"image folder {root} holds no images: expected {root}/<class>/<image>.jpg "
                         f"(extensions: {', '.join(IMG_EXTENSIONS)})")
