@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 # lint + the whole suite, slow tests included (CI runs this target through .ci/run)
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=12 tests
 
 test-all: test
 

@@ -333,8 +333,9 @@ def test_dead_peer_stops_the_survivor_and_the_checkpoint_resumes(tmp_path):
                 p.wait()
     assert procs[0].returncode == 2, err
     assert elapsed < timeout_s, elapsed
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: rank 0: another training process stopped"), err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0: another training process stopped"), err[-2000:]
+    assert f"continue with: simclr pretrain --resume {run}" in err
     assert "Traceback" not in err
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
     last = latest_valid(run)

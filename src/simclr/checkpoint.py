@@ -82,11 +82,7 @@ def _card_target(path: Path, head: bytes) -> Optional[CheckpointError]:
                            f"{target}{missing}")
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def resolve(path, log: Callable[[str], None] = _stderr) -> Path:
+def resolve(path, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     """What a user means where a checkpoint is expected: a run folder (or its checkpoints/) is its newest
     valid checkpoint, a model card is the file it describes; anything else is itself. Says which file it took."""
     path = Path(path)

@@ -125,7 +125,17 @@ class RunDir:
     def create(cls, root: str, name: str, run_dir: str = "") -> "RunDir":
         if run_dir:
             return cls(Path(run_dir))
-        return cls(Path(root) / name / new_run_id())
+        base, run_id = Path(root) / name, new_run_id()
+        for i in range(1000):  # two runs started in the same second by one process get their own folders
+            path = base / (run_id if i == 0 else f"{run_id}-{i}")
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+            except OSError:
+                break  # not writable: the constructor says so in one line
+        return cls(path)
 
     # --- status -------------------------------------------------------------------------
     def set_status(self, status: str, **extra) -> None:
