@@ -4,6 +4,7 @@ run folder."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -70,6 +71,17 @@ def test_a_run_folder_or_a_card_means_its_newest_valid_checkpoint(tmp_path):
     sd = torch.load(out, map_location="cpu", weights_only=True)
     ref = ckpt_lib.read(want)["model"]
     assert torch.equal(sd["conv1.weight"], ref["convnet.conv1.weight"])
+    import numpy as np
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for src in sorted((Path(os.environ["DATA_ROOT"]) / "cifar10" / "test").glob("*/*.jpg"))[:3]:
+        (images / src.name).write_bytes(src.read_bytes())
+    for i, ck in enumerate((run, want.with_suffix(".json"), want)):  # a folder, a card, the file: one result
+        r = run_cli("embed", "--encoder_ckpt", ck, "--images", images, "--out", tmp_path / f"f{i}.npy",
+                    "--device", "cpu")
+        assert r.returncode == 0, r.stderr[-3000:]
+    feats = [np.load(tmp_path / f"f{i}.npy") for i in range(3)]
+    assert feats[0].shape[0] == 3 and np.array_equal(feats[0], feats[2]) and np.array_equal(feats[1], feats[2])
     from simclr import load_encoder
     assert load_encoder(run).source == str(want)
     assert load_encoder(want.with_suffix(".json")).source == str(want)  # a card: the file it describes
@@ -97,3 +109,58 @@ def test_logs_to_a_file_are_plain_timestamped_lines_with_progress(tmp_path):
     pattern = (r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 2/2 epoch 0\.\d\d loss [\d.]+ contrast_acc [\d.]+ .* img/s "
                r"data \d+% elapsed \d+:\d\d:\d\d eta 0:00:00$")
     assert re.match(pattern, steps[1]), steps[1]
+
+
+def test_the_index_keeps_the_first_start_and_sums_the_training_time_of_every_invocation(tmp_path):
+    import time
+    _, run = _run(tmp_path, iters=4, stop_after=2)
+    first = json.loads((run / "status.json").read_text())
+    time.sleep(3)  # a pause between the two invocations: not training time
+    r = run_cli("pretrain", "--resume", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads((run / "status.json").read_text())
+    assert second["started"] == first["started"]
+    r = run_cli("runs", "--root", tmp_path / "logs", "--format", "json", "--columns", "id,started,duration,step")
+    (row,) = json.loads(r.stdout)
+    assert row["step"] == 4
+    wall = second["updated"] - first["started"]  # first start to last update, the pause included
+    assert first["train_s"] < row["duration"] <= wall - 2.5, (row, first, second)
+    assert abs(row["duration"] - second["train_s"]) <= 0.5
+    from datetime import datetime
+    assert abs(datetime.fromisoformat(row["started"]).timestamp() - first["started"]) < 1.0
+
+
+def _help(command: str) -> str:
+    r = run_cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_every_subcommand_lists_only_its_options_each_with_help():
+    import re
+    from simclr.cli import COMMANDS
+    from simclr.options import EvalConfig, KNN_KEYS
+    for command in COMMANDS:
+        lines = _help(command).splitlines()
+        opts = [i for i, ln in enumerate(lines) if re.match(r"^  (--\w+|[A-Z_]+)\b", ln)]
+        assert opts, command
+        for i in opts:  # the line below each option is its help text
+            assert lines[i + 1].startswith("        ") and len(lines[i + 1].strip()) > 6, (command, lines[i])
+    knn = set(re.findall(r"^  --(\w+)", _help("knn"), re.M))
+    assert knn == set(KNN_KEYS)
+    assert {"protocol", "dist", "save_freq", "lr", "iters"}.isdisjoint(knn)
+    assert set(EvalConfig.__dataclass_fields__) - set(re.findall(r"^  --(\w+)", _help("eval"), re.M)) == set()
+    r = run_cli("knn", "--lr", "0.1")
+    assert r.returncode == 2 and "option 'lr' (on the command line) belongs to `simclr eval`" in r.stderr
+
+
+def test_version_and_a_closed_pipe():
+    import subprocess
+    import sys
+    import simclr
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"simclr {simclr.__version__}"
+    # `simclr pretrain --help | head -1`: the reader goes away early; no BrokenPipeError traceback
+    p = subprocess.run(f"{sys.executable} -m simclr pretrain --help | head -1", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.startswith("usage: simclr pretrain") and p.stderr == "", p.stderr

@@ -111,9 +111,11 @@ def test_report_reads_images_where_the_run_did(real_run, tmp_path, monkeypatch):
     # an explicit data root wins over the recorded one (which would not be found)
     env = json.loads((run / "env.json").read_text())
     (run / "env.json").write_text(json.dumps(dict(env, data_root=str(tmp_path / "nowhere"))))
-    page = report.write_report(run, pictures=True, gallery=50, n_embed=50, n_queries=2, log=lambda m: None,
+    page = report.write_report(run, pictures=True, gallery=50, n_embed=50, log=lambda m: None,
                                data_root=env["data_root"])
     assert "views.png" in page.read_text() and "skipped" not in page.read_text()
+    n = len([d for d in (Path(env["data_root"]) / "cifar10" / "test").iterdir() if d.is_dir()])
+    assert f"{n} of {n} classes" in page.read_text()  # by default the retrieval grid asks every class
     assert "DATA_ROOT" not in os.environ
 
 

@@ -44,20 +44,20 @@ class BenchConfig:
     COMMAND = "bench"
     YAML = False
 
-    arch: str = option("resnet50", "encoder")
+    arch: str = option("resnet50", "encoder architecture (as in pretrain --arch)")
     width: int = option(64, "first-stage channels (64 = standard)", check=positive, check_msg="must be > 0")
     data: str = option("cifar10", "dataset (cifar10, cifar100, stl10, imagenet, folder)")
     data_path: str = option("", "image folder for --data folder")
     image_size: int = option(0, "input side (0 = the dataset's own)", check=nonneg, check_msg="must be >= 0")
     batch_size: int = option(1024, "unique images per step", check=positive, check_msg="must be > 0")
-    multiplier: int = option(2, "views per image", check=positive, check_msg="must be > 0")
-    steps: int = option(50, "timed steps per path", check=positive, check_msg="must be > 0")
+    multiplier: int = option(2, "augmented views per image (m)", check=positive, check_msg="must be > 0")
+    steps: int = option(50, "timed steps per path (after warm-up steps)", check=positive, check_msg="must be > 0")
     warmup: int = option(5, "untimed steps before timing (compile, autotune)", check=lambda x: x >= 1,
                          check_msg="must be >= 1 (the first step includes start-up)")
     workers: int = option(min(16, os.cpu_count() or 1), "DataLoader workers of the reference path (default: the "
                           "CPU count, at most 16)", check=nonneg, check_msg="must be >= 0")
     train_subset: int = option(0, "use this many training images (0 = all)", check=nonneg, check_msg="must be >= 0")
-    device: str = option("auto", "auto, cpu, cuda")
+    device: str = option("auto", "device to time on: auto, cpu or cuda")
     paths: str = option("reference,fast", "comma-separated: reference, fast")
     compile: str = option("auto", "torch.compile on the fast path (auto: on CUDA)", ["auto", "on", "off"])
     channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA)", ["auto", "on", "off"])

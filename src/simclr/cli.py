@@ -128,10 +128,8 @@ def pretrain_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _eval(argv: Sequence[str], extra: dict) -> int:
+def _eval(cfg, notes: list) -> int:
     from .evaluate.run import run_eval
-    from .options import EvalConfig
-    cfg, notes = config_lib.parse(EvalConfig, argv, extra=extra)
     if cfg.problem not in ("eval", "semi-supervised-eval"):
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
                         f"(or `python train.py`, which picks the job from the config)")
@@ -164,11 +162,15 @@ def summary(result: dict) -> str:
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    return _eval(argv, {})
+    from .options import EvalConfig
+    return _eval(*config_lib.parse(EvalConfig, argv))
 
 
 def knn_main(argv: Sequence[str]) -> int:
-    return _eval(argv, {"protocol": "knn"})
+    """``simclr knn``: its own options (KnnConfig), run as ``simclr eval --protocol knn``."""
+    from .options import EvalConfig, KnnConfig
+    knn, notes = config_lib.parse(KnnConfig, argv)
+    return _eval(config_lib.build(EvalConfig, {**config_lib.to_dict(knn), "protocol": "knn"}), notes)
 
 
 def _pretrain_process(argv: list) -> None:

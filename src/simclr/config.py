@@ -181,6 +181,10 @@ def build(cls, values: dict, source: str = "", sources: Optional[dict] = None) -
         if key not in table:
             name = key if key.isprintable() else repr(key)[1:-1]  # the message stays on one line
             help_hint = f" See `simclr {_command(cls)} --help`." if _command(cls) else ""
+            other, other_cls = getattr(cls, "OTHER", ("", None))  # a key of a sibling command (knn vs eval)
+            if other_cls is not None and key in _key_table(other_cls):
+                raise ConfigError(f"option '{key}'{where} belongs to `simclr {other}`; `simclr {_command(cls)}` "
+                                  f"does not use it.{help_hint}")
             raise ConfigError(f"unknown option '{shown(name)[1:-1]}'{where}{suggest(key, list(by_name))}{help_hint}")
         f = by_name[table[key]]
         convert = f.metadata.get("convert")

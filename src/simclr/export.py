@@ -211,7 +211,7 @@ class ExportConfig:
     COMMAND = "export"
     YAML = False
 
-    ckpt: str = option(MISSING, "our checkpoint, the spec's .pth.tar, or an earlier export", positional=True)
+    ckpt: str = option(MISSING, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an earlier export", positional=True)
     out: str = option(None, "output file, e.g. resnet50_simclr.pth or encoder.safetensors (required)")
     format: str = option("torchvision", "output format", FORMATS)
     include_head: bool = option(False, "also write the projection head as projection.* keys (then torchvision "
@@ -231,7 +231,7 @@ class EmbedConfig:
     COMMAND = "embed"
     YAML = False
 
-    encoder_ckpt: str = option(None, "our checkpoint, the spec's .pth.tar, or an export (required)")
+    encoder_ckpt: str = option(None, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an export (required)")
     images: str = option(None, "folder of images, searched recursively (required)")
     out: str = option(None, "output .npy file (required); the file names go to <out stem>.files.txt")
     layer: str = option("h", "h (encoder output) or g1/g2/z (projection-head layers)")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import nonneg, option, positive
+from .config import fields, nonneg, option, positive, type_of
 from .errors import ConfigError
 from .data.transforms import blur_sigma_range
 from .models import ENCODERS
@@ -218,8 +218,8 @@ class EvalConfig(CommonConfig):
     protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
                            "L-BFGS logistic regression, L2 picked on a held-out split), knn",
                            ["linear", "fast-linear", "knn"])
-    encoder_ckpt: str = option("", "encoder checkpoint (ours, the spec's .pth.tar, or an export); empty = a "
-                               "randomly initialised encoder (a baseline)",
+    encoder_ckpt: str = option("", "encoder checkpoint (ours, a run folder = its newest valid one, a .json card, "
+                               "the spec's .pth.tar, or an export); empty = a randomly initialised encoder (a baseline)",
                                convert=_path)
     encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty", convert=_lower)
     encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
@@ -286,3 +286,28 @@ class EvalConfig(CommonConfig):
                 f"augmented copies / test-time averaging"]
 
 
+
+
+# `simclr knn` is `simclr eval --protocol knn` with only the options that protocol reads, so its --help lists
+# those and nothing else. Built from EvalConfig's fields: one help text and one range per option.
+KNN_KEYS = ("name", "root", "data", "data_path", "image_size", "encoder_ckpt", "encoder_arch", "encoder_width",
+            "trust_checkpoint", "encode_layer", "k", "temperature", "knn_vote", "train_subset", "test_subset",
+            "train_size", "data_split_seed", "test_bs", "precompute_emb_bs", "cache_features", "seed", "workers",
+            "device", "precision", "verbose", "run_dir")
+
+
+def _knn_finalize(self, config_path: Optional[str]) -> None:
+    self.name = self.name or (Path(config_path).stem if config_path else "knn")
+    self.root = self.root or default_root()
+
+
+KnnConfig = make_dataclass(
+    "KnnConfig",
+    [(f.name, type_of(EvalConfig, f), field(default=f.default, metadata=f.metadata))
+     for f in fields(EvalConfig) if f.name in KNN_KEYS],
+    namespace={"__doc__": "kNN accuracy of an encoder's frozen features: each test image takes the (weighted) "
+                          "vote of its k nearest training images by cosine similarity. Same as `simclr eval "
+                          "--protocol knn`.",
+               "COMMAND": "knn", "IGNORED_KEYS": IGNORED_KEYS + ("problem", "protocol"),
+               "OTHER": ("eval", EvalConfig), "finalize": _knn_finalize})
+KnnConfig.__module__ = __name__

@@ -117,7 +117,8 @@ class RunDir:
         self._tb = None
         self._tb_enabled = tensorboard
         self._last_beat = 0.0
-        self._status: dict = {}
+        self._status: dict = self._earlier_invocations()
+        self._began = time.time()
         self._lock = threading.Lock()
         self._beat_stop: Optional[threading.Event] = None
 
@@ -144,11 +145,29 @@ class RunDir:
             self._status.update({"status": status, "pid": os.getpid(), "host": socket.gethostname(),
                                  "updated": now, **extra})
             self._status.setdefault("started", now)
+            self._status["train_s"] = round(self._before_s + now - self._began, 3)
             self._write_status()
         if status == "running":
             self._start_beating()
         else:
             self._stop_beating()
+
+    def _earlier_invocations(self) -> dict:
+        """A resumed run keeps its first start time and adds this invocation's time to the earlier ones'
+        (``train_s``), so the index shows the whole run, not only its last piece."""
+        self._before_s = 0.0
+        try:
+            old = json.loads((self.path / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(old, dict) or not isinstance(old.get("started"), (int, float)):
+            return {}
+        before = old.get("train_s")
+        if not isinstance(before, (int, float)):  # written before train_s existed: its last invocation's span
+            updated = old.get("updated")
+            before = updated - old["started"] if isinstance(updated, (int, float)) else 0.0
+        self._before_s = max(0.0, float(before)) if math.isfinite(before) else 0.0
+        return {"started": old["started"]}
 
     def _write_status(self) -> None:
         # caller holds self._lock; atomic_write picks a unique temporary name, so the heartbeat thread and
@@ -176,6 +195,7 @@ class RunDir:
                     if stop.is_set() or self._status.get("status") != "running":
                         return
                     self._status["updated"] = time.time()
+                    self._status["train_s"] = round(self._before_s + self._status["updated"] - self._began, 3)
                     try:
                         self._write_status()
                     except (OSError, UserError):  # a full or vanished disk must not kill training from a side thread

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as config_lib
-from ..config import nonneg, option, positive
+from ..config import nonneg, option
 from ..errors import ConfigError, UserError
 from ..runs import MARKERS
 
@@ -23,8 +23,8 @@ class ReportOptions:
                       positional=True)
     out: str = option("", "folder to write into (default: the run folder)")
     no_pictures: bool = option(False, "skip views/retrieval/embedding (no dataset needed)")
-    queries: int = option(8, "retrieval queries (one per class, at most #classes)", check=positive,
-                          check_msg="must be >= 1")
+    queries: int = option(0, "retrieval queries, one per class (0 = every class, at most 100)", check=nonneg,
+                          check_msg="must be >= 0")
     gallery: int = option(0, "training images searched for neighbours (0: 1000; 300 for images > 64 px)",
                           check=nonneg, check_msg="must be >= 0")
     embed: int = option(0, "test images in the embedding plot (0: 500; 300 for images > 64 px)", check=nonneg,

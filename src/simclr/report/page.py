@@ -128,7 +128,7 @@ def _facts(run: Path, row: dict) -> list:
             ("duration", time.strftime("%H:%M:%S", time.gmtime(row["duration"])) if row.get("duration") else "-")]
 
 
-def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 8,
+def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 0,
                  gallery: int = 0, n_embed: int = 0, device: str = "cpu", log=print,
                  data_root: Optional[str] = None, runs_root: Optional[str] = None) -> Path:
     """Write ``report.html`` (+ PNGs in ``report/``) for a run folder; returns the HTML path.

@@ -115,7 +115,10 @@ def _features(encoder, ds, size: int, device):
     return torch.nn.functional.normalize(f.float(), dim=1).cpu(), y.cpu()
 
 
-def plot_retrieval_and_embedding(encoder, cfg: dict, out_dir: Path, n_queries: int = 8, k: int = 8,
+MAX_QUERIES = 100  # rows of the retrieval grid when every class is asked for (ImageNet has 1,000 classes)
+
+
+def plot_retrieval_and_embedding(encoder, cfg: dict, out_dir: Path, n_queries: int = 0, k: int = 8,
                                  gallery: int = 1000, n_embed: int = 500, device: str = "cpu",
                                  datasets: Optional[Datasets] = None) -> dict:
     """Nearest-neighbour retrieval grid and 2-D PCA embedding from the learned representation h.
@@ -138,7 +141,8 @@ def plot_retrieval_and_embedding(encoder, cfg: dict, out_dir: Path, n_queries: i
     classes = list(train.classes)
     out = {}
 
-    # retrieval: one query per class (up to n_queries), taken from the embedded test subset
+    # retrieval: one query per class (every class, or the first n_queries), taken from the embedded test subset
+    n_queries = n_queries or min(len(classes), MAX_QUERIES)
     q_idx = []
     for c in range(len(classes)):
         hit = (t_y == c).nonzero().flatten()
@@ -175,7 +179,8 @@ def plot_retrieval_and_embedding(encoder, cfg: dict, out_dir: Path, n_queries: i
     out["retrieval"] = (p, f"Left: a test image; right: its {kk} nearest of {len(train)} training images by cosine "
                            f"similarity of h (value above each). Green: same class as the query, red: another "
                            f"class; {frac:.0f}% of neighbours share the query's class "
-                           f"(chance {100.0 / max(1, len(classes)):.0f}%).")
+                           f"(chance {100.0 / max(1, len(classes)):.0f}%). Queries: one per class, "
+                           f"{len(q_idx)} of {len(classes)} classes.")
 
     # embedding: PCA to 2-D (a linear map: distances are not distorted the way t-SNE's are)
     x = t_f - t_f.mean(0, keepdim=True)

@@ -91,8 +91,8 @@ def plot_curves(records: list, path: Path, loss_name: str = "NT-Xent loss") -> O
     ax[0, 0].set(xlabel="step", ylabel=loss_name, title="loss")
     s2, acc = _series(tr, "contrast_acc")
     if len(s2):
-        ax[0, 1].plot(s2, 100 * acc, color="C1", marker="." if len(s2) < 30 else None)
-        ax[0, 1].set(xlabel="step", ylabel="%", title="contrastive accuracy (positive ranked first)")
+        ax[0, 1].plot(s2, acc, color="C1", marker="." if len(s2) < 30 else None)  # a fraction, as in metrics.jsonl
+        ax[0, 1].set(xlabel="step", ylabel="fraction of views", title="contrastive accuracy (positive ranked first)")
     else:
         ax[0, 1].set_axis_off()
     for a in ax[0]:
@@ -272,9 +272,9 @@ def config_diff(configs: Sequence[dict]) -> dict:
 def plot_compare(runs: Sequence[Path], labels: Sequence[str], path: Path) -> Path:
     """Loss, contrastive accuracy, kNN top-1, learning rate, throughput and data wait of all runs."""
     fig, ax = figure(13, 6.4, 2, 3)
-    panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (%)", 100),
+    panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (fraction)", 1),
               (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
-              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (%)", 100)]
+              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (fraction)", 1)]
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = read_metrics(run)
         tr, kr = _train_records(recs), _knn_records(recs)

@@ -8,6 +8,7 @@ value and the row says why, never an exception. ``index(root)`` is the public en
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import socket
 import time
@@ -90,8 +91,7 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
         "iters": cfg.get("iters", st.get("iters")),
         "started": started if isinstance(started, (int, float)) else None,
         "updated": updated if isinstance(updated, (int, float)) else None,
-        "duration": (end - started) if isinstance(started, (int, float)) and isinstance(end, (int, float))
-        else None,
+        "duration": _duration(st, started, end),
         "host": st.get("host"),
         "error": reason,
         "path": str(run),
@@ -108,6 +108,18 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     return row
 
 
+def _duration(st: dict, started, end) -> Optional[float]:
+    """Training time of the whole run: the summed ``train_s`` of all its invocations (plus the time since
+    the last heartbeat while it runs); for folders written before ``train_s``, first start to last update."""
+    nums = (int, float)
+    if isinstance(st.get("train_s"), nums) and not isinstance(st.get("train_s"), bool):
+        live = end - st["updated"] if isinstance(end, nums) and isinstance(st.get("updated"), nums) else 0.0
+        total = st["train_s"] + max(0.0, live)
+    else:
+        total = end - started if isinstance(started, nums) and isinstance(end, nums) else None
+    return total if total is not None and math.isfinite(total) and total >= 0 else None
+
+
 def index(root="logs", where: Optional[dict] = None):
     """All runs under ``root`` as a pandas DataFrame, one row per run.
 
@@ -117,7 +129,8 @@ def index(root="logs", where: Optional[dict] = None):
     kNN evaluation its result), ``knn_top5, knn_last, knn_init`` (random-init baseline), ``linear``
     (best linear top-1 of this run or of eval runs of its checkpoints), ``protocol, eval_top1``
     (an eval run's protocol and result), ``encoder_run`` (the run whose checkpoint it evaluated),
-    ``started, updated`` (datetimes), ``duration`` (Timedelta), ``host, error, path``. On eval rows
+    ``started`` (first start), ``updated`` (datetimes), ``duration`` (Timedelta: training time summed over
+    every invocation of a resumed run), ``host, error, path``. On eval rows
     ``arch`` is the encoder's, ``head`` the classifier, ``knn_tau`` the kNN temperature; ``temperature``
     is NT-Xent's only. A run whose process died without a word shows ``status == 'interrupted'``
     with the reason in ``error``.
