@@ -164,3 +164,21 @@ def test_version_and_a_closed_pipe():
     p = subprocess.run(f"{sys.executable} -m simclr pretrain --help | head -1", shell=True, capture_output=True,
                        text=True, timeout=120)
     assert p.stdout.startswith("usage: simclr pretrain") and p.stderr == "", p.stderr
+
+
+def test_observation_1_a_checkpoint_resumed_under_another_config_is_refused_and_nothing_rewritten(tmp_path):
+    """The issue's first observation, replayed: a run of --iters 200 resumed from its checkpoint file with
+    configs/tiny_test.yaml (iters 20) used to train "20 steps" and rewrite config.yaml silently."""
+    root = tmp_path / "logs"
+    r = run_cli("pretrain", "--config", "configs/tiny_test.yaml", "--iters", "200", "--stop_after", "3",
+                "--root", root, "--train_subset", "128", "--batch_size", "32", "--verbose", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = root.glob("tiny/*")
+    ck = ckpt_lib.checkpoint_path(run, 3)
+    before = (run / "config.yaml").read_text()
+    r = run_cli("pretrain", "--config", "configs/tiny_test.yaml", "--ckpt", ck, "--run_dir", run,
+                "--train_subset", "128", "--batch_size", "32", "--verbose", "false")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "iters: 200 -> 20" in r.stderr and "--allow_config_change true" in r.stderr
+    assert (run / "config.yaml").read_text() == before and "iters: 200" in before
+    assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["checkpoint-00000003.pt"]
