@@ -24,6 +24,7 @@ from .checkpoint import resolve, write_with_card
 from .config import nonneg, option, positive
 from .errors import ConfigError, DataError, UserError
 from .files import atomic_write, sha256_file
+from .options import ENCODE_LAYER_HELP
 from .runtime import resolve_device
 from .weights import Encoder, load_encoder
 
@@ -234,7 +235,7 @@ class EmbedConfig:
     encoder_ckpt: str = option(None, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an export (required)")
     images: str = option(None, "folder of images, searched recursively (required)")
     out: str = option(None, "output .npy file (required); the file names go to <out stem>.files.txt")
-    layer: str = option("h", "h (encoder output) or g1/g2/z (projection-head layers)")
+    layer: str = option("h", ENCODE_LAYER_HELP)
     batch_size: int = option(256, "images encoded per forward pass (memory, not results)", check=positive,
                              check_msg="must be > 0")
     workers: int = option(0, "DataLoader worker processes for decoding", check=nonneg, check_msg="must be >= 0")

@@ -64,6 +64,11 @@ def _path(v):
     return "" if isinstance(v, str) and v.lower() == "none" else v
 
 
+# The one description of the representation options (eval/knn --encode_layer, embed --layer).
+ENCODE_LAYER_HELP = ("representation: h (the encoder's output, the default), g1, g2 (g3 with a 3-layer head: the "
+                     "output of that projection-head block; SimCLR v2 fine-tunes from g1) or z (the head's output)")
+
+
 @dataclass
 class CommonConfig:
     """Options shared by every job (pretraining and evaluation)."""
@@ -225,8 +230,7 @@ class EvalConfig(CommonConfig):
     encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
                                 **within(1, MAX_WIDTH))
     trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
-    encode_layer: str = option("h", "representation: h (encoder output) or g1/g2/g3 (projection-head block "
-                               "outputs, SimCLR v2 style) or z")
+    encode_layer: str = option("h", ENCODE_LAYER_HELP)
     batch_size: int = option(1024, "training batch size of the linear head", **within(1, MAX_BATCH))
     iters: int = option(5000, "optimizer steps of the linear head (the spec's CIFAR-10 config: 80000)",
                         **within(1, MAX_ITERS))
