@@ -26,6 +26,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
 from ..files import atomic_write
+from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -85,8 +86,7 @@ class FileImages(LabeledImages):
         for j in range(len(self.files)):  # with skip_bad_images, fall through to the next readable file
             k = (i + j) % len(self.files)
             try:
-                with Image.open(self.files[k]) as im:
-                    return im.convert("RGB")
+                return open_rgb(self.files[k])
             except Exception as e:  # PIL raises many types for broken files
                 if not self.skip_bad_images:
                     raise DataError(f"cannot read image {self.files[k]}: {e}. Remove or replace the file, "
@@ -127,8 +127,7 @@ def scan_folder(root: Path) -> tuple[list, list, list]:
 
 
 def _decode(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
 def _try_decode(path):
