@@ -167,6 +167,9 @@ def _prefetched(it: Iterator, depth: int = 2) -> Iterator:
         except BaseException as e:  # handed to the consumer
             q.put(e)
 
+    # the training thread's own count, read before the producer sets 1: a thread that has not asked yet takes
+    # the last count set by any thread (measured), and would train single-threaded
+    torch.get_num_threads()
     t = threading.Thread(target=produce, daemon=True, name="simclr-prefetch")
     t.start()
     try:
