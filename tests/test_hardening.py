@@ -130,11 +130,13 @@ def test_hostile_checkpoint_content_is_one_error_everywhere(tiny_run, tmp_path, 
     imgs.mkdir(parents=True)
     for commandline in (["embed", "--encoder_ckpt", ck, "--images", imgs.parent, "--out", tmp_path / "f.npy"],
                         ["export", ck, "--out", tmp_path / "e.pth"],
+                        ["eval", "--encoder_ckpt", ck, "--train_subset", "50", "--test_subset", "20", "--root",
+                         tmp_path / "ev"],
                         ["knn", "--encoder_ckpt", ck, "--train_subset", "50", "--test_subset", "20",
                          "--root", tmp_path / "ev"]):
         msg = one_error_line(run_cli(*commandline))
         assert needle in msg, (commandline[0], msg)
-    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "e.pth").exists()
+    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "e.pth").exists() and not (tmp_path / "ev").exists()
 
 
 def test_resume_auto_skips_a_foreign_dict_under_a_checkpoint_name(tiny_run, tmp_path):
@@ -163,6 +165,12 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, data_roo
     r = run_cli("pretrain", *tiny_args(tmp_path, data="folder", data_path=tmp_path / "d", image_size=32,
                                        train_subset=0, test_subset=0, batch_size=8, iters=1, knn_k=5), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a counted skip with a warning (also in log.txt, metrics.jsonl and status.json)
+    assert f"warning: skipped 1 unreadable image file(s), e.g. {tmp_path / 'd' / 'train' / 'cat' / 'zz.jpg'}" \
+        in r.stderr
+    (run,) = [p.parent for p in (tmp_path / "logs").glob("t/*/status.json")]
+    assert json.loads((run / "status.json").read_text())["metrics"]["skipped_images"] == 1
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["skipped_images"] == 1
 
 
 def _tmpfs(path: Path, size: str) -> bool:
