@@ -68,7 +68,7 @@ def test_errors_say_where_a_bad_key_came_from(tmp_path):
     assert f"unknown option 'lrr' (in {tmp_path / 'c.yaml'})" in msg
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig):
     """A shell starts background jobs with SIGINT ignored; the entry point installs its handlers anyway."""
     root = tmp_path / "logs"
@@ -146,9 +146,11 @@ def test_resume_auto_skips_a_foreign_dict_under_a_checkpoint_name(tiny_run, tmp_
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
     torch.save({"weights": torch.zeros(3)}, run / "checkpoints" / "checkpoint-00000003.pt")
-    r = run_cli("pretrain", "--resume", run, "--iters", "3", "--allow_config_change", "true")
+    r = run_cli("pretrain", *tiny_args(tmp_path, iters=3, save_freq=1, keep_last=5, train_subset=128, test_subset=50),
+                "--run_dir", run, "--resume", "auto", "--allow_config_change", "true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipping checkpoint-00000003.pt: not a checkpoint of this project" in r.stderr
+    assert "at step 2" in (run / "log.txt").read_text()  # the older valid one
     assert "status: finished at step 3" in r.stdout
 
 
@@ -330,3 +332,23 @@ def test_a_folder_under_the_next_checkpoints_name_is_one_error_and_loses_nothing
     ckpt_lib.prune(run, keep_last=1)
     assert (ckpt_lib.checkpoint_path(run, 0) / "notes.txt").read_text() == "the user's"
     assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["checkpoint-00000002.pt"]
+
+
+def test_the_readme_table_of_faults_names_tests_that_exist():
+    """README's table of issue 14's faults: one row per fault, 1 to 19, each naming existing tests (file,
+    function, parameter id), and the counts line agrees with the rows."""
+    import ast
+    import re
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("Hostile input and concurrency (issue 14)"):text.index("## Development")]
+    rows = [ln for ln in section.splitlines() if re.match(r"\| \d+ \|", ln)]
+    assert [int(ln.split("|")[1]) for ln in rows] == list(range(1, 20))
+    assert "Faults tried: 19, survived: 19" in " ".join(section.split())
+    for row in rows:
+        nodes = re.findall(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`", row.split("|")[4])
+        assert nodes, row
+        for path, name, param in nodes:
+            source = (REPO / path).read_text()
+            functions = {f.name for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef)}
+            assert name in functions, (path, name)
+            assert param is None or param in source, (path, name, param)
