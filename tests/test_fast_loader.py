@@ -106,8 +106,11 @@ def test_unreadable_image_is_a_clear_error_or_skipped(tmp_path, data_root):
     bad.write_bytes(whole[:whole.find(b"\xff\xda")])  # a valid header (PIL opens it), no image data
     ds = get_dataset("folder", "pretrain", str(tmp_path), image_size=64)
     cfg = _cfg(data="folder", data_path=str(tmp_path), batch_size=9, image_size=64)
-    with pytest.raises(DataError, match="broken.jpg: Image is incomplete or truncated"):
+    with pytest.raises(DataError, match="broken.jpg: cannot load this image") as fast_err:
         next(FastLoader(cfg, ds, torch.device("cpu")).batches(0, 1))
+    with pytest.raises(DataError) as ref_err:  # the reference path reads it with the same decoder
+        ds.load(ds.files.index(bad))
+    assert str(ref_err.value).split(": ", 2)[1] in str(fast_err.value)
     ds = get_dataset("folder", "pretrain", str(tmp_path), image_size=64, skip_bad_images=True)
     x, _ = next(FastLoader(cfg, ds, torch.device("cpu")).batches(0, 1))
     assert x.shape == (18, 3, 64, 64) and ds.bad_images == [str(bad)]

@@ -68,7 +68,7 @@ def test_errors_say_where_a_bad_key_came_from(tmp_path):
     assert f"unknown option 'lrr' (in {tmp_path / 'c.yaml'})" in msg
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig):
     """A shell starts background jobs with SIGINT ignored; the entry point installs its handlers anyway."""
     root = tmp_path / "logs"
@@ -130,11 +130,13 @@ def test_hostile_checkpoint_content_is_one_error_everywhere(tiny_run, tmp_path, 
     imgs.mkdir(parents=True)
     for commandline in (["embed", "--encoder_ckpt", ck, "--images", imgs.parent, "--out", tmp_path / "f.npy"],
                         ["export", ck, "--out", tmp_path / "e.pth"],
+                        ["eval", "--encoder_ckpt", ck, "--train_subset", "50", "--test_subset", "20", "--root",
+                         tmp_path / "ev"],
                         ["knn", "--encoder_ckpt", ck, "--train_subset", "50", "--test_subset", "20",
                          "--root", tmp_path / "ev"]):
         msg = one_error_line(run_cli(*commandline))
         assert needle in msg, (commandline[0], msg)
-    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "e.pth").exists()
+    assert not (tmp_path / "f.npy").exists() and not (tmp_path / "e.pth").exists() and not (tmp_path / "ev").exists()
 
 
 def test_resume_auto_skips_a_foreign_dict_under_a_checkpoint_name(tiny_run, tmp_path):
@@ -144,9 +146,11 @@ def test_resume_auto_skips_a_foreign_dict_under_a_checkpoint_name(tiny_run, tmp_
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
     torch.save({"weights": torch.zeros(3)}, run / "checkpoints" / "checkpoint-00000003.pt")
-    r = run_cli("pretrain", "--resume", run, "--iters", "3", "--allow_config_change", "true")
+    r = run_cli("pretrain", *tiny_args(tmp_path, iters=3, save_freq=1, keep_last=5, train_subset=128, test_subset=50),
+                "--run_dir", run, "--resume", "auto", "--allow_config_change", "true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipping checkpoint-00000003.pt: not a checkpoint of this project" in r.stderr
+    assert "at step 2" in (run / "log.txt").read_text()  # the older valid one
     assert "status: finished at step 3" in r.stdout
 
 
@@ -163,6 +167,12 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, data_roo
     r = run_cli("pretrain", *tiny_args(tmp_path, data="folder", data_path=tmp_path / "d", image_size=32,
                                        train_subset=0, test_subset=0, batch_size=8, iters=1, knn_k=5), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a counted skip with a warning (also in log.txt, metrics.jsonl and status.json)
+    assert f"warning: skipped 1 unreadable image file(s), e.g. {tmp_path / 'd' / 'train' / 'cat' / 'zz.jpg'}" \
+        in r.stderr
+    (run,) = [p.parent for p in (tmp_path / "logs").glob("t/*/status.json")]
+    assert json.loads((run / "status.json").read_text())["metrics"]["skipped_images"] == 1
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["skipped_images"] == 1
 
 
 def _tmpfs(path: Path, size: str) -> bool:
@@ -221,3 +231,124 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
     # killed (-9): its lock went with it, so the run can be continued at once
     r = run_cli("pretrain", "--resume", run, "--iters", "400", "--stop_after", "1")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_garbage_lines_in_metrics_jsonl_are_skipped_and_counted_by_simclr_runs(tiny_run, tmp_path):
+    import shutil
+    root = tmp_path / "logs"
+    run = root / "t" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    good = (run / "metrics.jsonl").read_text()
+    records = [json.loads(ln) for ln in good.splitlines()]
+    last_loss = [r["loss"] for r in records if "loss" in r][-1]
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r][-1]
+    garbage = ['{"step": 1e999, "loss": 1.0}',       # the issue's line: inf
+               '{"step": 2, "loss": NaN, "lr": 0.1}', '{"step": "x", "loss": "abc"}', '["loss", 1]', '"loss"',
+               '{"step": 2, "knn_top1": Infinity}', '{"step": 1e999}', '{"step": 3, "loss": 0.']  # truncated
+    (run / "metrics.jsonl").write_text(good + "\n".join(garbage))
+    r = run_cli("runs", "--root", root, "--columns", "id,status,steps,loss,knn,metrics_skipped")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (row,) = r.stdout.splitlines()[1:]  # the run's row, its values from the good lines
+    assert row.split() == [tiny_run.name, "finished", "2/2", f"{last_loss:.4g}", f"{knn:.4g}", "7"]
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    # the summary reads the lines with a loss (from the end) and the kNN lines: 7 of the 8 are among them
+    assert len(warnings) == 1 and f"{run}/metrics.jsonl: skipped 7 unreadable" in warnings[0], r.stderr
+    r = run_cli("report", run, "--no_pictures")  # the figures read the same file
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_report_folder_that_is_a_symlink_is_refused_and_its_target_untouched(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mine.png").write_bytes(b"a picture of the user's")  # a stale-picture sweep would delete it
+    (run / "report").symlink_to(outside)
+    msg = one_error_line(run_cli("report", run, "--no_pictures"))
+    assert f"{run / 'report'} is a symbolic link" in msg and "--out" in msg
+    assert [p.name for p in outside.iterdir()] == ["mine.png"]
+    assert (outside / "mine.png").read_bytes() == b"a picture of the user's"
+    assert (run / "report").is_symlink() and not (run / "report.html").exists()
+
+
+def _flip_inside_a_tensor(path: Path) -> None:
+    """Flip one byte in the middle of the largest tensor's data (not the zip's headers)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_card_less_checkpoint_is_caught_on_resume_and_never_gets_a_card(tiny_run, tmp_path):
+    """Card deleted, one byte of tensor data flipped: --resume auto names it and takes the previous
+    checkpoint; re-saving that step writes a new file whose card vouches for it, not for the corrupt bytes."""
+    import shutil
+
+    import torch
+
+    from simclr import checkpoint as ckpt_lib
+    from simclr.files import sha256_file
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ck2 = ckpt_lib.checkpoint_path(run, 2)
+    original = ckpt_lib.read(ck2)
+    ck2.with_suffix(".json").unlink()
+    _flip_inside_a_tensor(ck2)
+    bad_sha = sha256_file(ck2)
+    r = run_cli("pretrain", *tiny_args(tmp_path, iters=2, save_freq=1, keep_last=5, train_subset=128, test_subset=50),
+                "--run_dir", run, "--resume", "auto")  # the command that made the run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping checkpoint-00000002.pt" in r.stderr and "truncated or corrupt" in r.stderr
+    assert "at step 1" in (run / "log.txt").read_text()
+    card = json.loads(ck2.with_suffix(".json").read_text())
+    assert card["sha256"] == sha256_file(ck2) != bad_sha
+    assert not [c for c in (run / "checkpoints").glob("*.json") if bad_sha in c.read_text()]
+    again = ckpt_lib.read(ck2)  # the step redone from checkpoint 1 is the step that was lost
+    assert all(torch.equal(again["model"][k], original["model"][k]) for k in original["model"])
+
+
+def test_a_folder_under_the_next_checkpoints_name_is_one_error_and_loses_nothing(tiny_run, tmp_path):
+    import shutil
+
+    from simclr import checkpoint as ckpt_lib
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    in_the_way = ckpt_lib.checkpoint_path(run, 3)
+    in_the_way.mkdir()
+    (in_the_way / "notes.txt").write_text("the user's")
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()}
+    r = run_cli("pretrain", "--resume", run, "--iters", "4", "--allow_config_change", "true", "--keep_last", "1")
+    msg = one_error_line(r)
+    assert f"cannot write {in_the_way}: a folder of that name is in the way; move it aside" in msg
+    assert (in_the_way / "notes.txt").read_text() == "the user's"
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()} == before
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+    # under an older name, the pruning of --keep_last passes over it (an unlink would raise IsADirectoryError)
+    in_the_way.rename(ckpt_lib.checkpoint_path(run, 0))
+    ckpt_lib.prune(run, keep_last=1)
+    assert (ckpt_lib.checkpoint_path(run, 0) / "notes.txt").read_text() == "the user's"
+    assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["checkpoint-00000002.pt"]
+
+
+def test_the_readme_table_of_faults_names_tests_that_exist():
+    """README's table of issue 14's faults: one row per fault, 1 to 19, each naming existing tests (file,
+    function, parameter id), and the counts line agrees with the rows."""
+    import ast
+    import re
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("Hostile input and concurrency (issue 14)"):text.index("## Development")]
+    rows = [ln for ln in section.splitlines() if re.match(r"\| \d+ \|", ln)]
+    assert [int(ln.split("|")[1]) for ln in rows] == list(range(1, 20))
+    assert "Faults tried: 19, survived: 19" in " ".join(section.split())
+    for row in rows:
+        nodes = re.findall(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`", row.split("|")[4])
+        assert nodes, row
+        for path, name, param in nodes:
+            source = (REPO / path).read_text()
+            functions = {f.name for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef)}
+            assert name in functions, (path, name)
+            assert param is None or param in source, (path, name, param)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -50,9 +51,9 @@ def args(tmp: Path, run_dir: Path, **over) -> list:
     return ["pretrain", *tiny_args(tmp, **base)]
 
 
-def popen(argv: list) -> subprocess.Popen:
+def popen(argv: list, env_over: Optional[dict] = None) -> subprocess.Popen:
     """A training subprocess in a process group of its own (with its DataLoader workers)."""
-    env = dict(os.environ, **ENV)
+    env = {**os.environ, **ENV, **(env_over or {})}
     return subprocess.Popen([sys.executable, "-m", "simclr", *map(str, argv)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -124,6 +125,50 @@ def test_sigkill_at_three_random_steps_resumes_bit_identical(reference, tmp_path
     assert_bit_identical(final_state(run), reference["state"])
     # --keep_last 2 held across the kills; a kill during a save leaves a temp file, removed by the next prune
     assert [c.name for c in ckpt_lib.list_checkpoints(run)] == ["checkpoint-00000008.pt", "checkpoint-00000007.pt"]
+    assert [p.name for p in (run / "checkpoints").iterdir() if ".tmp" in p.name] == []
+
+
+def temp_files(run_dir: Path) -> set:
+    """The temporary files of checkpoints (or cards) being written; each save's has a fresh random name."""
+    try:
+        return {n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".checkpoint-")}
+    except OSError:
+        return set()
+
+
+def test_sigkill_mid_save_and_mid_step_with_other_thread_counts_resumes_bit_identical(reference, tmp_path):
+    """The kill -9 campaign of issue 14, where a run once ended ~1e-7 apart: kills while a checkpoint's temp
+    file is being written (polled for, so the kill lands inside the save) and at random moments, each next
+    process started with another OMP_NUM_THREADS. The thread count was the order dependence found: CPU
+    sums split by thread, so a process with another count continues a few ulps apart (1 vs 2 threads:
+    1e-2 apart after 8 steps). With --deterministic the checkpoint's count is restored; the final state
+    is bit-identical to the uninterrupted one-thread run."""
+    seed = int(os.environ.get("RELIABILITY_SEED", random.randrange(10 ** 6)))
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    mid_save = 0
+    for attempt in range(4):
+        threads = "1" if attempt == 0 else rng.choice(["1", "2"])  # the first one makes the trajectory
+        target = newest_step(run) + 1
+        p = popen(args(tmp_path, run, resume="auto"), {"OMP_NUM_THREADS": threads})
+        wait_for(p, lambda: newest_step(run) >= max(target, 1), f"checkpoint {target} (seed {seed})")
+        stale = temp_files(run)  # left by an earlier kill, until this process prunes them
+        if attempt % 2 == 0:  # inside the next save
+            deadline = time.time() + 120
+            while not temp_files(run) - stale and p.poll() is None and time.time() < deadline:
+                time.sleep(0.0005)
+        else:  # anywhere in the next steps
+            time.sleep(rng.uniform(0, 1.0))
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        assert p.returncode == -signal.SIGKILL, f"the run ended before the kill (seed {seed})"
+        mid_save += bool(temp_files(run) - stale)  # the killed save left its temporary file behind
+    r = run_cli(*args(tmp_path, run, resume="auto"), env={"OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert mid_save >= 1, f"no kill landed inside a save (seed {seed})"
+    assert_bit_identical(final_state(run), reference["state"])
+    log = (run / "log.txt").read_text()
+    assert log.count("resumed from") == 4 and "this process had 2" in log
     assert [p.name for p in (run / "checkpoints").iterdir() if ".tmp" in p.name] == []
 
 

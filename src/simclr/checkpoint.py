@@ -282,8 +282,6 @@ def read(path, *, trust: bool = False, map_location="cpu") -> dict:
     return obj
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
@@ -344,11 +342,12 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list:
-    """Checkpoints of a run folder, newest (highest step) first."""
+    """Checkpoints of a run folder, newest (highest step) first: files only (a folder under a checkpoint's
+    name is the user's, never read or pruned; a save to its name fails with one error line)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.search(p.name)) and p.is_file()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -375,12 +374,15 @@ def prune(run_dir: Path, keep_last: int) -> None:
     a card whose checkpoint never got renamed into place). Only the one process that writes the run
     folder calls this, right after a complete save, so no temp file here belongs to a save in progress."""
     for p in list_checkpoints(run_dir)[keep_last:]:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".json").unlink(missing_ok=True)
+        for f in (p, p.with_suffix(".json")):
+            if f.is_file():
+                f.unlink(missing_ok=True)
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return
     for p in folder.iterdir():
+        if not p.is_file():
+            continue
         if is_temp(p) and p.name.startswith(".checkpoint-"):
             p.unlink(missing_ok=True)
         elif p.suffix == ".json" and p.name.startswith("checkpoint-") and not p.with_suffix(".pt").exists():

@@ -22,6 +22,8 @@ from . import __version__
 from . import config as config_lib
 from .checkpoint import resolve, write_with_card
 from .config import nonneg, option, positive
+from .data.datasets import IMG_EXTENSIONS
+from .data.images import open_rgb
 from .errors import ConfigError, DataError, UserError
 from .files import atomic_write, sha256_file
 from .options import ENCODE_LAYER_HELP
@@ -29,7 +31,6 @@ from .runtime import resolve_device
 from .weights import Encoder, load_encoder
 
 FORMATS = ("torchvision", "safetensors")
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def card_path(out: Path) -> Path:
@@ -138,12 +139,10 @@ def list_images(root: Path) -> list:
 def load_image(path: Path, size: int) -> torch.Tensor:
     """(3, size, size) float in [0, 1]. An image already size x size is used as is; others get their
     shorter side resized to ``size`` (bicubic, antialiased) and a centre crop (keeps the aspect ratio)."""
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        im = open_rgb(path)
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"cannot read image {path}: {e}") from None
     x = TF.pil_to_tensor(im)

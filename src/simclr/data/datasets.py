@@ -26,6 +26,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
 from ..files import atomic_write
+from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -85,8 +86,7 @@ class FileImages(LabeledImages):
         for j in range(len(self.files)):  # with skip_bad_images, fall through to the next readable file
             k = (i + j) % len(self.files)
             try:
-                with Image.open(self.files[k]) as im:
-                    return im.convert("RGB")
+                return open_rgb(self.files[k])
             except Exception as e:  # PIL raises many types for broken files
                 if not self.skip_bad_images:
                     raise DataError(f"cannot read image {self.files[k]}: {e}. Remove or replace the file, "
@@ -108,27 +108,36 @@ class Subset(LabeledImages):
         return self.base.load(self.indices[i])
 
 
-def scan_folder(root: Path) -> tuple[list, list, list]:
-    """``root/<class>/<image>`` -> (files, targets, classes), classes sorted (torchvision's order)."""
+def scan_folder(root: Path) -> tuple[list, list, list, list]:
+    """``root/<class>/<image>`` -> (files, targets, classes, skipped), classes sorted (torchvision's order);
+    ``skipped``: entries named like images that are not regular files (a FIFO, socket, device or broken
+    link named x.jpg would block the reader forever or fail), left out and counted as unreadable."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     try:  # torchvision's own scan (ImageFolder's class order and file walk)
         classes, class_to_idx = find_classes(str(root))
     except FileNotFoundError:
         classes, class_to_idx = [], {}
-    # only regular files: a FIFO or socket named x.jpg would block the reader forever
-    found = make_dataset(str(root), class_to_idx, is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS)
-                         and os.path.isfile(p), allow_empty=True) if classes else []
+    skipped: list = []
+
+    def is_image(p: str) -> bool:
+        if not p.lower().endswith(IMG_EXTENSIONS):
+            return False
+        if os.path.isfile(p):
+            return True
+        skipped.append(p)
+        return False
+
+    found = make_dataset(str(root), class_to_idx, is_valid_file=is_image, allow_empty=True) if classes else []
     files, targets = [Path(p) for p, _ in found], [t for _, t in found]
     if not files:
         raise DataError(f"image folder {root} holds no images: expected {root}/<class>/<image>.jpg "
                         f"(extensions: {', '.join(IMG_EXTENSIONS)})")
-    return files, targets, classes
+    return files, targets, classes, sorted(skipped)
 
 
 def _decode(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
 def _try_decode(path):
@@ -176,13 +185,13 @@ def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[li
 def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tuple[np.ndarray, list, list, list]:
     """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
     Returns (images, targets, classes, unreadable files skipped)."""
-    files, targets, classes = scan_folder(root)
+    files, targets, classes, special = scan_folder(root)
     key = hashlib.sha1(("\n".join(str(f) for f in files) + str(root.stat().st_mtime)).encode()).hexdigest()[:16]
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
             with np.load(cached) as z:
-                return z["images"], list(z["targets"]), classes, []
+                return z["images"], list(z["targets"]), classes, special
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
@@ -190,6 +199,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]
     if bad and not skip_bad_images:
         raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+    bad += [(f, "not a regular file") for f in special]
     arrays = [a for a, _ in decoded if a is not None]
     targets = [t for t, (a, _) in zip(targets, decoded) if a is not None]
     if not arrays:
@@ -300,8 +310,9 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
         if not folder.is_dir():
             raise DataError(f"{data} split folder not found: {folder} (expected {base}/train and {base}/test "
                             f"or {base}/val, each with one sub-folder per class)")
-        files, targets, classes = scan_folder(folder)
+        files, targets, classes, special = scan_folder(folder)
         files, targets, bad = check_headers(files, targets, skip_bad_images)
+        bad += special
         if not files:
             raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)

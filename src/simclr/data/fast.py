@@ -17,6 +17,7 @@ is :mod:`.batch_aug`.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Iterator, Optional
 
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .batch_aug import BatchAugment, center_view
+from .images import open_rgb
 from .transforms import OFFICIAL_BLUR_SIGMA
 from .sampler import StepBatches, sample_seed, step_loader
 
@@ -75,14 +77,14 @@ def decode_batch(items: list, device: torch.device, files: Optional[list] = None
                  skip_bad: bool = False, bad: Optional[list] = None) -> list:
     """Raw items -> list of (3, H, W) uint8 on ``device``. JPEGs are decoded in one batched
     ``decode_jpeg`` call on the device (nvJPEG on CUDA); anything else, or a batch the device
-    decoder rejects, is decoded image by image on the CPU."""
+    decoder rejects, is decoded image by image on the CPU by the package's one decoder (:mod:`.images`)."""
     with warnings.catch_warnings():  # torchvision 0.29 announces (at every call) a move to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return _decode_batch(items, device, files, indices, skip_bad, bad)
 
 
 def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
     out: list = [None] * len(items)
     jpeg = [k for k, t in enumerate(items) if t.dim() == 1 and _is_jpeg(t)]
     if jpeg:
@@ -98,12 +100,14 @@ def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
         if t.dim() == 3:
             out[k] = t.to(device, non_blocking=True)
             continue
-        try:
-            out[k] = decode_image(t, mode=ImageReadMode.RGB).to(device, non_blocking=True)
-        except RuntimeError as e:
+        try:  # the package's one decoder (16-bit, palette, CMYK ... to 8-bit RGB); torchvision's
+            # decode_image gave 16-bit PNGs as uint16 tensors
+            rgb = np.asarray(open_rgb(io.BytesIO(t.numpy().tobytes())), dtype=np.uint8)
+            out[k] = torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(device, non_blocking=True)
+        except Exception as e:  # PIL raises many types for broken files
             name = files[indices[k]] if files is not None and indices is not None else f"item {k}"
             if not skip_bad:
-                why = str(e).splitlines()[0].split(", ")[-1]  # drop torchvision's C++ source location
+                why = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"cannot decode image {name}: {why}. Remove or replace the file, or pass "
                                 f"--skip_bad_images true to skip unreadable files.") from None
             if bad is not None:
@@ -163,6 +167,9 @@ def _prefetched(it: Iterator, depth: int = 2) -> Iterator:
         except BaseException as e:  # handed to the consumer
             q.put(e)
 
+    # the training thread's own count, read before the producer sets 1: a thread that has not asked yet takes
+    # the last count set by any thread (measured), and would train single-threaded
+    torch.get_num_threads()
     t = threading.Thread(target=produce, daemon=True, name="simclr-prefetch")
     t.start()
     try:

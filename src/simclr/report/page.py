@@ -144,6 +144,9 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         raise UserError(f"run folder not found: {run}")
     out = Path(out) if out else run
     pic_dir = out / PICTURES
+    if pic_dir.is_symlink():  # the pictures (and the removal of stale ones) would land in the link's target
+        raise UserError(f"{pic_dir} is a symbolic link (to {os.readlink(pic_dir)}), not a folder; the report "
+                        f"writes its pictures only into a real folder: remove the link, or pass --out DIR")
     try:
         pic_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,6 +1,7 @@
 """``simclr runs``: every run under a folder as a table (or CSV / JSON), one row per run."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from .. import config as config_lib
@@ -109,6 +110,9 @@ def runs_main(argv) -> int:
     if df.empty:
         print(f"no runs under {root}")
         return 0
+    for _, row in df[df["metrics_skipped"].fillna(0) > 0].iterrows() if "metrics_skipped" in df else ():
+        print(f"warning: {row['path']}/metrics.jsonl: skipped {int(row['metrics_skipped'])} unreadable line(s) or "
+              f"value(s), e.g. {row['metrics_problem']}", file=sys.stderr, flush=True)
     if where:
         df = filter_rows(df, where)
     key = args.sort or "started"

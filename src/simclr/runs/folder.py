@@ -3,8 +3,10 @@ empty value, never an exception (a run may be writing while it is read)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
+from typing import Optional
 
 def _yaml_load(text: str):
     import yaml
@@ -53,19 +55,54 @@ def read_evals(run: Path) -> list:
     return out
 
 
-def read_metrics(path: Path) -> list:
-    """metrics.jsonl -> list of dicts; a half-written last line is ignored."""
-    out = []
+def finite(v) -> bool:
+    """A number the tables and figures can use: an int or float (not a bool), neither inf nor NaN."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_record(line, number: int, bad: list) -> Optional[dict]:
+    """One metrics.jsonl line as a dict whose numbers are all finite, or None. What is left out (a line
+    that is not a JSON object or whose step is not a finite number; a value such as ``1e999``, NaN or a
+    string where a number belongs) is described in ``bad`` ("line N: ...")."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        bad.append(f"line {number} is not JSON (half-written or corrupt)")
+        return None
+    if not isinstance(rec, dict):
+        bad.append(f"line {number} is a JSON {type(rec).__name__}, not an object")
+        return None
+    if "step" in rec and not finite(rec["step"]):  # where it belongs on the step axis is unknown
+        bad.append(f"line {number}: step = {str(rec['step'])[:20]!r} is not a finite number")
+        return None
+    for k, v in list(rec.items()):
+        if v is None and k in NUMERIC:  # the writer's null: no finite value at that step (an --on_nan skip)
+            del rec[k]
+        elif (k in NUMERIC or isinstance(v, float)) and not finite(v):
+            bad.append(f"line {number}: {k} = {str(v)[:20]!r} is not a finite number")
+            del rec[k]
+    return rec
+
+
+# the values of metrics.jsonl that are numbers (anything else there is a word, e.g. "event": "nan")
+NUMERIC = ("step", "epoch", "loss", "contrast_acc", "lr", "images_per_s", "data_time_frac", "nan_skips",
+           "skipped_images", "peak_mem_gib", "knn_top1", "knn_top5")
+
+
+def read_metrics(path: Path, bad: Optional[list] = None) -> list:
+    """metrics.jsonl -> list of dicts (see :func:`parse_record`); what was left out is described in ``bad``."""
+    out: list = []
+    bad = [] if bad is None else bad
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():
         return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
+    for i, line in enumerate(p.read_text(errors="replace").splitlines()):
+        if line.strip():
+            rec = parse_record(line, i + 1, bad)
+            if rec is not None:
+                out.append(rec)
     return out
 
 
@@ -73,7 +110,9 @@ def metrics_summary(path: Path) -> dict:
     """Summary of metrics.jsonl without parsing every line: the last training record (from the
     end), median throughput of the last 20 training records, and every kNN record.
 
-    Lines that do not parse (a half-written last line) are skipped.
+    What the summary would read but cannot use (a line that is not a JSON object, a value that is not a
+    finite number: see :func:`parse_record`) is left out, counted in ``metrics_skipped`` and described
+    in ``metrics_problem``.
     """
     try:
         data = path.read_bytes()
@@ -82,34 +121,33 @@ def metrics_summary(path: Path) -> dict:
     lines = data.split(b"\n")
     out: dict = {}
     train: list = []
-    for ln in reversed(lines):
-        if b'"loss"' not in ln:
+    bad: list = []
+    for i in range(len(lines) - 1, -1, -1):
+        if b'"loss"' not in lines[i]:
             continue
-        try:
-            rec = json.loads(ln)
-        except ValueError:
+        rec = parse_record(lines[i], i + 1, bad)
+        if rec is None or not finite(rec.get("step")):
             continue
         train.append(rec)
         if len(train) >= 20:
             break
     if train:
-        last = train[0]
-        for k in ("step", "epoch", "loss", "contrast_acc", "lr"):
-            if isinstance(last.get(k), (int, float)):
-                out[k] = last[k]
+        for k in ("step", "epoch", "loss", "contrast_acc", "lr"):  # each from the last record that has it
+            v = next((r[k] for r in train if k in r), None)
+            if v is not None:
+                out[k] = v
         for k in ("images_per_s", "data_time_frac"):
-            vals = [r[k] for r in train if isinstance(r.get(k), (int, float))]
+            vals = [r[k] for r in train if k in r]
             if vals:
                 out[k] = statistics.median(vals)
     knn = []
-    for ln in lines:
+    for i, ln in enumerate(lines):
         if b'"knn_top1"' in ln:
-            try:
-                rec = json.loads(ln)
-            except ValueError:
-                continue
-            if isinstance(rec.get("knn_top1"), (int, float)):
+            rec = parse_record(ln, i + 1, bad)
+            if rec is not None and "knn_top1" in rec:
                 knn.append(rec)
+    if bad:
+        out["metrics_skipped"], out["metrics_problem"] = len(bad), sorted(bad, key=_line_number)[0]
     # step 0 is the random-init baseline (eval_at_start): reported apart, not as the run's best
     init = [r for r in knn if not r.get("step")]
     trained = [r for r in knn if r.get("step")]
@@ -122,3 +160,7 @@ def metrics_summary(path: Path) -> dict:
         out["knn_last"] = trained[-1]["knn_top1"]
         out["step"] = max(out.get("step", 0), trained[-1].get("step", 0))
     return out
+
+
+def _line_number(problem: str) -> int:
+    return int(problem.split()[1].rstrip(":"))

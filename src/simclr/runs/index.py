@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..errors import UserError
 from .evals import eval_columns, eval_summary, is_baseline, link_evals
-from .folder import metrics_summary, read_config, read_evals, read_json
+from .folder import finite, metrics_summary, read_config, read_evals, read_json
 from .status import effective_status
 
 MARKERS = ("status.json", "config.yaml", "metrics.jsonl", "eval.json")
@@ -76,12 +76,12 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     kind = "pretrain"
     if evals or cfg.get("problem") == "eval":
         kind = "baseline" if is_baseline(evals, cfg) else "eval"
-    started, updated = st.get("started"), st.get("updated")
-    if status == "running" and isinstance(started, (int, float)):
+    started, updated = (v if finite(v) else None for v in (st.get("started"), st.get("updated")))
+    if status == "running" and started is not None:
         end = time.time() if now is None else now
     else:
         end = updated
-    step = max([s for s in (st.get("step"), m.get("step")) if isinstance(s, (int, float))], default=None)
+    step = max([s for s in (st.get("step"), m.get("step")) if finite(s)], default=None)
     row.update({
         "id": run.name,
         "name": cfg.get("name") or run.parent.name,
@@ -89,15 +89,15 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
         "kind": kind,
         "step": step,
         "iters": cfg.get("iters", st.get("iters")),
-        "started": started if isinstance(started, (int, float)) else None,
-        "updated": updated if isinstance(updated, (int, float)) else None,
+        "started": started,
+        "updated": updated,
         "duration": _duration(st, started, end),
         "host": st.get("host"),
         "error": reason,
         "path": str(run),
     })
     for k in ("epoch", "loss", "contrast_acc", "images_per_s", "data_time_frac", "knn", "knn_top5",
-              "knn_last", "knn_init"):
+              "knn_last", "knn_init", "metrics_skipped", "metrics_problem"):
         if k in m:
             row[k] = m[k]
     if "lr" in m:
@@ -130,7 +130,8 @@ def index(root="logs", where: Optional[dict] = None):
     (best linear top-1 of this run or of eval runs of its checkpoints), ``protocol, eval_top1``
     (an eval run's protocol and result), ``encoder_run`` (the run whose checkpoint it evaluated),
     ``started`` (first start), ``updated`` (datetimes), ``duration`` (Timedelta: training time summed over
-    every invocation of a resumed run), ``host, error, path``. On eval rows
+    every invocation of a resumed run), ``host, error, path``, ``metrics_skipped, metrics_problem``
+    (metrics.jsonl lines or values left out as unusable, and the first). On eval rows
     ``arch`` is the encoder's, ``head`` the classifier, ``knn_tau`` the kNN temperature; ``temperature``
     is NT-Xent's only. A run whose process died without a word shows ``status == 'interrupted'``
     with the reason in ``error``.
@@ -148,13 +149,13 @@ def index(root="logs", where: Optional[dict] = None):
         if c not in df.columns:
             df[c] = None
     for c in ("started", "updated"):
-        df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True).dt.tz_convert(_local_tz()).dt.tz_localize(None)
-    df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s")
+        df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True, errors="coerce").dt.tz_convert(_local_tz()).dt.tz_localize(None)
+    df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s", errors="coerce")
     for c in ("step", "iters", "batch_size", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init",
               "linear", "linear_top5", "eval_top1", "eval_top5", "images_per_s", "data_time_frac", "epoch", "lr_last",
               "temperature", "knn_tau"):
-        if c in df.columns:
-            df[c] = pd.to_numeric(df[c], errors="coerce")
+        if c in df.columns:  # inf (a YAML .inf, a hand-edited file) shown as missing, not as a count
+            df[c] = pd.to_numeric(df[c], errors="coerce").replace([float("inf"), float("-inf")], float("nan"))
     for c in ("step", "iters", "batch_size"):  # counts stay integers where a row has none (eval rows, kNN)
         vals = df[c].dropna()
         if pd.api.types.is_float_dtype(df[c]) and (vals == vals.round()).all():

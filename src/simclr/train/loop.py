@@ -144,8 +144,7 @@ def announce(s: Session) -> None:
           f"{s.dist.world} process(es)" + (f"; run folder {s.run.path}" if s.run else ""))
     if s.bad_images:
         st.metrics["skipped_images"] = len(s.bad_images)
-        s.log(f"warning: skipped {len(s.bad_images)} unreadable image file(s) (--skip_bad_images), "
-              f"e.g. {s.bad_images[0]}")
+        s.log.warn(f"warning: skipped {len(s.bad_images)} unreadable image file(s), e.g. {s.bad_images[0]}")
 
 
 def _due(step: int, every: int, iters: int) -> bool:

@@ -160,8 +160,8 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
     p.optimizer.load_state_dict(ck["optimizer"])
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
-    if ck.get("rng"):
-        set_rng_state(ck["rng"])
+    if ck.get("rng") and (note := set_rng_state(ck["rng"])):
+        log(note)
     st.step = st.saved_step = int(ck["step"])
     st.nan_skips = int(ck.get("nan_skips", 0))
     log(f"resumed from {path} at step {st.step}")
