@@ -197,6 +197,11 @@ class PretrainConfig(CommonConfig):
     test_bs: int = option(256, "evaluation batch size (an eval option; accepted and unused by pretraining, as "
                           "in the spec's dumped configs)", check=positive, check_msg="must be > 0")
     precompute_emb_bs: int = option(-1, "an eval option; accepted and unused by pretraining")
+    online_probe: bool = option(False, "train a linear classifier on the detached h of each step's first view "
+                                "alongside pretraining (its own SGD, labels of the training images; the encoder's "
+                                "training is unchanged) and log its running top-1 as online_linear_top1")
+    online_probe_lr: float = option(0.1, "learning rate of the online probe (SGD, momentum 0.9, constant)",
+                                    check=positive, check_msg="must be > 0")
     stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
                           "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
                           check=nonneg, check_msg="must be >= 0")

@@ -71,7 +71,8 @@ def read_metrics(path: Path) -> list:
 
 def metrics_summary(path: Path) -> dict:
     """Summary of metrics.jsonl without parsing every line: the last training record (from the
-    end), median throughput of the last 20 training records, and every kNN record.
+    end), median throughput of the last 20 training records, the newest online-probe top-1 among them, and
+    every kNN record.
 
     Lines that do not parse (a half-written last line) are skipped.
     """
@@ -101,6 +102,11 @@ def metrics_summary(path: Path) -> dict:
             vals = [r[k] for r in train if isinstance(r.get(k), (int, float))]
             if vals:
                 out[k] = statistics.median(vals)
+        # the online probe's running top-1 (percent) of the newest line that has one
+        probe = next((r["online_linear_top1"] for r in train if isinstance(r.get("online_linear_top1"), (int, float))),
+                     None)
+        if probe is not None:
+            out["online_linear_top1"] = probe
     knn = []
     for ln in lines:
         if b'"knn_top1"' in ln:

@@ -158,6 +158,11 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
     p.optimizer.load_state_dict(ck["optimizer"])
+    if p.probe is not None:
+        if ck.get("probe"):
+            p.probe.load_state_dict(ck["probe"])
+        else:
+            log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
     if ck.get("rng"):
@@ -218,6 +223,8 @@ def save(s: Session) -> Optional[Path]:
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(),
                "metrics": st.metrics, "nan_skips": st.nan_skips}
+    if p.probe is not None:
+        payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": cfg.width, "data": cfg.data, "image_size": s.images.image_size,
             "iters": cfg.iters, "epochs": epochs, "metrics": st.metrics}
     ckpt_lib.save_checkpoint(path, payload, card)
