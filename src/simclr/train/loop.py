@@ -199,6 +199,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     if path is not None:
         s.log(f"saved checkpoint {path}")
     if s.run:
+        s.run.trackers.results(dict(st.metrics, status=status), st.step, "summary.json")
         s.run.set_status(status, step=st.step, metrics=st.metrics)
         s.run.close()
     return dict(st.metrics, step=st.step, status=status, run_dir=str(s.run.path) if s.run else "")

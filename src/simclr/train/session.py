@@ -17,6 +17,7 @@ import torch
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import distributed
+from .. import trackers
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
@@ -175,6 +176,7 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
 def setup(cfg: PretrainConfig) -> Session:
     """Processes, seeds, the checkpoint to resume, data, parts, and (main process) the run folder. Bad input
     fails here, before any folder is created."""
+    trackers.require(cfg.logger, cfg.mlflow_uri)  # every process: a missing package stops them all alike
     dist = distributed.init("cuda" if cfg.device.startswith("cuda") or
                             (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist.local_rank)
@@ -207,6 +209,9 @@ def setup(cfg: PretrainConfig) -> Session:
                                    default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml")
         run.write_json("env.json", environment(str(device)))
+        run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
+        if run.trackers.live:
+            log(f"trackers: {run.trackers.describe()}")
         run.set_status("running", step=state.step, iters=cfg.iters)
     return Session(cfg, dist, parts, state, log, images, bad_images, run)
 
