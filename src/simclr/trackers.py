@@ -174,7 +174,8 @@ class MLflow:
     def log(self, record: dict, step: int) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in scalars(record).items()
+        # MLflow keys allow letters, digits, _ - . space : / only (a class folder may be named otherwise)
+        metrics = [Metric(re.sub(r"[^\w\-. :/]", "_", k), float(v), now, step) for k, v in scalars(record).items()
                    if k != "step" and math.isfinite(v)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
