@@ -248,9 +248,10 @@ def _metrics(run: Path) -> list:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """One process, the whole global batch; checkpoints after every step (for the update size)."""
+    """One process, the whole global batch; checkpoints after every step (for the update size). With the online
+    probe, which leaves the encoder's training unchanged (the runs compared with it have none, but one)."""
     tmp = tmp_path_factory.mktemp("ref")
-    r = _cli("pretrain", *tiny_args(tmp, save_freq=1, keep_last=5, **RUN), env=_env())
+    r = _cli("pretrain", *tiny_args(tmp, save_freq=1, keep_last=5, online_probe="true", **RUN), env=_env())
     assert r.returncode == 0, r.stderr
     (run,) = _runs(tmp / "logs")
     return run
@@ -286,13 +287,28 @@ def _assert_same_training(run: Path, ref: Path) -> None:
 @pytest.mark.slow
 def test_spec_launch_form_two_processes_train_like_one(tmp_path, reference_run):
     # --dist ddp on one "node" with two processes: maybe_spawn starts them with torch.multiprocessing
-    r = _cli("pretrain", *tiny_args(tmp_path, **RUN), "--dist", "ddp", "--world_size", "1",
+    r = _cli("pretrain", *tiny_args(tmp_path, online_probe="true", **RUN), "--dist", "ddp", "--world_size", "1",
              "--dist_address", f"127.0.0.1:{_free_port()}", env=_env(**{PROCS_ENV: "2"}))
     assert r.returncode == 0, r.stderr
     assert "2 process(es)" in (_runs(tmp_path / "logs")[0] / "log.txt").read_text()
     (run,) = _runs(tmp_path / "logs")  # rank 0 alone writes: one run folder
     assert r.stdout.count("run folder:") == 1
     _assert_same_training(run, reference_run)
+    _assert_same_probe(run, reference_run)
+
+
+def _assert_same_probe(run: Path, ref: Path) -> None:
+    """The online probe's gradients are averaged over the processes and its accuracy counted over all of them:
+    its head and its logged top-1 are those of one process on the whole batch (a rank-local probe would have
+    learnt from half the images)."""
+    top1 = [[m["online_linear_top1"] for m in _metrics(r) if "online_linear_top1" in m] for r in (run, ref)]
+    assert len(top1[0]) == 3 and top1[0][0] == top1[1][0]  # step 1: the zero head's argmax, the whole batch
+    got = read_checkpoint(list_checkpoints(run)[0])["probe"]["head"]
+    w3 = read_checkpoint(ref / "checkpoints" / "checkpoint-00000003.pt")["probe"]["head"]
+    w1 = read_checkpoint(ref / "checkpoints" / "checkpoint-00000001.pt")["probe"]["head"]
+    for k, w in w3.items():
+        moved, diff = (w - w1[k]).abs().max().item(), (got[k] - w).abs().max().item()
+        assert diff <= 1e-5 + 0.25 * moved, f"probe {k}: differs by {diff:.2e}, updates were {moved:.2e}"
 
 
 @pytest.mark.slow

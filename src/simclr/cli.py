@@ -98,6 +98,13 @@ def resume_command(run_dir: str) -> str:
     return f"simclr pretrain --resume {shlex.quote(str(run_dir))}"
 
 
+def _tracker_environment(cfg) -> None:
+    """What the trackers named in ``--logger`` need set in the environment (the entry point owns it)."""
+    from .trackers import environment
+    for key, value in environment(cfg.logger, cfg.mlflow_uri).items():
+        os.environ.setdefault(key, value)
+
+
 def pretrain_main(argv: Sequence[str]) -> int:
     from .options import PretrainConfig
     cfg, notes = config_lib.parse(PretrainConfig, _with_run_config(argv))
@@ -105,6 +112,7 @@ def pretrain_main(argv: Sequence[str]) -> int:
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
+    _tracker_environment(cfg)
     from . import distributed, launch
     if launch.maybe_spawn(cfg, list(argv), _pretrain_process):
         return 0
@@ -134,6 +142,7 @@ def _eval(cfg, notes: list) -> int:
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr pretrain` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
+    _tracker_environment(cfg)
     with StopSignals(at_once=True):
         result = run_eval(cfg)
     print(summary(result))

@@ -60,13 +60,15 @@ def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, m
                         autocast_dtype: Optional[torch.dtype] = None,
                         scale: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
                         loss_hook: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+                        on_h: Optional[Callable[[tuple], None]] = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate into ``.grad`` the gradient of NT-Xent over the whole batch, chunk by chunk.
 
     model: returns ``{"z": (rows, d)}`` (a DDP wrapper is fine: gradients are all-reduced once,
     on the last chunk). x: (m*B, 3, S, S) ordered [view 1; view 2; ...]. ``scale`` maps the
     cached gradient before back-propagation (a GradScaler's ``scale`` for fp16).
-    ``loss_hook`` may change the loss before its gradient is taken (fault injection).
+    ``loss_hook`` may change the loss before its gradient is taken (fault injection). ``on_h`` is handed
+    ``(rows, h)`` of every chunk's graph-free pass (the online probe's features).
     Returns (loss, acc), detached.
     """
     n = x.shape[0] // multiplier
@@ -74,8 +76,13 @@ def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, m
     dev = x.device.type
     amp = dict(device_type=dev, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     saved = _bn_buffers(model)
+    z_parts = []
     with torch.no_grad(), torch.autocast(**amp):
-        z_parts = [model(x[r])["z"].float() for r in rows]
+        for r in rows:
+            out = model(x[r])
+            z_parts.append(out["z"].float())
+            if on_h is not None:
+                on_h((r, out["h"]))
     _restore(saved)  # the graph pass below updates the running statistics, once per chunk
     z = torch.empty(x.shape[0], z_parts[0].shape[1], device=x.device, dtype=torch.float32)
     for r, part in zip(rows, z_parts):

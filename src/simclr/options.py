@@ -30,6 +30,19 @@ EVAL_PROBLEMS = ("eval", "semi-supervised-eval")
 # Accepted spellings of dataset names, mapped to ours.
 DATA_ALIASES = {"cifar": "cifar10"}
 
+# Experiment trackers --logger can name (simclr.trackers); "none" = only the run folder's own files.
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+
+
+def parse_loggers(value: str) -> list:
+    """``"tensorboard,wandb"`` -> ``["tensorboard", "wandb"]`` (order kept, repeats dropped); ``none`` -> []."""
+    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
+    return [] if names == ["none"] else list(dict.fromkeys(names))
+
+
+def _loggers_ok(value) -> bool:
+    return isinstance(value, str) and all(n in LOGGERS for n in parse_loggers(value))
+
 
 # Upper bounds of options whose size turns into memory (a typo such as --iters 1e12 must be a one-line error,
 # not a 7 TiB allocation): generous for any real run.
@@ -125,6 +138,13 @@ class CommonConfig:
     test_subset: int = option(0, "use a class-balanced subset of this many test images (0 = all)",
                            check=nonneg, check_msg="must be >= 0")
     deterministic: bool = option(False, "deterministic kernels (bit-exact resume on CPU)")
+    logger: str = option("tensorboard", "experiment trackers fed with the config, every metrics line and the final "
+                         "results, comma-separated: tensorboard, wandb (offline, into <run>/wandb), mlflow (a local "
+                         "file store, <run>/mlruns); none = only the run folder's files. wandb and mlflow are the "
+                         "extras simclr[wandb] / simclr[mlflow]", check=_loggers_ok,
+                         check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)")
+    mlflow_uri: str = option("", "MLflow tracking URI for --logger mlflow (default: the file store "
+                             "file:<run folder>/mlruns)")
     model_id: int = option(-1, "the spec's exman run id to load a model from; -1 = not set (the only value: "
                            "pass checkpoints as --ckpt / --encoder_ckpt)", check=lambda x: x == -1,
                            check_msg="must be -1 (not set): exman run ids are not used here; pass the "
@@ -202,6 +222,11 @@ class PretrainConfig(CommonConfig):
     test_bs: int = option(256, "evaluation batch size (an eval option; accepted and unused by pretraining, as "
                           "in the spec's dumped configs)", check=positive, check_msg="must be > 0")
     precompute_emb_bs: int = option(-1, "an eval option; accepted and unused by pretraining")
+    online_probe: bool = option(False, "train a linear classifier on the detached h of each step's first view "
+                                "alongside pretraining (its own SGD, labels of the training images; the encoder's "
+                                "training is unchanged) and log its running top-1 as online_linear_top1")
+    online_probe_lr: float = option(0.1, "learning rate of the online probe (SGD, momentum 0.9, constant)",
+                                    check=positive, check_msg="must be > 0")
     stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
                           "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
                           check=nonneg, check_msg="must be >= 0")

@@ -8,6 +8,7 @@
         log.txt          everything the run printed
         checkpoints/     checkpoint-<step>.pt + .json model cards
         tb/              TensorBoard event files (``tensorboard --logdir <root>``)
+        wandb/, mlruns/, trackers.json   other trackers (--logger; :mod:`simclr.trackers`)
         eval*.json       results of evaluation runs (protocol, top-1, top-5, per-class accuracy ...)
 
 Only the main process (rank 0) creates or writes a run folder. While a run is ``running`` a
@@ -33,10 +34,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import UserError
 from .files import atomic_write
+from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
 
@@ -101,7 +103,7 @@ def _take_lock(folder: Path) -> int:
 
 
 class RunDir:
-    """A run folder and its writers (status, metrics, log, TensorBoard)."""
+    """A run folder and its writers (status, metrics, log) and trackers (TensorBoard unless told otherwise)."""
 
     def __init__(self, path: Path, tensorboard: bool = True):
         self.path = Path(path)
@@ -114,8 +116,7 @@ class RunDir:
             raise UserError(f"cannot write the run folder {self.path}: {e.strerror}. Choose a writable --root "
                             f"(or set SIMCLR_LOGS).") from None
         self._lock_fd = _take_lock(self.path)
-        self._tb = None
-        self._tb_enabled = tensorboard
+        self.trackers = Trackers(self.path, "tensorboard" if tensorboard else "none", warn=self.warn)
         self._last_beat = 0.0
         self._status: dict = self._earlier_invocations()
         self._began = time.time()
@@ -208,6 +209,18 @@ class RunDir:
             self._beat_stop.set()
             self._beat_stop = None
 
+    # --- trackers -------------------------------------------------------------------------
+    def track(self, logger: str, config: dict, project: str, mlflow_uri: str = "",
+              warn: Optional[Callable[[str], None]] = None) -> None:
+        """Feed the trackers ``logger`` names (:mod:`simclr.trackers`) from now on: the config now, then every
+        metrics line; the run's final status when it is closed."""
+        self.trackers.finish("finished")
+        self.trackers = Trackers(self.path, logger, config, project, mlflow_uri, warn or self.warn)
+
+    def warn(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+        self.log(msg)
+
     # --- writers ------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
         atomic_write(self.path / name, _json_text(obj))
@@ -217,18 +230,7 @@ class RunDir:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path / "metrics.jsonl", "a") as f:  # an append: readers skip a half-written last line
             f.write(json.dumps(clean, default=float, allow_nan=False) + "\n")
-        if self._tb_enabled:
-            try:
-                if self._tb is None:
-                    from torch.utils.tensorboard import SummaryWriter
-                    # flush every 30 s (default 120) so a live run shows up promptly in TensorBoard
-                    self._tb = SummaryWriter(str(self.path / "tb"), flush_secs=30)
-                step = int(record.get("step", 0))
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        self._tb.add_scalar(k, v, step)
-            except ImportError:
-                self._tb_enabled = False
+        self.trackers.log(clean, int(record.get("step", 0)))
 
     def log(self, msg: str) -> None:
         with open(self.path / "log.txt", "a") as f:
@@ -236,9 +238,7 @@ class RunDir:
 
     def close(self) -> None:
         self._stop_beating()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.trackers.finish(str(self._status.get("status", "finished")))
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None

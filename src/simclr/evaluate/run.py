@@ -18,6 +18,7 @@ from ..checkpoint import resolve
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..rundir import RunDir, environment
+from ..trackers import require
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
 from .features import FeatureCache, augment_transform, dataset_fingerprint, extract_augmented, extract_features
@@ -28,9 +29,6 @@ TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable
 
 
 # --------------------------------------------------------------------------------------------
-# commands
-# --------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------
 # the evaluation context: device, encoder, data, cache, run folder
 # --------------------------------------------------------------------------------------------
 class Evaluation:
@@ -38,6 +36,7 @@ class Evaluation:
         from ..runtime import autocast_dtype, resolve_device
         self.cfg = cfg
         self.t0 = time.time()
+        require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
         self.device = resolve_device(cfg.device)
         self.amp = autocast_dtype(cfg.precision, self.device)
         if cfg.seed < 0:  # a random-init baseline is reproducible by default (seed 0); a trained encoder draws one
@@ -73,6 +72,9 @@ class Evaluation:
         self.run = RunDir.create(cfg.root, cfg.name, cfg.run_dir)
         config_lib.save(cfg, self.run.path / "config.yaml")
         self.run.write_json("env.json", environment(str(self.device)))
+        self.run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
+        if self.run.trackers.live:
+            self.print(f"trackers: {self.run.trackers.describe()}")
         self.run.set_status("running", protocol=cfg.protocol)
 
     def print(self, msg: str) -> None:
@@ -383,6 +385,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         }
         ev.run.write_json("eval.json", result)
         ev.run.log_metrics({"step": cfg.iters, "top1": result["top1"], "top5": result["top5"]})
+        ev.run.trackers.results(result, cfg.iters, "eval.json")
         ev.run.set_status("finished", top1=result["top1"], top5=result["top5"])
         return result
     except BaseException as e:

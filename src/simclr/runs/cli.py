@@ -11,8 +11,8 @@ from .index import filter_rows, index, suggest_column
 from .status import STATUSES
 
 # Sorting by these puts the largest first (the best run on top); everything else sorts ascending.
-_DESCENDING = {"knn", "knn_top5", "knn_last", "linear", "linear_top5", "eval_top1", "contrast_acc",
-               "images_per_s", "started", "updated", "step", "duration"}
+_DESCENDING = {"knn", "knn_top5", "knn_last", "online_linear_top1", "linear", "linear_top5", "eval_top1",
+               "contrast_acc", "images_per_s", "started", "updated", "step", "duration"}
 
 DEFAULT_TABLE = ["id", "name", "kind", "status", "arch", "data", "batch_size", "steps", "loss", "knn", "linear",
                  "protocol", "images_per_s", "started", "duration"]

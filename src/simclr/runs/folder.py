@@ -108,7 +108,8 @@ def read_metrics(path: Path, bad: Optional[list] = None) -> list:
 
 def metrics_summary(path: Path) -> dict:
     """Summary of metrics.jsonl without parsing every line: the last training record (from the
-    end), median throughput of the last 20 training records, and every kNN record.
+    end), median throughput of the last 20 training records, the newest online-probe top-1 among them, and
+    every kNN record.
 
     What the summary would read but cannot use (a line that is not a JSON object, a value that is not a
     finite number: see :func:`parse_record`) is left out, counted in ``metrics_skipped`` and described
@@ -140,6 +141,11 @@ def metrics_summary(path: Path) -> dict:
             vals = [r[k] for r in train if k in r]
             if vals:
                 out[k] = statistics.median(vals)
+        # the online probe's running top-1 (percent) of the newest line that has one
+        probe = next((r["online_linear_top1"] for r in train if isinstance(r.get("online_linear_top1"), (int, float))),
+                     None)
+        if probe is not None:
+            out["online_linear_top1"] = probe
     knn = []
     for i, ln in enumerate(lines):
         if b'"knn_top1"' in ln:

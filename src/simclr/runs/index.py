@@ -97,7 +97,7 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
         "path": str(run),
     })
     for k in ("epoch", "loss", "contrast_acc", "images_per_s", "data_time_frac", "knn", "knn_top5",
-              "knn_last", "knn_init", "metrics_skipped", "metrics_problem"):
+              "knn_last", "knn_init", "online_linear_top1", "metrics_skipped", "metrics_problem"):
         if k in m:
             row[k] = m[k]
     if "lr" in m:
@@ -126,7 +126,8 @@ def index(root="logs", where: Optional[dict] = None):
     Columns: every config key (flattened with dots), plus ``id, name, kind`` (pretrain, eval, or
     baseline: an evaluation of a randomly initialised encoder), ``status, step, iters, epoch, loss,
     contrast_acc, lr_last, images_per_s, data_time_frac, knn`` (best kNN top-1 after training; for a
-    kNN evaluation its result), ``knn_top5, knn_last, knn_init`` (random-init baseline), ``linear``
+    kNN evaluation its result), ``knn_top5, knn_last, knn_init`` (random-init baseline),
+    ``online_linear_top1`` (the online probe's last running top-1, ``--online_probe``), ``linear``
     (best linear top-1 of this run or of eval runs of its checkpoints), ``protocol, eval_top1``
     (an eval run's protocol and result), ``encoder_run`` (the run whose checkpoint it evaluated),
     ``started`` (first start), ``updated`` (datetimes), ``duration`` (Timedelta: training time summed over
@@ -152,16 +153,17 @@ def index(root="logs", where: Optional[dict] = None):
         df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True, errors="coerce").dt.tz_convert(_local_tz()).dt.tz_localize(None)
     df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s", errors="coerce")
     for c in ("step", "iters", "batch_size", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init",
-              "linear", "linear_top5", "eval_top1", "eval_top5", "images_per_s", "data_time_frac", "epoch", "lr_last",
-              "temperature", "knn_tau"):
+              "online_linear_top1", "linear", "linear_top5", "eval_top1", "eval_top5", "images_per_s",
+              "data_time_frac", "epoch", "lr_last", "temperature", "knn_tau"):
         if c in df.columns:  # inf (a YAML .inf, a hand-edited file) shown as missing, not as a count
             df[c] = pd.to_numeric(df[c], errors="coerce").replace([float("inf"), float("-inf")], float("nan"))
     for c in ("step", "iters", "batch_size"):  # counts stay integers where a row has none (eval rows, kNN)
         vals = df[c].dropna()
         if pd.api.types.is_float_dtype(df[c]) and (vals == vals.round()).all():
             df[c] = df[c].astype("Int64")
-    front = [c for c in SUMMARY_COLUMNS + ["knn_init", "knn_last", "epoch", "contrast_acc", "data_time_frac",
-                                           "eval_top1", "updated", "host", "error", "path"] if c in df.columns]
+    front = [c for c in SUMMARY_COLUMNS + ["knn_init", "knn_last", "online_linear_top1", "epoch", "contrast_acc",
+                                           "data_time_frac", "eval_top1", "updated", "host", "error", "path"]
+             if c in df.columns]
     df = df[front + sorted(c for c in df.columns if c not in front)]
     if where:
         df = filter_rows(df, where)

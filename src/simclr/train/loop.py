@@ -66,6 +66,12 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     rec = {"step": st.step, "epoch": st.step / s.parts.loader.steps_per_epoch, "loss": loss_v,
            "contrast_acc": acc_v, "lr": float(s.parts.lrs[st.step - 1]), "images_per_s": images_per_s,
            "data_time_frac": data_frac, "nan_skips": st.nan_skips, "skipped_images": len(s.bad_images)}
+    probe = ""
+    if s.parts.probe is not None:
+        top1 = s.parts.probe.window_top1()  # a collective, like the means above
+        if top1 is not None:
+            rec["online_linear_top1"] = st.metrics["online_linear_top1"] = top1
+            probe = f" probe {top1:.1f}%"
     st.metrics.update(loss=loss_v, contrast_acc=acc_v)
     if s.run:
         s.run.log_metrics(rec)
@@ -77,7 +83,7 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.parts.device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.parts.device) / 2 ** 30
         mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
-    s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f} "
+    s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
           f"lr {rec['lr']:.4g} {images_per_s:.0f} img/s data {100 * data_frac:.0f}%{mem} "
           f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
 
@@ -164,8 +170,8 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     guard, speed, status = DivergenceGuard(cfg.on_nan, p.device), Speed(cfg.batch_size, st.step), "finished"
     stop_at = min(cfg.iters, st.step + cfg.stop_after) if cfg.stop_after else cfg.iters
     bar = progress_bar(s)
-    for x, _ in speed.timed(p.loader.batches(st.step, cfg.iters)):
-        loss, acc, updated = train_step(p, cfg, x, st.step, guard)
+    for x, y in speed.timed(p.loader.batches(st.step, cfg.iters)):
+        loss, acc, updated = train_step(p, cfg, x, st.step, guard, y=y)
         if not updated:
             record_skip(s)
         st.step += 1
@@ -192,6 +198,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     if path is not None:
         s.log(f"saved checkpoint {path}")
     if s.run:
+        s.run.trackers.results(dict(st.metrics, status=status), st.step, "summary.json")
         s.run.set_status(status, step=st.step, metrics=st.metrics)
         s.run.close()
     return dict(st.metrics, step=st.step, status=status, run_dir=str(s.run.path) if s.run else "")

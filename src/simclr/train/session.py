@@ -17,6 +17,7 @@ import torch
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import distributed
+from .. import trackers
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
@@ -158,6 +159,11 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
     p.optimizer.load_state_dict(ck["optimizer"])
+    if p.probe is not None:
+        if ck.get("probe"):
+            p.probe.load_state_dict(ck["probe"])
+        else:
+            log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
     if ck.get("rng") and (note := set_rng_state(ck["rng"])):
@@ -170,6 +176,7 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
 def setup(cfg: PretrainConfig) -> Session:
     """Processes, seeds, the checkpoint to resume, data, parts, and (main process) the run folder. Bad input
     fails here, before any folder is created."""
+    trackers.require(cfg.logger, cfg.mlflow_uri)  # every process: a missing package stops them all alike
     dist = distributed.init("cuda" if cfg.device.startswith("cuda") or
                             (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist.local_rank)
@@ -202,6 +209,9 @@ def setup(cfg: PretrainConfig) -> Session:
                                    default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml")
         run.write_json("env.json", environment(str(device)))
+        run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
+        if run.trackers.live:
+            log(f"trackers: {run.trackers.describe()}")
         run.set_status("running", step=state.step, iters=cfg.iters)
     return Session(cfg, dist, parts, state, log, images, bad_images, run)
 
@@ -218,6 +228,8 @@ def save(s: Session) -> Optional[Path]:
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(),
                "metrics": st.metrics, "nan_skips": st.nan_skips}
+    if p.probe is not None:
+        payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": cfg.width, "data": cfg.data, "image_size": s.images.image_size,
             "iters": cfg.iters, "epochs": epochs, "metrics": st.metrics}
     ckpt_lib.save_checkpoint(path, payload, card)

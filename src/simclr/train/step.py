@@ -21,6 +21,7 @@ from ..models import SimCLRModel, build_model, convert_sync_batchnorm
 from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
 from ..runtime import autocast_dtype
+from .probe import Probe, build_probe
 
 
 # --------------------------------------------------------------------------------------------
@@ -37,6 +38,7 @@ class Parts:
     loader: object                # .batches(start, end) -> (x: (m*N, 3, S, S) ordered [view 1; view 2; ...], y)
     device: torch.device
     amp_dtype: Optional[torch.dtype]
+    probe: Optional[Probe] = None  # the online linear probe (--online_probe)
 
 
 def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, world: int = 1,
@@ -55,7 +57,8 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
                  scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                  lrs=lr_schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), cfg.iters, cfg.lr_schedule,
                                  cfg.warmup),
-                 loader=loader if loader is not None else build_loader(cfg, images, device, rank, world), device=device, amp_dtype=amp)
+                 loader=loader if loader is not None else build_loader(cfg, images, device, rank, world),
+                 device=device, amp_dtype=amp, probe=build_probe(cfg, images, model.feat_dim, device))
 
 
 def wrap(p: Parts, cfg: PretrainConfig, distributed_run: bool) -> None:
@@ -65,22 +68,36 @@ def wrap(p: Parts, cfg: PretrainConfig, distributed_run: bool) -> None:
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[p.device.index] if p.device.type == "cuda" else None)
     p.forward = forward
+    if p.probe is not None:
+        p.probe.wrap(distributed_run, p.device)
 
 
-def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent of the views ``x`` and its gradient in ``.grad`` (scaled for fp16) -> (loss, accuracy), detached.
-    The network runs under autocast; the loss is fp32. With ``grad_cache_chunks`` the batch is embedded
-    and back-propagated chunk by chunk (same gradient, a chunk's activation memory)."""
+def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """NT-Xent of the views ``x`` and its gradient in ``.grad`` (scaled for fp16) -> (loss, accuracy, h of the
+    first view ``(N, d)``), detached. The network runs under autocast; the loss is fp32. With
+    ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk (same gradient, a chunk's
+    activation memory; ``h`` then comes from the graph-free pass, and only when the probe needs it)."""
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    n = x.shape[0] // cfg.multiplier
     if cfg.grad_cache_chunks > 1:
-        return grad_cache_backward(p.forward, x, cfg.temperature, cfg.multiplier, cfg.grad_cache_chunks,
-                                   p.amp_dtype, scale=p.scaler.scale)
+        chunks: list = []
+        loss, acc = grad_cache_backward(p.forward, x, cfg.temperature, cfg.multiplier, cfg.grad_cache_chunks,
+                                        p.amp_dtype, scale=p.scaler.scale,
+                                        on_h=chunks.append if p.probe is not None else None)
+        h = None
+        if chunks:
+            h = torch.empty(x.shape[0], chunks[0][1].shape[1], device=x.device, dtype=chunks[0][1].dtype)
+            for rows, hc in chunks:
+                h[rows] = hc
+            h = h[:n]
+        return loss, acc, h
     with torch.autocast(x.device.type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
-        z = p.forward(x)["z"]
-    loss, acc = nt_xent(z, cfg.temperature, cfg.multiplier)
+        out = p.forward(x)
+    loss, acc = nt_xent(out["z"], cfg.temperature, cfg.multiplier)
     p.scaler.scale(loss).backward()
-    return loss.detach(), acc.detach()
+    return loss.detach(), acc.detach(), out["h"][:n].detach()
 
 
 class DivergenceGuard:
@@ -124,17 +141,20 @@ class DivergenceGuard:
 
 
 def train_step(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int, guard: DivergenceGuard,
-               lr: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               lr: Optional[float] = None, y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Optimizer step ``step`` on the views ``x`` (learning rate ``lr``, default the schedule's) ->
-    (loss, contrastive accuracy, updated); ``updated`` is False for a step the guard skipped."""
+    (loss, contrastive accuracy, updated); ``updated`` is False for a step the guard skipped. With labels
+    ``y: (N,)`` the online probe (if any) takes its step on the first view's detached ``h``."""
     set_lr(p.optimizer, float(p.lrs[step]) if lr is None else lr)
     p.optimizer.zero_grad(set_to_none=True)
     guard.before(p.model)
-    loss, acc = forward_backward(p, cfg, x)
+    loss, acc, h = forward_backward(p, cfg, x)
     updated = guard.allows_update(loss, p, step)
     if updated:
         p.scaler.step(p.optimizer)
         p.scaler.update()
+        if p.probe is not None and y is not None and h is not None:
+            p.probe.step(h, y)
     return loss, acc, updated
 
 
