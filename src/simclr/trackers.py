@@ -219,7 +219,10 @@ class Trackers:
                 run=self.run, config=config or {}, project=project or self.run.parent.name, ids=ids,
                 mlflow_uri=mlflow_uri)), starting=True)
         if ids and ids != self._read_ids():
-            atomic_write(self.run / IDS_FILE, json.dumps(ids, indent=2))
+            try:
+                atomic_write(self.run / IDS_FILE, json.dumps(ids, indent=2))
+            except (OSError, UserError) as e:  # only a later resume needs it: not a reason to stop this run
+                self.warn(f"warning: could not write {self.run / IDS_FILE} ({e}); a resume will start new tracker runs")
 
     def _read_ids(self) -> dict:
         try:
