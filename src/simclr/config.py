@@ -41,15 +41,16 @@ class ShowHelp(Exception):
 
 def option(default=None, help: str = "", choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
            check_msg: str = "", *, aliases: Sequence[str] = (), positional: bool = False,
-           convert: Callable[[Any], Any] | None = None, default_factory=None):
+           convert: Callable[[Any], Any] | None = None, default_factory=None, containers: bool = False):
     """A schema field.
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
     ``positional``: filled from bare command-line words (a ``list`` field takes all of them).
     ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``).
+    ``containers``: ``convert`` also receives YAML mappings and lists (it must bound its own work on them).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
-            "aliases": tuple(aliases), "positional": positional, "convert": convert}
+            "aliases": tuple(aliases), "positional": positional, "convert": convert, "containers": containers}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -185,7 +186,8 @@ def build(cls, values: dict, source: str = "", sources: Optional[dict] = None) -
         f = by_name[table[key]]
         convert = f.metadata.get("convert")
         try:
-            value = convert(value) if convert and not isinstance(value, (dict, list)) else value
+            takes = convert and (f.metadata.get("containers") or not isinstance(value, (dict, list)))
+            value = convert(value) if takes else value
             kwargs[f.name] = coerce(f.name, type_of(cls, f), value)
         except ConfigError as e:
             raise ConfigError(f"{e}{where}") from None
@@ -321,7 +323,9 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
 
     Returns (config, notes): notes are messages for the user (keys ignored ...). A schema may define
     ``finalize(config_path)`` to fill defaults that depend on where the config came from, and
-    ``notes()`` returning more notes (values accepted that have no effect).
+    ``notes()`` returning more notes (values accepted that have no effect). ``ALTERNATIVES`` (a class attribute)
+    lists groups of keys that set one quantity in different ways: a key of a group given on the command line
+    drops the other keys of its group that came from the file, so an override never conflicts with the file.
     """
     config_path, overrides, words = split_argv(argv, cls)
     positional = [f for f in fields(cls) if f.metadata.get("positional")]
@@ -340,6 +344,12 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
         values.update(load_yaml(config_path))
         sources.update({k: config_path for k in values if isinstance(k, str)})
     values.update(extra or {})
+    table = _key_table(cls)
+    given = {table.get(k, k) for k in overrides}
+    for group in getattr(cls, "ALTERNATIVES", ()):  # e.g. --width on the command line replaces the file's multiplier
+        if given & set(group):
+            for k in [k for k in values if table.get(k, k) in group and table.get(k, k) not in given]:
+                del values[k]
     values.update(overrides)
     sources.update({k: COMMAND_LINE for k in overrides})
     for f in positional:
