@@ -78,7 +78,8 @@ class Encoder(nn.Module):
     def extra_repr(self) -> str:
         shape = f"timm_kwargs={self.timm_kwargs}" if is_timm(self.arch) else \
             f"width={self.width}, cifar_stem={self.cifar_stem}"
-        return f"arch={self.name}, {shape}, feat_dim={self.feat_dim}, input_size={self.input_size}, source={self.source!r}"
+        return (f"arch={self.name}, {shape}, feat_dim={self.feat_dim}, input_size={self.input_size}, "
+                f"source={self.source!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 Why not ``torchvision.models.resnet50()`` directly: SimCLR needs (a) the CIFAR stem
 (3x3 conv, stride 1, no max-pool) and (b) the official code's width multiplier (every channel
 count times k: ResNet-50 x2 and x4 of the SimCLR papers), which torchvision's constructor does
-not offer (its ``wide_resnet50_2`` widens only the 3x3 convolution inside each bottleneck). The module and parameter names below are
-exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), minus ``fc``, so our
-state dicts load into ``torchvision.models.resnetXX()`` and the spec's checkpoints load
+not offer (its ``wide_resnet50_2`` widens only the 3x3 convolution inside each bottleneck). The module and
+parameter names below are exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), minus ``fc``, so our
+state dicts load into ``torchvision.models.resnetXX()`` (18 to 152, width 64) and the spec's checkpoints load
 into ours.
 """
 from __future__ import annotations
