@@ -333,6 +333,12 @@ def test_timm_model_trains_resumes_evaluates_and_exports(tmp_path, data_root, ar
         want = enc(x)
         assert torch.equal(ref(x), want)
         assert torch.equal(simclr.load_encoder(out)(x), want)  # the export, read back by this project
+    st = tmp_path / "enc.safetensors"
+    assert run_cli("export", run, "--out", st, "--format", "safetensors", env=env).returncode == 0
+    ref = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(st)), num_classes=0,
+                            **card["timm_kwargs"]).eval()
+    with torch.no_grad():
+        assert torch.equal(ref(x), want) and torch.equal(simclr.load_encoder(st)(x), want)
     # the run index names the backbone on the pretraining and the evaluation rows
     df = runs.index(tmp_path / "logs")
     assert set(df["arch"]) == {arch}

@@ -41,16 +41,16 @@ class ShowHelp(Exception):
 
 def option(default=None, help: str = "", choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
            check_msg: str = "", *, aliases: Sequence[str] = (), positional: bool = False,
-           convert: Callable[[Any], Any] | None = None, default_factory=None, containers: bool = False):
+           convert: Callable[[Any], Any] | None = None, default_factory=None):
     """A schema field.
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
     ``positional``: filled from bare command-line words (a ``list`` field takes all of them).
-    ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``).
-    ``containers``: ``convert`` also receives YAML mappings and lists (it must bound its own work on them).
+    ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``);
+    it sees YAML mappings and lists too (returned unchanged, or bounded work: a YAML alias bomb is huge).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
-            "aliases": tuple(aliases), "positional": positional, "convert": convert, "containers": containers}
+            "aliases": tuple(aliases), "positional": positional, "convert": convert}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,12 +84,7 @@ def type_of(cls, f: dataclasses.Field):
 
 def _key_table(cls) -> dict:
     """Every accepted key name (and alias) -> field name."""
-    table = {}
-    for f in fields(cls):
-        table[f.name] = f.name
-        for a in f.metadata.get("aliases", ()):
-            table[a] = f.name
-    return table
+    return {k: f.name for f in fields(cls) for k in (f.name, *f.metadata.get("aliases", ()))}
 
 
 def parse_bool(key: str, v: Any) -> bool:
@@ -186,8 +181,7 @@ def build(cls, values: dict, source: str = "", sources: Optional[dict] = None) -
         f = by_name[table[key]]
         convert = f.metadata.get("convert")
         try:
-            takes = convert and (f.metadata.get("containers") or not isinstance(value, (dict, list)))
-            value = convert(value) if takes else value
+            value = convert(value) if convert else value
             kwargs[f.name] = coerce(f.name, type_of(cls, f), value)
         except ConfigError as e:
             raise ConfigError(f"{e}{where}") from None
@@ -323,9 +317,7 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
 
     Returns (config, notes): notes are messages for the user (keys ignored ...). A schema may define
     ``finalize(config_path)`` to fill defaults that depend on where the config came from, and
-    ``notes()`` returning more notes (values accepted that have no effect). ``ALTERNATIVES`` (a class attribute)
-    lists groups of keys that set one quantity in different ways: a key of a group given on the command line
-    drops the other keys of its group that came from the file, so an override never conflicts with the file.
+    ``notes()`` returning more notes (values accepted that have no effect).
     """
     config_path, overrides, words = split_argv(argv, cls)
     positional = [f for f in fields(cls) if f.metadata.get("positional")]
@@ -345,11 +337,9 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
         sources.update({k: config_path for k in values if isinstance(k, str)})
     values.update(extra or {})
     table = _key_table(cls)
-    given = {table.get(k, k) for k in overrides}
-    for group in getattr(cls, "ALTERNATIVES", ()):  # e.g. --width on the command line replaces the file's multiplier
-        if given & set(group):
-            for k in [k for k in values if table.get(k, k) in group and table.get(k, k) not in given]:
-                del values[k]
+    given = {table.get(k, k) for k in overrides}  # ALTERNATIVES: keys that set one quantity (width, multiplier) ...
+    for group in [g for g in getattr(cls, "ALTERNATIVES", ()) if given & set(g)]:  # ... one given here drops the others
+        values = {k: v for k, v in values.items() if table.get(k, k) not in set(group) - given}
     values.update(overrides)
     sources.update({k: COMMAND_LINE for k in overrides})
     for f in positional:

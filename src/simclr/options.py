@@ -136,8 +136,7 @@ class CommonConfig:
                                    "--width, they must agree", **within(0, MAX_WIDTH // 64))
     timm_kwargs: str = option("", "extra timm.create_model arguments for a timm: arch, as a JSON object (YAML: a "
                               "mapping), e.g. '{\"patch_size\": 4}' for a ViT on 32 px images; img_size is "
-                              "--image_size (passed to models that take it)", convert=canonical_kwargs,
-                              containers=True)
+                              "--image_size (passed to models that take it)", convert=canonical_kwargs)
     batch_size: int = option(256, "global number of unique images per step (split over all processes)",
                              **within(1, MAX_BATCH))
     iters: int = option(1000, "number of optimizer steps", **within(1, MAX_ITERS))
@@ -182,7 +181,7 @@ class CommonConfig:
                            "checkpoint file as --ckpt or --encoder_ckpt")
 
     IGNORED_KEYS = IGNORED_KEYS
-    ALTERNATIVES = (("width", "width_multiplier"),)
+    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
     def check(self) -> None:
         """Cross-field checks (after every field's own range check)."""
