@@ -312,6 +312,21 @@ def _assert_same_probe(run: Path, ref: Path) -> None:
 
 
 @pytest.mark.slow
+def test_timm_model_two_processes_train_like_one(tmp_path):
+    """The same contract with a timm trunk (timm's ResNet-18, whose BatchNorm2d layers become GlobalBatchNorm)."""
+    run = dict(RUN, arch="timm:resnet18", width=0)
+    r = _cli("pretrain", *tiny_args(tmp_path / "one", save_freq=1, keep_last=5, **run), env=_env())
+    assert r.returncode == 0, r.stderr
+    (ref,) = _runs(tmp_path / "one" / "logs")
+    r = _cli("pretrain", *tiny_args(tmp_path / "two", **run), "--dist", "ddp", "--world_size", "1",
+             "--dist_address", f"127.0.0.1:{_free_port()}", env=_env(**{PROCS_ENV: "2"}))
+    assert r.returncode == 0, r.stderr
+    (two,) = _runs(tmp_path / "two" / "logs")
+    assert "2 process(es)" in (two / "log.txt").read_text() and "timm:resnet18" in (two / "log.txt").read_text()
+    _assert_same_training(two, ref)
+
+
+@pytest.mark.slow
 def test_torchrun_two_nodes_on_localhost(tmp_path, reference_run):
     port = _free_port()
     procs = [_popen(["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", rank,

@@ -17,7 +17,7 @@ def test_resnet50_cifar_stem_shapes_and_dims():
     assert out["h"].shape == (2, 2048) and out["z"].shape == (2, 128)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_parameter_names_match_torchvision(arch):
     ours = ResNet(arch, cifar_stem=False)
     tv = getattr(torchvision.models, arch)()

@@ -44,8 +44,10 @@ class BenchConfig:
     COMMAND = "bench"
     YAML = False
 
-    arch: str = option("resnet50", "encoder architecture (as in pretrain --arch)")
-    width: int = option(64, "first-stage channels (64 = standard)", check=positive, check_msg="must be > 0")
+    arch: str = option("resnet50", "encoder, as pretrain's --arch (resnet50x2, timm:<model name> ...)")
+    width: int = option(0, "first-stage channels of a ResNet (64 = standard; 0 = 64 x the arch's multiplier)",
+                        check=nonneg, check_msg="must be >= 0")
+    timm_kwargs: str = option("", "extra timm.create_model arguments (JSON object) for a timm: arch")
     data: str = option("cifar10", "dataset (cifar10, cifar100, stl10, imagenet, folder)")
     data_path: str = option("", "image folder for --data folder")
     image_size: int = option(0, "input side (0 = the dataset's own)", check=nonneg, check_msg="must be >= 0")
@@ -114,7 +116,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     channels_last = fast and _on(args.channels_last, device)
     compiled = fast and _on(args.compile, device)
     cfg = config_lib.build(PretrainConfig, dict(
-        arch=args.arch, width=args.width, data=args.data, batch_size=args.batch_size, multiplier=args.multiplier,
+        arch=args.arch, width=args.width, timm_kwargs=args.timm_kwargs, image_size=args.image_size, data=args.data,
+        batch_size=args.batch_size, multiplier=args.multiplier,
         seed=args.seed, workers=args.workers, loader=path, device=str(device), lr=0.1, iters=args.warmup + args.steps,
         lr_schedule="const", precision=args.precision if fast else "fp32", channels_last=channels_last,
         compile=compiled))
@@ -210,7 +213,8 @@ def main(argv) -> int:
     if device.type == "cuda":  # both paths: cuDNN picks its fastest kernels during the warm-up steps
         torch.backends.cudnn.benchmark = True
     images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
-    print(f"simclr bench: {args.arch} (width {args.width}) on {args.data} ({len(images)} images, "
+    width = f" (width {args.width})" if args.width else ""
+    print(f"simclr bench: {args.arch}{width} on {args.data} ({len(images)} images, "
           f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "
           f"{args.steps} timed steps per path, {device_name(device)}", flush=True)
     runs: dict = {p: [] for p in paths}

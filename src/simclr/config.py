@@ -46,7 +46,8 @@ def option(default=None, help: str = "", choices: Sequence | None = None, check:
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
     ``positional``: filled from bare command-line words (a ``list`` field takes all of them).
-    ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``).
+    ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``);
+    it sees YAML mappings and lists too (returned unchanged, or bounded work: a YAML alias bomb is huge).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
             "aliases": tuple(aliases), "positional": positional, "convert": convert}
@@ -83,12 +84,7 @@ def type_of(cls, f: dataclasses.Field):
 
 def _key_table(cls) -> dict:
     """Every accepted key name (and alias) -> field name."""
-    table = {}
-    for f in fields(cls):
-        table[f.name] = f.name
-        for a in f.metadata.get("aliases", ()):
-            table[a] = f.name
-    return table
+    return {k: f.name for f in fields(cls) for k in (f.name, *f.metadata.get("aliases", ()))}
 
 
 def parse_bool(key: str, v: Any) -> bool:
@@ -189,7 +185,7 @@ def build(cls, values: dict, source: str = "", sources: Optional[dict] = None) -
         f = by_name[table[key]]
         convert = f.metadata.get("convert")
         try:
-            value = convert(value) if convert and not isinstance(value, (dict, list)) else value
+            value = convert(value) if convert else value
             kwargs[f.name] = coerce(f.name, type_of(cls, f), value)
         except ConfigError as e:
             raise ConfigError(f"{e}{where}") from None
@@ -344,6 +340,10 @@ def parse(cls, argv: Sequence[str], extra: dict | None = None):
         values.update(load_yaml(config_path))
         sources.update({k: config_path for k in values if isinstance(k, str)})
     values.update(extra or {})
+    table = _key_table(cls)
+    given = {table.get(k, k) for k in overrides}  # ALTERNATIVES: keys that set one quantity (width, multiplier) ...
+    for group in [g for g in getattr(cls, "ALTERNATIVES", ()) if given & set(g)]:  # ... one given here drops the others
+        values = {k: v for k, v in values.items() if table.get(k, k) not in set(group) - given}
     values.update(overrides)
     sources.update({k: COMMAND_LINE for k in overrides})
     for f in positional:

@@ -1,15 +1,17 @@
 """``simclr export`` and ``simclr embed``: encoder weights and features for downstream code.
 
-export: any checkpoint ``load_encoder`` accepts -> the encoder trunk as a state dict with
-torchvision's key names (``conv1.weight``, ``layer1.0.bn1.running_mean`` ... no ``fc``), as a
-``torch.save`` file (``--format torchvision``) or safetensors (``--format safetensors``), plus a
-model card ``<out>.json`` (SHA-256, architecture, data, input size, metrics) beside it.
+export: any checkpoint ``load_encoder`` accepts -> the encoder trunk as a state dict under its own library's key
+names: torchvision's for the ResNets (``conv1.weight``, ``layer1.0.bn1.running_mean`` ... no ``fc``), timm's for a
+``timm:`` encoder; as a ``torch.save`` file (``--format torchvision`` / ``timm``, ``auto`` picks the one that fits)
+or safetensors (``--format safetensors``), plus a model card ``<out>.json`` (SHA-256, architecture, data, input
+size, metrics, the lines that load it) beside it.
 
 embed: an image folder -> ``features.npy`` (one float32 row per image) and ``features.files.txt``
 (the image paths relative to the folder, one per line, in row order).
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -26,11 +28,13 @@ from .data.datasets import IMG_EXTENSIONS
 from .data.images import open_rgb
 from .errors import ConfigError, DataError, UserError
 from .files import atomic_write, sha256_file
+from .models import is_timm
+from .models.timm_trunk import create_call
 from .options import ENCODE_LAYER_HELP
 from .runtime import resolve_device
 from .weights import Encoder, load_encoder
 
-FORMATS = ("torchvision", "safetensors")
+FORMATS = ("auto", "torchvision", "timm", "safetensors")
 
 
 def card_path(out: Path) -> Path:
@@ -56,6 +60,25 @@ def torchvision_recipe(enc: Encoder) -> list:
                   "m.maxpool = torch.nn.Identity()"]
     lines += ["m.fc = torch.nn.Identity()", "m.load_state_dict(torch.load(PATH, weights_only=True))"]
     return lines
+
+
+def timm_recipe(enc: Encoder) -> list:
+    """The lines that load a timm export with timm itself (timm reads .pth and .safetensors files alike)."""
+    return ["import timm", create_call(enc.arch, enc.timm_kwargs)]
+
+
+def _format(fmt: str, enc: Encoder) -> str:
+    """``auto``: torchvision for the ResNets, timm for a timm: encoder; a format that does not fit is refused."""
+    timm_enc = is_timm(enc.arch)
+    if fmt == "auto":
+        return "timm" if timm_enc else "torchvision"
+    if fmt == "torchvision" and timm_enc:
+        raise ConfigError(f"--format torchvision: {enc.arch} is not a torchvision model; use --format timm (or auto, "
+                          f"or safetensors)")
+    if fmt == "timm" and not timm_enc:
+        raise ConfigError(f"--format timm: {enc.name} is one of this project's ResNets (torchvision's layout); use "
+                          f"--format torchvision (or auto, or safetensors)")
+    return fmt
 
 
 def _dataset_name(data):
@@ -92,25 +115,33 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")
     enc = load_encoder(ckpt, trust=trust)
+    fmt = _format(fmt, enc)
     sd = torchvision_state(enc, include_head)
+    timm_enc = is_timm(enc.arch)
     meta = {"arch": enc.arch, "width": enc.width, "cifar_stem": enc.cifar_stem, "feat_dim": enc.feat_dim,
             "input_size": enc.input_size}
+    if timm_enc:
+        meta["timm_kwargs"] = enc.timm_kwargs
     if fmt == "safetensors":
         from safetensors.torch import save
-        data = save(sd, metadata={k: str(v) for k, v in {**meta, "format": "simclr-export"}.items()})
+        text = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in meta.items()}
+        data = save(sd, metadata={**text, "format": "simclr-export"})
     else:
         data = lambda f: torch.save(sd, f)  # noqa: E731
     src = enc.card
-    recipe = torchvision_recipe(enc) if enc.width == 64 and not include_head else None
+    import torchvision
+    tv_loadable = enc.width == 64 and not timm_enc and hasattr(torchvision.models, enc.arch)  # no resnet200 there
+    recipe = torchvision_recipe(enc) if tv_loadable and not include_head else None
     if fmt == "safetensors" and recipe is not None:
         recipe = [ln.replace("torch.load(PATH, weights_only=True)", "safetensors.torch.load_file(PATH)")
                   for ln in recipe]
-    card = {"format": fmt, **meta, "head_included": include_head,
+    extra = {"timm_recipe": timm_recipe(enc) if not include_head else None} if timm_enc else {}
+    card = {"format": fmt, **meta, **extra, "head_included": include_head,
             "input": "float RGB (N, 3, H, W) with values in [0, 1]; no mean/std normalisation",
             "data": _dataset_name(src.get("data") or enc.info.get("data")),
             "step": src.get("step"), "epochs": src.get("epochs"), "metrics": src.get("metrics") or {},
             "source": {"file": ckpt.name, "sha256": sha256_file(ckpt), "format": src.get("format", "simclr")},
-            "torchvision_loadable": enc.width == 64, "torchvision_recipe": recipe, "simclr_version": __version__}
+            "torchvision_loadable": tv_loadable, "torchvision_recipe": recipe, "simclr_version": __version__}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return write_with_card(out, data, card, card_path(out))
@@ -213,7 +244,9 @@ class ExportConfig:
 
     ckpt: str = option(MISSING, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an earlier export", positional=True)
     out: str = option(None, "output file, e.g. resnet50_simclr.pth or encoder.safetensors (required)")
-    format: str = option("torchvision", "output format", FORMATS)
+    format: str = option("auto", "output format: torchvision (torch.save state dict, torchvision's names; ResNets), "
+                         "timm (torch.save state dict, timm's names; timm: encoders, loadable by timm.create_model), "
+                         "auto (the one of these two that fits), safetensors (either, as safetensors)", FORMATS)
     include_head: bool = option(False, "also write the projection head as projection.* keys (then torchvision "
                                        "needs strict=False)")
     trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
@@ -257,14 +290,18 @@ def export_main(argv: Sequence[str]) -> int:
     a, _ = config_lib.parse(ExportConfig, argv)
     card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
     out = Path(a.out)
-    print(f"wrote {out} ({card['format']}, {card['arch']} width {card['width']}, {card['feat_dim']}-d features, "
+    what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
+    print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
           f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
     print(f"model card: {card_path(out)}")
-    if card["torchvision_recipe"]:
+    if is_timm(card["arch"]):
+        if card["timm_recipe"]:
+            print("load it with timm:\n    " + "\n    ".join(card["timm_recipe"]).replace("PATH", repr(str(out))))
+    elif card["torchvision_recipe"]:
         print("load it with torchvision:\n    " + "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out))))
     elif not card["torchvision_loadable"]:
-        print(f"note: width {card['width']} is not a torchvision ResNet (those have width 64); load it with "
-              f"simclr.load_encoder({str(out)!r})")
+        print(f"note: {card['arch']} of width {card['width']} has no torchvision counterpart (torchvision's "
+              f"ResNet-18 to 152 have width 64); load it with simclr.load_encoder({str(out)!r})")
     return 0
 
 

@@ -109,19 +109,40 @@ def _spec_excluded(name: str) -> bool:
     return "bn" in name or "bias" in name
 
 
+# Parameters that are no weights to shrink or adapt although they have more than one dimension: position
+# embeddings and class/distillation/register tokens (timm's and torchvision's names), as in DeiT, MoCo v3 and
+# timm's own param_groups_weight_decay.
+EMBEDDING_NAMES = ("pos_embed", "pos_embedding", "absolute_pos_embed", "cls_token", "class_token", "dist_token",
+                   "reg_token")
+
+
+def model_no_decay(model: nn.Module) -> set:
+    """Names of the parameters a model keeps out of weight decay: what any submodule's ``no_weight_decay()`` (timm's
+    convention) lists, and the parameters named like a position embedding or a token."""
+    names = set()
+    for prefix, mod in model.named_modules():
+        fn = getattr(mod, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    names |= {n for n, _ in model.named_parameters() if n.split(".")[-1] in EMBEDDING_NAMES}
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim") -> list[dict]:
     """Parameter groups for LARS/SGD/Adam.
 
-    rule="ndim": 1-d parameters (every BN weight/bias, every bias) get no weight decay and no
-    LARS adaptation. rule="spec": the spec's name-based rule (names containing 'bn' or 'bias').
+    rule="ndim": 1-d parameters (every BN/LayerNorm weight and bias, every bias), position embeddings and class
+    tokens (:func:`model_no_decay`) get no weight decay and no LARS adaptation. rule="spec": the spec's name-based
+    rule (names containing 'bn' or 'bias').
     """
     if rule not in ("ndim", "spec"):
         raise ValueError(f"rule must be 'ndim' or 'spec', got {rule!r}")
+    embeddings = model_no_decay(model) if rule == "ndim" else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        excluded = p.ndim <= 1 if rule == "ndim" else _spec_excluded(name)
+        excluded = (p.ndim <= 1 or name in embeddings) if rule == "ndim" else _spec_excluded(name)
         (no_decay if excluded else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "exclude": False},

@@ -15,7 +15,8 @@ from typing import Optional
 from .config import fields, nonneg, option, positive, type_of
 from .errors import ConfigError
 from .data.transforms import blur_sigma_range
-from .models import ENCODERS
+from .models import BASE_WIDTH, ENCODERS, is_timm, resolve_width, split_arch
+from .models.timm_trunk import canonical_kwargs, check_name
 
 # Keys the spec writes into its saved configs that describe a past run (its exman bookkeeping: run id,
 # start time, final status, tmp flag, the file it was read from, the process count and GPU index of
@@ -65,6 +66,55 @@ def _lower(v):
     return v.lower() if isinstance(v, str) else v
 
 
+def _arch(v):
+    """``ResNet50`` -> ``resnet50``; a timm model name after ``timm:`` is kept as written."""
+    if not isinstance(v, str):
+        return v
+    v = v.strip()
+    return "timm:" + v[5:] if v[:5].lower() == "timm:" else v.lower()
+
+
+ARCH_HELP = (f"encoder: {', '.join(ENCODERS)} (spec spelling ResNet50 accepted; resnet50x2 = --width_multiplier 2), "
+             f"or timm:<model name> for any timm model (pip install 'simclr[timm]'), e.g. timm:resnet18, "
+             f"timm:vit_tiny_patch16_224")
+
+
+def resolve_encoder(cfg, arch_key: str, width_key: str, mult_key: str = "") -> None:
+    """Check the encoder options of ``cfg`` and write them in one canonical form: a ResNet as (name without the
+    x suffix, width in channels, width_multiplier = width / 64 or 0 when not a multiple); a timm model as
+    ``timm:<name>`` (known to timm) with canonical ``timm_kwargs``. Ways of writing the width that disagree, and
+    options that do not apply to the encoder, are refused."""
+    arch, width = getattr(cfg, arch_key), getattr(cfg, width_key)
+    mult = getattr(cfg, mult_key) if mult_key else 0
+    if is_timm(arch):
+        check_name(arch)
+        given = [f"--{k} {getattr(cfg, k)}" for k in (width_key, mult_key) if k and getattr(cfg, k)]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the built-in ResNets, "
+                              f"not to {arch}: choose a wider "
+                              f"timm model or set its own arguments with --timm_kwargs")
+        if getattr(cfg, "zero_init_residual", False):
+            raise ConfigError(f"--zero_init_residual applies to the built-in ResNets, not to {arch}; pass the "
+                              f"model's own argument in --timm_kwargs (timm ResNets: '{{\"zero_init_last\": true}}')")
+        return
+    if cfg.timm_kwargs:
+        raise ConfigError(f"--timm_kwargs applies to timm: archs only, not to {arch}")
+    base, _ = split_arch(arch)
+    if base not in ENCODERS:
+        close = difflib.get_close_matches(base, list(ENCODERS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"option '{arch_key}' got {arch!r}; allowed: {', '.join(ENCODERS)} (with an optional width "
+                          f"multiplier: resnet50x2), or timm:<model name>{hint}")
+    try:
+        base, width = resolve_width(arch, width, mult)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    setattr(cfg, arch_key, base)
+    setattr(cfg, width_key, width)
+    if mult_key:
+        setattr(cfg, mult_key, width // BASE_WIDTH if width % BASE_WIDTH == 0 else 0)
+
+
 def _sigma_ok(v) -> bool:
     try:
         lo, hi = blur_sigma_range(v)
@@ -96,10 +146,15 @@ class CommonConfig:
     data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder")
     image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
                              **within(0, MAX_SIDE))
-    arch: str = option("resnet50", "encoder: resnet18, resnet34, resnet50 (spec spelling ResNet50 accepted)",
-                       convert=_lower)
-    width: int = option(64, "channels of the first ResNet stage (64 = standard); smaller for tiny test models",
-                        **within(1, MAX_WIDTH))
+    arch: str = option("resnet50", ARCH_HELP, convert=_arch)
+    width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
+                        "64 x width_multiplier", **within(0, MAX_WIDTH))
+    width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
+                                   "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
+                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
+    timm_kwargs: str = option("", "extra timm.create_model arguments for a timm: arch, as a JSON object (YAML: a "
+                              "mapping), e.g. '{\"patch_size\": 4}' for a ViT on 32 px images; img_size is "
+                              "--image_size (passed to models that take it)", convert=canonical_kwargs)
     batch_size: int = option(256, "global number of unique images per step (split over all processes)",
                              **within(1, MAX_BATCH))
     iters: int = option(1000, "number of optimizer steps", **within(1, MAX_ITERS))
@@ -151,16 +206,17 @@ class CommonConfig:
                            "checkpoint file as --ckpt or --encoder_ckpt")
 
     IGNORED_KEYS = IGNORED_KEYS
+    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
     def check(self) -> None:
         """Cross-field checks (after every field's own range check)."""
         if self.name and (Path(self.name).is_absolute() or ".." in Path(self.name).parts):
             raise ConfigError(f"option 'name' got {self.name[:60]!r}: a run name must stay inside --root (no "
                               f"'..', not an absolute path); use --root or --run_dir to choose the folder")
-        if self.problem == "sim-clr" and self.arch not in ENCODERS:
-            close = difflib.get_close_matches(self.arch, list(ENCODERS), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"option 'arch' got {self.arch!r}; allowed: {', '.join(ENCODERS)}{hint}")
+        if self.problem == "sim-clr":
+            resolve_encoder(self, "arch", "width", "width_multiplier")
+        elif getattr(self, "encoder_arch", None) and not getattr(self, "encoder_ckpt", ""):
+            resolve_encoder(self, "encoder_arch", "encoder_width")
         if self.data == "folder" and not self.data_path:
             raise ConfigError("--data folder needs --data_path DIR (a folder with train/ and test/ or val/ inside)")
 
@@ -191,13 +247,15 @@ class PretrainConfig(CommonConfig):
                              "linear (lr x batch_size / 256) or sqrt (lr x sqrt(batch_size))",
                              ["none", "linear", "sqrt"])
     zero_init_residual: bool = option(False, "start the last BN gamma of every residual block at 0 (the official "
-                                      "SimCLR ResNet); off = the spec's (gamma 1)")
-    sync_bn: bool = option(True, "synchronise batch-norm statistics across processes")
+                                      "SimCLR ResNet); off = the spec's (gamma 1). Built-in ResNets only")
+    sync_bn: bool = option(True, "synchronise batch-norm statistics across processes (every batch norm the model has: "
+                           "a ViT trunk has none, only the projection head's)")
     proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3])
     proj_dim: int = option(128, "output dimension of the projection head", **within(1, MAX_COUNT))
     lars_exclude: str = option("ndim", "parameters LARS leaves without weight decay/adaptation: ndim (every "
-                            "1-d param: all BN weights/biases and biases) or spec (the spec's name rule: "
-                            "names containing 'bn' or 'bias')", ["ndim", "spec"])
+                            "1-d param: all BN/LayerNorm weights and biases, all biases; and position embeddings "
+                            "and class tokens of ViT-like models) or spec (the spec's name rule: names containing "
+                            "'bn' or 'bias')", ["ndim", "spec"])
     knn_k: int = option(200, "k of the kNN monitor", **within(1, MAX_COUNT))
     knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0")
     eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)")
@@ -251,9 +309,10 @@ class EvalConfig(CommonConfig):
     encoder_ckpt: str = option("", "encoder checkpoint (ours, a run folder = its newest valid one, a .json card, "
                                "the spec's .pth.tar, or an export); empty = a randomly initialised encoder (a baseline)",
                                convert=_path)
-    encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty", convert=_lower)
-    encoder_width: int = option(64, "width of the random encoder used when encoder_ckpt is empty",
-                                **within(1, MAX_WIDTH))
+    encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty (as "
+                               "pretraining's --arch: resnet50x2, timm:<name> with --timm_kwargs ...)", convert=_arch)
+    encoder_width: int = option(0, "width of the random ResNet used when encoder_ckpt is empty (0 = 64 x the "
+                                "arch's multiplier)", **within(0, MAX_WIDTH))
     trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
     encode_layer: str = option("h", ENCODE_LAYER_HELP)
     batch_size: int = option(1024, "training batch size of the linear head", **within(1, MAX_BATCH))

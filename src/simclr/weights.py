@@ -8,8 +8,9 @@ Accepted files (recognised by content, not by name):
 - ours: ``torch.save`` dict with ``format="simclr"``, ``config`` and ``model`` (``convnet.*`` +
   ``projection.*`` keys);
 - the spec's ``.pth.tar``: ``{"state_dict": {convnet.*, projection.*}, "hparams": Namespace}``;
-- exports (``simclr export``): a bare torchvision-named trunk state dict (``conv1.weight`` ...),
-  as a ``torch.save`` file or as safetensors (optionally with ``projection.*`` keys).
+- exports (``simclr export``): a bare trunk state dict under torchvision's names (``conv1.weight`` ...) or, for
+  a ``timm:`` encoder, timm's (the model card or the safetensors metadata names the model), as a ``torch.save``
+  file or as safetensors (optionally with ``projection.*`` keys).
 
 Files are opened by :func:`simclr.checkpoint.read` (card checksum, zip size checks, no pickled code
 unless the caller passes ``trust=True``); this module turns what it returns into a model. Every load is strict:
@@ -17,6 +18,7 @@ a missing or misshapen tensor is an error naming the file, never a partial load.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 
 from .checkpoint import read, read_card, resolve, unwrap_state_dict
-from .errors import CheckpointError
-from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights
+from .errors import CheckpointError, UserError
+from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights, is_timm, split_arch
+from .models.timm_trunk import parse_kwargs
 
 __all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state"]
 
@@ -35,7 +38,8 @@ _SUPPORTED = ", ".join(ENCODERS)
 class Encoder(nn.Module):
     """A loaded encoder: ``forward(x) -> h``; ``encode(x, layer)`` for head layers when present.
 
-    x: (N, 3, H, W) float in [0, 1]; h: (N, feat_dim). Attributes: ``arch``, ``width``,
+    x: (N, 3, H, W) float in [0, 1]; h: (N, feat_dim). Attributes: ``arch`` (``resnet50``,
+    ``timm:vit_tiny_patch16_224``), ``name`` (``resnet50x2`` for a wide one), ``width`` (0 for timm), ``timm_kwargs``,
     ``feat_dim``, ``input_size`` (the side it was trained on), ``cifar_stem``, ``model`` (the full
     :class:`SimCLRModel`, head included), ``has_head``, ``source`` (path), ``info`` (config/hparams
     dict of the checkpoint) and ``card`` (what is known of its training: data, step, metrics ...).
@@ -45,9 +49,8 @@ class Encoder(nn.Module):
                  has_head: bool = True, card: Optional[dict] = None):
         super().__init__()
         self.model = model
-        self.arch = model.convnet.arch
-        self.width = model.convnet.width
-        self.cifar_stem = model.convnet.cifar_stem
+        self.arch, self.name, self.width = model.arch, model.name, model.width
+        self.cifar_stem, self.timm_kwargs = model.cifar_stem, model.timm_kwargs
         self.feat_dim = model.feat_dim
         self.input_size = input_size
         self.source = source
@@ -73,8 +76,10 @@ class Encoder(nn.Module):
         return self.model.encode(x, layer)
 
     def extra_repr(self) -> str:
-        return (f"arch={self.arch}, width={self.width}, cifar_stem={self.cifar_stem}, feat_dim={self.feat_dim}, "
-                f"input_size={self.input_size}, source={self.source!r}")
+        shape = f"timm_kwargs={self.timm_kwargs}" if is_timm(self.arch) else \
+            f"width={self.width}, cifar_stem={self.cifar_stem}"
+        return (f"arch={self.name}, {shape}, feat_dim={self.feat_dim}, input_size={self.input_size}, "
+                f"source={self.source!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +98,7 @@ def _strict_load(model: nn.Module, sd: dict, path) -> None:
             parts.append(f"missing keys {_short(list(missing))}")
         if unexpected:
             parts.append(f"unexpected keys {_short(list(unexpected))}")
-        raise CheckpointError(f"{path}: state dict does not match a {model.convnet.arch} encoder "
+        raise CheckpointError(f"{path}: state dict does not match a {model.name} encoder "
                               f"({'; '.join(parts)}); refusing a partial load")
 
 
@@ -101,9 +106,9 @@ def _check_shapes(model: nn.Module, sd: dict, path) -> None:
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but a {model.convnet.arch} of width "
-                                  f"{model.convnet.width} expects {tuple(own[k].shape)} (a checkpoint of another "
-                                  f"architecture?)")
+            what = model.name if is_timm(model.arch) else f"{model.arch} of width {model.width}"
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but a {what} expects {tuple(own[k].shape)} "
+                                  f"(a checkpoint of another architecture?)")
 
 
 def _infer_arch(sd: dict, path) -> tuple[str, int]:
@@ -130,11 +135,37 @@ def _linear_error(path) -> CheckpointError:
                            f"and the encoder as --encoder_ckpt")
 
 
+def _head_layout(sd: dict, path) -> tuple[bool, int, int]:
+    """(has a projection head, its layers, its output size) from ``projection.*`` keys."""
+    has_head = any(k.startswith("projection.") for k in sd)
+    proj_layers = len({k.split(".")[1] for k in sd if k.startswith("projection.fc")}) if has_head else 2
+    if has_head and (proj_layers not in (2, 3) or f"projection.fc{proj_layers}.weight" not in sd):
+        raise CheckpointError(f"{path}: projection head keys are incomplete or unknown "
+                              f"({_short(sorted(k for k in sd if k.startswith('projection.')))})")
+    return has_head, proj_layers, sd[f"projection.fc{proj_layers}.weight"].shape[0] if has_head else 128
+
+
+def _load_into(model: SimCLRModel, sd: dict, has_head: bool, path) -> None:
+    """Strict load; a trunk-only file gets a freshly initialised head (keeps encode(x, 'g1') usable)."""
+    if not has_head:
+        head = ProjectionHead(model.feat_dim, _proj_dim(model), model.projection.layers)
+        init_weights(head)
+        sd = dict(sd, **{f"projection.{k}": v for k, v in head.state_dict().items()})
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp16/bf16 exports
+    _check_shapes(model, sd, path)
+    _strict_load(model, sd, path)
+
+
+def _proj_dim(model: SimCLRModel) -> int:
+    return getattr(model.projection, f"fc{model.projection.layers}").out_features
+
+
 def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: Optional[int] = None,
-                       arch: Optional[str] = None, width: Optional[int] = None, card: Optional[dict] = None) -> Encoder:
+                       arch: Optional[str] = None, width: Optional[int] = None, card: Optional[dict] = None,
+                       timm_kwargs=None) -> Encoder:
     """Build an Encoder from a state dict with ``convnet.*`` (+ optional ``projection.*``) keys, or a bare
     torchvision-named trunk. ``arch``/``width``, when given (from the checkpoint's config), must agree with
-    the weights."""
+    the weights. A ``timm:`` arch (its ``timm_kwargs`` a dict or JSON text) is rebuilt with timm and loaded."""
     if not isinstance(sd, dict) or not sd:
         raise CheckpointError(f"{path}: no state dict found (got {type(sd).__name__})")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
@@ -145,6 +176,8 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
         raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {_short(list(map(str, nonfinite)))}; "
                               f"the run diverged before this checkpoint — use an earlier one")
     sd = unwrap_state_dict(sd)
+    if is_timm(arch):
+        return _timm_encoder(sd, path, info, input_size, arch, timm_kwargs, card)
     if not any(k.startswith("convnet.") for k in sd):
         if "conv1.weight" in sd:  # a bare torchvision-style trunk (our export, or a torchvision model)
             sd = {k if k.startswith("projection.") else f"convnet.{k}": v for k, v in sd.items()}
@@ -152,7 +185,8 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
             raise _linear_error(path)
         else:
             raise CheckpointError(f"{path}: no ResNet encoder weights found (expected keys like convnet.conv1.weight "
-                                  f"or conv1.weight; found {_short(sorted(sd))})")
+                                  f"or conv1.weight; found {_short(sorted(sd))}); a timm encoder's export needs its "
+                                  f"model card <file>.json beside it, which names the model")
     # the spec's trunk carries an unused 1000-way fc; other top-level modules (a classifier saved beside the
     # encoder) are not part of the encoder either
     sd = {k: v for k, v in sd.items() if k.startswith(("convnet.", "projection.")) and not k.startswith("convnet.fc.")}
@@ -161,7 +195,7 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
                               f"partial load")
     g_arch, g_width = _infer_arch(sd, path)
     if arch is not None:
-        arch = str(arch).lower()
+        arch = split_arch(str(arch).lower())[0]
         if arch in ENCODERS and arch != g_arch:
             raise CheckpointError(f"{path}: wrong architecture: its config says {arch} but the weights are a {g_arch}")
     if width and int(width) != g_width:
@@ -171,25 +205,34 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
         raise CheckpointError(f"{path}: first convolution is {k1}x{k1}; expected 3x3 (CIFAR stem) or 7x7 "
                               f"(ImageNet stem)")
     cifar_stem = k1 == 3
-    has_head = any(k.startswith("projection.") for k in sd)
-    proj_layers = len({k.split(".")[1] for k in sd if k.startswith("projection.fc")}) if has_head else 2
-    if has_head and (proj_layers not in (2, 3) or f"projection.fc{proj_layers}.weight" not in sd):
-        raise CheckpointError(f"{path}: projection head keys are incomplete or unknown "
-                              f"({_short(sorted(k for k in sd if k.startswith('projection.')))})")
-    proj_dim = sd[f"projection.fc{proj_layers}.weight"].shape[0] if has_head else 128
+    has_head, proj_layers, proj_dim = _head_layout(sd, path)
     # Built on the meta device and then given the loaded tensors (assign=True): initialising a ResNet-50
     # only to overwrite it costs tens of seconds on a CPU. Every tensor must come from the file.
     with torch.device("meta"):
         model = SimCLRModel(g_arch, cifar_stem=cifar_stem, width=g_width, proj_layers=proj_layers, proj_dim=proj_dim)
-    if not has_head:  # a trunk-only file: a freshly initialised head keeps encode(x, 'g1') usable
-        head = ProjectionHead(model.feat_dim, proj_dim, proj_layers)
-        init_weights(head)
-        sd = dict(sd, **{f"projection.{k}": v for k, v in head.state_dict().items()})
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp16/bf16 exports
-    _check_shapes(model, sd, path)
-    _strict_load(model, sd, path)
+    _load_into(model, sd, has_head, path)
     size = int(input_size or (32 if cifar_stem else 224))
     return Encoder(model, size, str(path), info, has_head, card)
+
+
+def _timm_encoder(sd: dict, path, info, input_size, arch: str, timm_kwargs, card) -> Encoder:
+    """A ``timm:`` encoder: ``convnet.*`` keys (our checkpoints) or timm's own names (exports)."""
+    if not any(k.startswith("convnet.") for k in sd):
+        if _looks_linear(sd):
+            raise _linear_error(path)
+        sd = {k if k.startswith("projection.") else f"convnet.{k}": v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k.startswith(("convnet.", "projection."))}
+    try:  # an export's card records what the trunk was created with, img_size included
+        kwargs = dict(json.loads(timm_kwargs) if isinstance(timm_kwargs, str) and timm_kwargs else timm_kwargs or {})
+        size = kwargs.pop("img_size", None) or input_size
+        kwargs = parse_kwargs(kwargs)
+    except (UserError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its recorded timm_kwargs {str(timm_kwargs)[:80]!r} are unusable: {e}") from None
+    has_head, proj_layers, proj_dim = _head_layout(sd, path)
+    # built on the CPU, not the meta device: timm models may hold buffers that no state dict carries
+    model = SimCLRModel(arch, proj_layers=proj_layers, proj_dim=proj_dim, timm_kwargs=kwargs, image_size=size)
+    _load_into(model, sd, has_head, path)
+    return Encoder(model, int(size or 224), str(path), info, has_head, card)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +256,8 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
     if ck.get("format") == "safetensors":
         sd, meta = ck["state_dict"], ck["metadata"]
         size = meta.get("input_size") or card.get("input_size")
-        enc = encoder_from_state(sd, path, dict(meta), size and int(size), arch or meta.get("arch"), card=card)
+        enc = encoder_from_state(sd, path, dict(meta), size and int(size), arch or meta.get("arch"), card=card,
+                                 timm_kwargs=meta.get("timm_kwargs") or card.get("timm_kwargs"))
         return enc.to(device)
     if ck.get("format") == "simclr":
         cfg = ck.get("config") or {}
@@ -232,7 +276,8 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
         meta.update({k: cfg[k] for k in ("data", "iters", "batch_size", "temperature") if k in cfg})
         meta.update({k: card[k] for k in ("epochs", "sha256") if k in card})
         _expect(path, arch, cfg.get("arch"))
-        enc = encoder_from_state(ck["model"], path, cfg, size, arch or cfg.get("arch"), cfg.get("width"), meta)
+        enc = encoder_from_state(ck["model"], path, cfg, size, arch or cfg.get("arch"), cfg.get("width"), meta,
+                                 timm_kwargs=cfg.get("timm_kwargs"))
         return enc.to(device)
     if "state_dict" in ck:  # the spec's format
         hp = ck.get("hparams")
@@ -248,7 +293,7 @@ def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str]
                                   card={k: v for k, v in meta.items() if v is not None}).to(device)
     if any(isinstance(v, torch.Tensor) for v in ck.values()):  # a plain state dict (export)
         return encoder_from_state(ck, path, {}, card.get("input_size"), arch or card.get("arch"),
-                                  card=card).to(device)
+                                  card=card, timm_kwargs=card.get("timm_kwargs")).to(device)
     raise CheckpointError(f"{path}: unrecognised checkpoint layout (keys {_short(sorted(map(str, ck)), 8)}); "
                           f"expected our checkpoint, the spec's .pth.tar or an exported state dict")
 

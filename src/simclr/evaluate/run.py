@@ -93,13 +93,16 @@ class Evaluation:
             digest = sha256_file(Path(cfg.encoder_ckpt))
         else:
             from ..data import native_size
-            from ..models import ENCODERS, SimCLRModel
-            if cfg.encoder_arch not in ENCODERS:
-                raise ConfigError(f"option 'encoder_arch' got {cfg.encoder_arch!r}; allowed: {', '.join(ENCODERS)}")
+            from ..models import SimCLRModel, is_timm
+            from ..models.timm_trunk import parse_kwargs
             size = native_size(cfg.data, cfg.image_size)
+            width = "" if is_timm(cfg.encoder_arch) else f"width {cfg.encoder_width}, "
             self.print(f"note: no --encoder_ckpt given: evaluating a randomly initialised {cfg.encoder_arch} "
-                       f"(width {cfg.encoder_width}, seed {cfg.seed}) — a baseline, not a trained encoder")
-            model = SimCLRModel(cfg.encoder_arch, cifar_stem=size <= 96, width=cfg.encoder_width)
+                       f"({width}seed {cfg.seed}) — a baseline, not a trained encoder")
+            if is_timm(cfg.encoder_arch):
+                model = SimCLRModel(cfg.encoder_arch, timm_kwargs=parse_kwargs(cfg.timm_kwargs), image_size=size)
+            else:
+                model = SimCLRModel(cfg.encoder_arch, cifar_stem=size <= 96, width=cfg.encoder_width)
             enc, digest = Encoder(model, size, "random-init").to(self.device), ""
         if self.layer != "h":
             with torch.no_grad():  # fail now, not after minutes of feature extraction
@@ -348,7 +351,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Run ``cfg.protocol`` (and, with ``compare``, both linear protocols); write eval.json."""
     ev = Evaluation(cfg)
     try:
-        ev.print(f"evaluating {ev.encoder.arch} from {cfg.encoder_ckpt or 'random init'} "
+        ev.print(f"evaluating {ev.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
                  f"(sha256 {ev.encoder_hash[:12] or '-'}) on {cfg.data}: {len(ev.train)} labelled training "
                  f"images, {len(ev.test)} test images, {ev.image_size}px, {ev.device}; run folder {ev.run.path}")
         runners = {"linear": ev.linear, "fast-linear": ev.fast_linear, "knn": ev.knn}
@@ -372,7 +375,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
             "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"], "confusion": res.get("confusion"),
             "n_train": 0 if cfg.eval_only else len(ev.train), "n_test": res["n"], "classes": ev.classes,
-            "encoder": {"path": cfg.encoder_ckpt, "sha256": ev.encoder_hash, "arch": ev.encoder.arch,
+            "encoder": {"path": cfg.encoder_ckpt, "sha256": ev.encoder_hash, "arch": ev.encoder.name,
                         "feat_dim": ev.encoder.feat_dim, "layer": ev.layer, "input_size": ev.encoder.input_size,
                         "random_init": not cfg.encoder_ckpt},
             "data": {"name": cfg.data, "path": cfg.data_path, "image_size": ev.image_size,

@@ -1,37 +1,67 @@
-"""Model builder: encoder (ResNet), projection head, the SimCLR module that joins them, and global BN."""
+"""Model builder: encoder (a ResNet, or any timm model), projection head, the SimCLR module that joins them, and
+global BN."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from .head import ProjectionHead
-from .resnet import ENCODERS, ResNet
+from .resnet import BASE_WIDTH, ENCODERS, ResNet, arch_name, resolve_width, split_arch
+from .timm_trunk import is_timm
 
-__all__ = ["ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "build_model",
-           "convert_sync_batchnorm", "init_weights", "zero_init_last_bn"]
+__all__ = ["BASE_WIDTH", "ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "arch_name",
+           "build_model", "convert_sync_batchnorm", "init_weights", "is_timm", "resolve_width", "split_arch",
+           "zero_init_last_bn"]
 
 
 class SimCLRModel(nn.Module):
     """Encoder f and projection head g. ``forward(x)`` returns ``{"h": (N, d), "z": (N, proj_dim)}``.
 
-    Attribute names ``convnet`` and ``projection`` mirror the spec's checkpoint keys.
+    Attribute names ``convnet`` and ``projection`` mirror the spec's checkpoint keys. ``arch`` is a ResNet
+    (``resnet18`` ... ``resnet200``, ``resnet50x2`` for a width multiplier) of ``width`` first-stage channels
+    (0: 64 times the arch's multiplier), or ``timm:<model name>``: then ``convnet`` is the headless timm model
+    itself (timm's own parameter names), built with ``timm_kwargs`` and, where the model takes it,
+    ``img_size=image_size``; ``cifar_stem``, ``width`` and ``zero_init_residual`` are the ResNets' only.
+    Attributes ``arch``, ``width`` (0 for timm), ``cifar_stem``, ``timm_kwargs`` (what the trunk was created
+    with, ``img_size`` included) describe the encoder.
     """
 
     def __init__(self, arch: str = "resnet50", cifar_stem: bool = True, width: int = 64,
-                 proj_layers: int = 2, proj_dim: int = 128, zero_init_residual: bool = False):
+                 proj_layers: int = 2, proj_dim: int = 128, zero_init_residual: bool = False,
+                 timm_kwargs: Optional[dict] = None, image_size: Optional[int] = None):
         super().__init__()
-        self.convnet = ResNet(arch, cifar_stem=cifar_stem, width=width)
-        self.projection = ProjectionHead(self.convnet.feat_dim, proj_dim, proj_layers)
-        init_weights(self)
+        if is_timm(arch):
+            from .timm_trunk import create, feat_dim
+            self.convnet, self.timm_kwargs = create(arch, timm_kwargs, image_size)
+            self.arch, self.width, self.cifar_stem, self._feat_dim = arch, 0, False, feat_dim(self.convnet)
+        else:
+            if timm_kwargs:
+                raise ValueError(f"timm_kwargs apply to timm: archs only, not {arch}")
+            self.arch, width = resolve_width(arch, width)
+            self.convnet = ResNet(self.arch, cifar_stem=cifar_stem, width=width)
+            self.width, self.cifar_stem, self.timm_kwargs = width, cifar_stem, {}
+            self._feat_dim = self.convnet.feat_dim
+        self.projection = ProjectionHead(self._feat_dim, proj_dim, proj_layers)
+        # the official SimCLR initialisation is a ResNet's; a timm trunk keeps the initialisation timm gives it
+        init_weights(self.projection if is_timm(arch) else self)
         if zero_init_residual:
+            if is_timm(arch):
+                raise ValueError("zero_init_residual applies to the built-in ResNets; for a timm model pass its own "
+                                 "argument in timm_kwargs (e.g. zero_init_last for timm ResNets)")
             zero_init_last_bn(self.convnet)
 
     @property
     def feat_dim(self) -> int:
-        return self.convnet.feat_dim
+        return self._feat_dim
+
+    @property
+    def name(self) -> str:
+        """``resnet50x2``, ``timm:vit_tiny_patch16_224``: the encoder as tables name it."""
+        return self.arch if is_timm(self.arch) else arch_name(self.arch, self.width)
 
     def forward(self, x: torch.Tensor) -> dict:
         h = self.convnet(x)
@@ -82,7 +112,14 @@ def zero_init_last_bn(encoder: nn.Module) -> None:
 
 
 def build_model(cfg, image_size: int) -> SimCLRModel:
-    """The CIFAR stem for small inputs (32 px CIFAR, 96 px STL-10), the ImageNet stem above."""
-    return SimCLRModel(arch=cfg.arch, cifar_stem=image_size <= 96, width=cfg.width,
+    """The model a pretraining config describes, for inputs of ``image_size`` px. ResNets get the CIFAR stem for
+    small inputs (32 px CIFAR, 96 px STL-10), the ImageNet stem above; a timm model is built as timm makes it."""
+    arch = cfg.arch
+    if is_timm(arch):
+        from .timm_trunk import parse_kwargs
+        return SimCLRModel(arch=arch, proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
+                           timm_kwargs=parse_kwargs(getattr(cfg, "timm_kwargs", "")), image_size=image_size)
+    arch, width = resolve_width(arch, cfg.width, getattr(cfg, "width_multiplier", 0))
+    return SimCLRModel(arch=arch, cifar_stem=image_size <= 96, width=width,
                        proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
                        zero_init_residual=bool(getattr(cfg, "zero_init_residual", False)))

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import is_enabled
+from ..errors import ConfigError
 
 
 class _GlobalBatchNormFn(torch.autograd.Function):
@@ -86,21 +87,55 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class GlobalBatchNormAct(GlobalBatchNorm):
+    """:class:`GlobalBatchNorm` followed by the dropout and activation of the timm ``BatchNormAct2d`` it replaces
+    (timm's own ``SyncBatchNormAct`` does the same on CUDA)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _has_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a batch norm whose forward also applies ``drop`` and ``act``."""
+    return isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
+
+
+def _check_convertible(module: nn.Module) -> None:
+    """Converting replaces the module by a plain synchronised batch norm: a subclass with its own forward (other
+    than timm's BatchNormAct2d) would silently lose what that forward adds."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm) \
+                and type(m).forward is not nn.modules.batchnorm._BatchNorm.forward and not _has_act(m):
+            raise ConfigError(f"cannot synchronise {name or 'the model'} ({type(m).__name__}), a batch norm with its "
+                             f"own forward, across processes; pass --sync_bn false")
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm -> PyTorch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` elsewhere.
-    Parameters and buffers are shared with the original module (same names, same objects)."""
+    """Every BatchNorm -> PyTorch's SyncBatchNorm on CUDA (timm's converter when the model has timm's
+    BatchNormAct2d), :class:`GlobalBatchNorm` elsewhere. Parameters and buffers are shared with the original module
+    (same names, same objects). A model without batch norm (a ViT trunk) is returned with only its head's converted."""
+    _check_convertible(module)
     if device.type == "cuda":
+        if any(_has_act(m) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            from timm.layers import convert_sync_batchnorm as timm_convert  # only timm models have BatchNormAct2d
+            return timm_convert(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_cpu(module)
+
+
+def _convert_cpu(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        cls = GlobalBatchNormAct if _has_act(module) else GlobalBatchNorm
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         if module.track_running_stats:
             out.running_mean, out.running_var = module.running_mean, module.running_var
             out.num_batches_tracked = module.num_batches_tracked
+        if _has_act(module):
+            out.drop, out.act = module.drop, module.act
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device))
+        out.add_module(name, _convert_cpu(child))
     return out

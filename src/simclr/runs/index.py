@@ -73,6 +73,9 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
     m = metrics_summary(run / "metrics.jsonl")
     evals = read_evals(run)
     row = dict(cfg)
+    k = cfg.get("width_multiplier")
+    if isinstance(k, int) and k > 1 and isinstance(cfg.get("arch"), str):  # as the papers write it: resnet50x2
+        row["arch"] = f"{cfg['arch']}x{k}"
     kind = "pretrain"
     if evals or cfg.get("problem") == "eval":
         kind = "baseline" if is_baseline(evals, cfg) else "eval"

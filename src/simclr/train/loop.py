@@ -144,7 +144,8 @@ def announce(s: Session) -> None:
     cfg, st = s.cfg, s.state
     if st.step >= cfg.iters:
         s.log(f"nothing to do: already at step {st.step} of {cfg.iters}")
-    s.log(f"pretraining {cfg.arch} (width {cfg.width}) on {cfg.data} ({len(s.images)} images, "
+    what = s.parts.model.name + (f" (width {cfg.width})" if s.parts.model.width % 64 else "")
+    s.log(f"pretraining {what} on {cfg.data} ({len(s.images)} images, "
           f"{s.images.image_size}px), batch {cfg.batch_size} x {cfg.multiplier} views, {cfg.iters} steps "
           f"({cfg.iters / max(s.parts.loader.steps_per_epoch, 1):.1f} epochs), {s.parts.device}, "
           f"{s.dist.world} process(es)" + (f"; run folder {s.run.path}" if s.run else ""))

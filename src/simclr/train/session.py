@@ -115,8 +115,8 @@ def newest_run(folder: Path) -> Optional[Path]:
 
 # options that change where a run goes: a resume that changes them is a different run unless allowed
 TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature",
-              "multiplier", "arch", "width", "data", "data_path", "train_subset", "aug", "scale_lower",
-              "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
+              "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "data_path", "train_subset",
+              "aug", "scale_lower", "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
 
 
 def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
@@ -132,7 +132,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
         raise UserError(f"{path} is not a pretraining checkpoint of this project "
                         f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
     saved = ck.get("config", {})
-    for key in ("arch", "width", "proj_layers", "proj_dim"):
+    for key in ("arch", "width", "timm_kwargs", "proj_layers", "proj_dim"):  # what the weights' shapes depend on
         if key in saved and saved[key] != getattr(cfg, key):
             raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
                             f"{key}={getattr(cfg, key)!r}; pass --{key} {saved[key]}")
@@ -230,7 +230,8 @@ def save(s: Session) -> Optional[Path]:
                "metrics": st.metrics, "nan_skips": st.nan_skips}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
-    card = {"arch": cfg.arch, "width": cfg.width, "data": cfg.data, "image_size": s.images.image_size,
+    card = {"arch": cfg.arch, "width": p.model.width, "timm_kwargs": p.model.timm_kwargs, "data": cfg.data,
+            "image_size": s.images.image_size,
             "iters": cfg.iters, "epochs": epochs, "metrics": st.metrics}
     ckpt_lib.save_checkpoint(path, payload, card)
     st.saved_step = st.step
