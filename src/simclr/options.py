@@ -381,7 +381,7 @@ class EvalConfig(CommonConfig):
 KNN_KEYS = ("name", "root", "data", "data_path", "image_size", "encoder_ckpt", "encoder_arch", "encoder_width",
             "trust_checkpoint", "encode_layer", "k", "temperature", "knn_vote", "train_subset", "test_subset",
             "train_size", "data_split_seed", "test_bs", "precompute_emb_bs", "cache_features", "seed", "workers",
-            "device", "precision", "verbose", "run_dir", "logger", "mlflow_uri")
+            "device", "precision", "verbose", "run_dir", "logger", "mlflow_uri", "timm_kwargs")
 
 
 def _knn_finalize(self, config_path: Optional[str]) -> None:
