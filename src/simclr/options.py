@@ -127,7 +127,6 @@ def _path(v):
     return "" if isinstance(v, str) and v.lower() == "none" else v
 
 
-# The one description of the representation options (eval/knn --encode_layer, embed --layer).
 ENCODE_LAYER_HELP = ("representation: h (the encoder's output, the default), g1, g2 (g3 with a 3-layer head: the "
                      "output of that projection-head block; SimCLR v2 fine-tunes from g1) or z (the head's output)")
 

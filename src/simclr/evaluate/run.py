@@ -8,6 +8,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -93,16 +94,13 @@ class Evaluation:
             digest = sha256_file(Path(cfg.encoder_ckpt))
         else:
             from ..data import native_size
-            from ..models import SimCLRModel, is_timm
-            from ..models.timm_trunk import parse_kwargs
+            from ..models import build_model, is_timm
             size = native_size(cfg.data, cfg.image_size)
             width = "" if is_timm(cfg.encoder_arch) else f"width {cfg.encoder_width}, "
             self.print(f"note: no --encoder_ckpt given: evaluating a randomly initialised {cfg.encoder_arch} "
                        f"({width}seed {cfg.seed}) — a baseline, not a trained encoder")
-            if is_timm(cfg.encoder_arch):
-                model = SimCLRModel(cfg.encoder_arch, timm_kwargs=parse_kwargs(cfg.timm_kwargs), image_size=size)
-            else:
-                model = SimCLRModel(cfg.encoder_arch, cifar_stem=size <= 96, width=cfg.encoder_width)
+            model = build_model(SimpleNamespace(arch=cfg.encoder_arch, width=cfg.encoder_width, proj_layers=2,
+                                                proj_dim=128, timm_kwargs=cfg.timm_kwargs), size)
             enc, digest = Encoder(model, size, "random-init").to(self.device), ""
         if self.layer != "h":
             with torch.no_grad():  # fail now, not after minutes of feature extraction
