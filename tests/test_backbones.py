@@ -211,14 +211,21 @@ def test_lars_leaves_out_1d_parameters_position_embeddings_and_tokens_as_timm_do
 
 def test_batch_norm_with_activation_is_synced_with_its_activation():
     from timm.layers import BatchNormAct2d
+    def make():  # conversion replaces the children of the module it is given
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=torch.nn.ReLU))
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=torch.nn.ReLU))
+    net = make()
     x = torch.randn(2, 3, 8, 8)
     want = net(x)
     assert (want == 0).any()  # the activation matters here
     synced = convert_sync_batchnorm(net, torch.device("cpu"))  # outside a process group: plain batch norm + act
     assert type(synced[1]).__name__ == "GlobalBatchNormAct"
     assert torch.equal(synced(x), want)
+    # on CUDA timm's own converter keeps the activation (the conversion itself runs anywhere)
+    on_gpu = convert_sync_batchnorm(make(), torch.device("cuda"))
+    assert type(on_gpu[1]).__name__ == "SyncBatchNormAct" and isinstance(on_gpu[1].act, torch.nn.ReLU)
+    assert type(convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), torch.device("cuda"))[0]) \
+        is torch.nn.SyncBatchNorm
 
     class OwnForward(torch.nn.BatchNorm2d):
         def forward(self, x):
@@ -339,6 +346,18 @@ def test_timm_model_trains_resumes_evaluates_and_exports(tmp_path, data_root, ar
                             **card["timm_kwargs"]).eval()
     with torch.no_grad():
         assert torch.equal(ref(x), want) and torch.equal(simclr.load_encoder(st)(x), want)
+    # embed: a folder of real images -> the same rows as the encoder on those images
+    import numpy as np
+    from simclr.export import embed_main, load_image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((data_root / "cifar10" / "test" / "cat").iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    assert embed_main(["--encoder_ckpt", str(out), "--images", str(folder), "--out", str(tmp_path / "f.npy"),
+                       "--device", "cpu"]) == 0
+    imgs = torch.stack([load_image(p, 32) for p in sorted(folder.iterdir())])
+    with torch.no_grad():
+        assert np.allclose(np.load(tmp_path / "f.npy"), enc(imgs).numpy(), atol=1e-6)
     # the run index names the backbone on the pretraining and the evaluation rows
     df = runs.index(tmp_path / "logs")
     assert set(df["arch"]) == {arch}
