@@ -111,6 +111,8 @@ def valid_value(f: dataclasses.Field, typ):
         return st.integers(-5, 10 ** 6).filter(check)
     if typ is float:
         return st.floats(-10.0, 1e3, allow_nan=False).filter(check)
+    if f.name == "logger":  # a comma-separated list of tracker names, not free text
+        return st.lists(st.sampled_from(options.LOGGERS), min_size=1, max_size=3).map(",".join) | st.just("none")
     return st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=10).filter(
         lambda s: s.lower() != "none")
 
