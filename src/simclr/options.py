@@ -91,8 +91,7 @@ def resolve_encoder(cfg, arch_key: str, width_key: str, mult_key: str = "") -> N
         given = [f"--{k} {getattr(cfg, k)}" for k in (width_key, mult_key) if k and getattr(cfg, k)]
         if given:
             raise ConfigError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the built-in ResNets, "
-                              f"not to {arch}: choose a wider "
-                              f"timm model or set its own arguments with --timm_kwargs")
+                              f"not to {arch}: choose a wider timm model or set its own arguments with --timm_kwargs")
         if getattr(cfg, "zero_init_residual", False):
             raise ConfigError(f"--zero_init_residual applies to the built-in ResNets, not to {arch}; pass the "
                               f"model's own argument in --timm_kwargs (timm ResNets: '{{\"zero_init_last\": true}}')")
