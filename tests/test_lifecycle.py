@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import run_cli, tiny_args
@@ -54,6 +55,7 @@ def test_resume_auto_without_run_dir_continues_the_newest_run_of_the_name(tmp_pa
     assert len(list((tmp_path / "logs" / "t").iterdir())) == 1
 
 
+@pytest.mark.slow  # ~40 s: a run, knn, export, three embeds
 def test_a_run_folder_or_a_card_means_its_newest_valid_checkpoint(tmp_path):
     _, run = _run(tmp_path, iters=3, save_freq=1, keep_last=3)
     newest = ckpt_lib.checkpoint_path(run, 3)
@@ -111,6 +113,7 @@ def test_logs_to_a_file_are_plain_timestamped_lines_with_progress(tmp_path):
     assert re.match(pattern, steps[1]), steps[1]
 
 
+@pytest.mark.slow  # ~30 s: two invocations with a pause
 def test_the_index_keeps_the_first_start_and_sums_the_training_time_of_every_invocation(tmp_path):
     import time
     _, run = _run(tmp_path, iters=4, stop_after=2)
@@ -136,6 +139,7 @@ def _help(command: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow  # ~60 s: a subprocess per command
 def test_every_subcommand_lists_only_its_options_each_with_help():
     import re
     from simclr.cli import COMMANDS
