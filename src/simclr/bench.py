@@ -21,18 +21,19 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import config as config_lib
 from .config import nonneg, option, positive
 from .errors import ConfigError
-from .files import atomic_write
+from .files import atomic_write, git_state
+
+if TYPE_CHECKING:  # imported where used: --help and a bad option answer without torch
+    import torch
 
 PATHS = ("reference", "fast")
 
@@ -83,22 +84,12 @@ class BenchConfig:
         return [p.strip() for p in self.paths.split(",") if p.strip()]
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _on(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type == "cuda")
 
 
 def device_name(device: torch.device) -> str:
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
@@ -107,6 +98,7 @@ def device_name(device: torch.device) -> str:
 
 def run_path(path: str, args, images, device: torch.device) -> dict:
     """Train ``args.warmup + args.steps`` steps on one path and time the last ``args.steps``."""
+    import torch
     from . import config as config_lib
     from .data.fast import FastLoader
     from .options import PretrainConfig
@@ -204,6 +196,7 @@ def format_table(results: list) -> str:
 
 def main(argv) -> int:
     args, _ = config_lib.parse(BenchConfig, argv)
+    import torch
     paths = args.path_list()
     from .data import get_dataset, maybe_subset
     from .runtime import resolve_device
@@ -225,7 +218,7 @@ def main(argv) -> int:
         by = {r["path"]: r for r in results}
         speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
+               "commit": git_state().label, "device": device_name(device), "torch": torch.__version__,
                "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
                "complete": final,
                "results": results, "speedup": speedup, "all_runs": runs}

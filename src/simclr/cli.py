@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import __version__
 from . import config as config_lib
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
@@ -27,8 +27,8 @@ COMMANDS = {
     "runs": ("simclr.runs.cli:runs_main", "table of all runs under a folder (status, progress, kNN, linear top-1)"),
     "report": ("simclr.report.cli:report_main", "write an HTML report with plots and pictures into a run folder"),
     "compare": ("simclr.report.cli:compare_main", "plot two or more runs together and list their config differences"),
-    "export": ("simclr.export:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
-    "embed": ("simclr.export:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
+    "export": ("simclr.cli:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
+    "embed": ("simclr.cli:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
     "bench": ("simclr.bench:main", "throughput of the reference input/compute path vs the fast path, same run"),
 }
 
@@ -114,6 +114,7 @@ def pretrain_main(argv: Sequence[str]) -> int:
     _notes(notes)
     _tracker_environment(cfg)
     from . import distributed, launch
+    _notes([n for n in [launch.dp_note(cfg)] if n])
     if launch.maybe_spawn(cfg, list(argv), _pretrain_process):
         return 0
     from .train import pretrain
@@ -180,6 +181,60 @@ def knn_main(argv: Sequence[str]) -> int:
     from .options import EvalConfig, KnnConfig
     knn, notes = config_lib.parse(KnnConfig, argv)
     return _eval(config_lib.build(EvalConfig, {**config_lib.to_dict(knn), "protocol": "knn"}), notes)
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``simclr export``: the options (ExportConfig), then :func:`simclr.export.export_encoder`."""
+    from .export_options import ExportConfig
+    a, _ = config_lib.parse(ExportConfig, argv)
+    from .export import card_path, export_encoder
+    from .names import is_timm
+    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
+    out = Path(a.out)
+    what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
+    print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
+          f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
+    print(f"model card: {card_path(out)}")
+    if is_timm(card["arch"]):
+        if card["timm_recipe"]:
+            print("load it with timm:\n    " + "\n    ".join(card["timm_recipe"]).replace("PATH", repr(str(out))))
+    elif card["torchvision_recipe"]:
+        recipe = "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out)))
+        print("load it with torchvision:\n    " + recipe)
+    elif not card["torchvision_loadable"]:
+        print(f"note: {card['arch']} of width {card['width']} has no torchvision counterpart (torchvision's "
+              f"ResNet-18 to 152 have width 64); load it with simclr.load_encoder({str(out)!r})")
+    return 0
+
+
+def embed_main(argv: Sequence[str]) -> int:
+    """``simclr embed``: the options (EmbedConfig), then :func:`simclr.export.embed_images` into two files."""
+    from .export_options import EmbedConfig
+    a, _ = config_lib.parse(EmbedConfig, argv)
+    import numpy as np
+
+    from .export import embed_images, files_list_path
+    from .files import atomic_write
+    from .runtime import resolve_device
+    from .weights import load_encoder
+    out = Path(a.out)
+    device = resolve_device(a.device)
+    enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
+    if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
+        raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
+    feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
+                                         a.skip_bad_images, device)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: np.save(f, feats))
+        atomic_write(files_list_path(out), "\n".join(names) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "
+          f"{enc.input_size}px); file names in row order: {files_list_path(out)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
+    return 0
 
 
 def _pretrain_process(argv: list) -> None:

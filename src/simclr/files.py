@@ -4,6 +4,8 @@ Every file the package writes (checkpoints, cards, status.json, config.yaml, eva
 report pages and figures) goes through :func:`atomic_write`: the bytes go to a uniquely named temporary
 file in the same folder, are flushed and fsynced, and the temporary file is renamed over the target
 (``os.replace`` is atomic on POSIX), then the folder is fsynced. Readers see the old file or the new one.
+
+Also :func:`git_state`: which commit the package's own source files are, and whether they differ from it.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import hashlib
 import os
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from .errors import UserError
 
@@ -129,3 +132,31 @@ def atomic_write(path: Path, content: Content, *, before_replace: Callable[[Path
         if err is not None:
             raise err from None
         raise
+
+
+class GitState(NamedTuple):
+    """The git commit of a checkout and whether its tracked files differ from it (uncommitted edits)."""
+
+    commit: str  # full hash of HEAD; "" outside a git checkout (an installed package) or without git
+    dirty: Optional[bool]  # None when commit is ""
+
+    @property
+    def label(self) -> str:
+        """``1a2b3c4`` or ``1a2b3c4+dirty`` (``unknown`` outside a checkout): how benchmark results name the code."""
+        return self.commit[:7] + ("+dirty" if self.dirty else "") if self.commit else "unknown"
+
+
+def git_state(where: Optional[Path] = None) -> GitState:
+    """:class:`GitState` of the git checkout holding ``where`` (default: this package's source files). Dirty means
+    a tracked file is modified or staged; untracked files do not count (``git status --untracked-files=no``)."""
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return GitState("", None)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return GitState("", None)
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return GitState(head.stdout.strip(), dirty)

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, git_state
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -47,22 +46,14 @@ def new_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def environment(device: str = "") -> dict:
     import numpy
     import torch
     import torchvision
+    git = git_state()  # git_dirty: whether the code that ran differs from git_commit (None: not a checkout)
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
            "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
-           "device": device, "cuda": torch.version.cuda, "git_commit": _git_commit(),
+           "device": device, "cuda": torch.version.cuda, "git_commit": git.commit, "git_dirty": git.dirty,
            "command": " ".join(sys.argv), "cwd": os.getcwd(),
            "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
            "imagenet_path": os.environ.get("IMAGENET_PATH", "")}

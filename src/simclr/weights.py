@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import read, read_card, resolve, unwrap_state_dict
 from .errors import CheckpointError, UserError
 from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights, is_timm, split_arch
-from .models.timm_trunk import parse_kwargs
+from .names import parse_kwargs
 
 __all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state"]
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .transforms import OFFICIAL_BLUR_SIGMA, blur_kernel_size, blur_sigma_range, use_blur
+from ..names import blur_sigma_range
+from .transforms import OFFICIAL_BLUR_SIGMA, blur_kernel_size, use_blur
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601 luma)
 INTERPOLATIONS = ("auto", "bilinear", "bicubic")

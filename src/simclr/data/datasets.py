@@ -26,6 +26,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
 from ..files import atomic_write
+from ..names import DATASETS
 from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -318,7 +319,7 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
     else:
-        raise DataError(f"unknown dataset {data!r}; allowed: cifar10, cifar100, stl10, imagenet, folder")
+        raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size
     if len(ds) == 0:
         raise DataError(f"dataset {data} ({split}) is empty")
@@ -354,8 +355,3 @@ def maybe_subset(ds: LabeledImages, n: int, seed: int = 0) -> LabeledImages:
 
 def native_size(data: str, image_size: int = 0) -> int:
     return image_size or NATIVE_SIZE.get(data, 224)
-
-
-def all_arrays_or_none(ds: LabeledImages) -> Optional[np.ndarray]:
-    """The (N, H, W, 3) uint8 array of a small dataset, or None when it is read from files."""
-    return getattr(ds, "images", None)

@@ -9,6 +9,8 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..names import blur_sigma_range
+
 
 def blur_kernel_size(image_size: int) -> int:
     """10% of the image side, made odd (torchvision's blur needs an odd kernel)."""
@@ -22,17 +24,6 @@ def use_blur(image_size: int, blur: str = "auto") -> bool:
 
 
 OFFICIAL_BLUR_SIGMA = (0.1, 2.0)  # the official SimCLR's and the paper's; the spec's code uses (0.2, 2.0)
-
-
-def blur_sigma_range(v) -> tuple[float, float]:
-    """'0.1,2.0' (also '0.1 2.0', '(0.1, 2.0)' or a pair) -> (0.1, 2.0)."""
-    if isinstance(v, (tuple, list)):
-        parts = list(v)
-    else:
-        parts = [p for p in str(v).strip("()[] ").replace(",", " ").split() if p]
-    if len(parts) != 2:
-        raise ValueError(f"expected two numbers 'lo,hi', got {v!r}")
-    return float(parts[0]), float(parts[1])
 
 
 def color_distortion(s: float) -> T.Compose:

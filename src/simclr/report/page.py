@@ -178,7 +178,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
                   f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
                   + (f", encoder sha256 {encoder_sha(ev)[:12]}" if encoder_sha(ev) else "")) for ev in evals]
     env_rows = [(k, env[k]) for k in ("device", "gpu", "host", "torch", "torchvision", "python", "git_commit",
-                                      "command", "cwd") if env.get(k)]
+                                      "git_dirty", "command", "cwd") if env.get(k)]
     html = render(name=row["name"], run_id=row["id"], status=row["status"], facts=_facts(run, row),
                   eval_rows=eval_rows, figures=figs.items, config=sorted(cfg.items()), env=env_rows,
                   written=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=f"{time.perf_counter() - t0:.1f}")
