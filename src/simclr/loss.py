@@ -57,7 +57,7 @@ def nt_xent(z: torch.Tensor, temperature: float, multiplier: int = 2) -> tuple[t
 
         logits = (z @ cols.t()) / temperature  # (m*n, m*W*n)
         # the anchor's own column out of the softmax, by index: no (m*n, m*W*n) mask, no host sync
-        logits = logits.index_put((rows, self_col), logits.new_tensor(float("-inf")))
+        logits = logits.index_put((rows, self_col), logits.new_full((), float("-inf")))
         logprob = F.log_softmax(logits, dim=1)
 
         # positives of row i: the same image in every other view, views j < view(i) as j and the rest as j + 1
