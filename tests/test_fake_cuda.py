@@ -151,9 +151,11 @@ def test_detector_passes_sync_free_ops():
 # one fast-path step on fake CUDA
 # --------------------------------------------------------------------------------------------
 def _cfg(**over) -> PretrainConfig:
+    # channels_last and precision are left at auto: on CUDA that is channels_last and bf16. Compiling is off:
+    # torch.compile traces with fake tensors of its own (the eager kernels are what this test dispatches)
     values = dict(arch="resnet18", width=8, data="cifar10", batch_size=8, iters=4, loader="fast", device="cuda",
-                  precision="bf16", channels_last=True, opt="lars", online_probe=True, grad_cache_chunks=2,
-                  on_nan="stop", seed=0, workers=0, proj_dim=16)
+                  compile="false", opt="lars", online_probe=True, grad_cache_chunks=2, on_nan="stop", seed=0,
+                  workers=0, proj_dim=16)
     values.update(over)
     return config_lib.build(PretrainConfig, values)
 
@@ -227,7 +229,7 @@ def test_fast_path_step_on_fake_cuda_has_no_host_sync(fake_cuda, monkeypatch, gr
     weight = p.model.convnet.conv1.weight if hasattr(p.model.convnet, "conv1") else next(p.model.parameters())
     assert isinstance(weight, FakeTensor) and weight.device == device
     assert weight.is_contiguous(memory_format=torch.channels_last)
-    assert p.optimizer.param_groups[0]["foreach"] and p.amp_dtype == torch.bfloat16
+    assert p.optimizer.param_groups[0]["foreach"] and p.amp_dtype == torch.bfloat16 and p.channels_last
 
     seen = []
     real_forward = p.forward.forward

@@ -24,6 +24,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def tune_backends(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms and keep the fastest (what ``simclr bench`` measures);
+    not with ``--deterministic`` (the fastest may be a non-deterministic one). Nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """``auto`` is bf16 on CUDA and fp32 (no autocast, None) elsewhere."""
     if precision == "auto":

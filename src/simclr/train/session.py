@@ -22,7 +22,7 @@ from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
 from ..rundir import RunDir, environment, find_run_dir
-from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state
+from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends
 from .step import Parts, build, wrap
 
 
@@ -198,7 +198,8 @@ def setup(cfg: PretrainConfig) -> Session:
     if ck is not None:
         restore(parts, state, ck, resume_from, log, dist.rank)
     distributed.check_same(state.step, "the step to resume from")
-    wrap(parts, cfg, dist.enabled)
+    tune_backends(device, cfg.deterministic)
+    wrap(parts, cfg, dist.enabled, warn=log.warn)
     run = None
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir)
