@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import fields, nonneg, option, positive, type_of
+from .config import auto_switch, fields, nonneg, option, positive, type_of
 from .errors import ConfigError
 from .names import (BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs, is_timm,
                     resolve_width, split_arch)
@@ -285,8 +285,11 @@ class PretrainConfig(CommonConfig):
     loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
                       "augmentation, on the GPU when there is one), auto (fast on CUDA)",
                       ["auto", "reference", "fast"])
-    channels_last: bool = option(False, "channels_last memory format (faster on GPUs)")
-    compile: bool = option(False, "torch.compile the encoder")
+    channels_last: str = auto_switch("auto", "channels_last memory format: auto (on for CUDA, off on the CPU), "
+                                     "true, false")
+    compile: str = auto_switch("auto", "torch.compile the model: auto (on for CUDA, falling back to eager with "
+                               "one warning when compiling fails; off on the CPU), true (a compile error stops the "
+                               "run), false")
     grad_cache_chunks: int = option(0, "compute the loss gradient of a large batch in this many chunks (0 = off)",
                                  check=nonneg, check_msg="must be >= 0")
     skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing")

@@ -196,8 +196,8 @@ def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, ap
     """
     if sync_free is None:
         sync_free = x.device.type != "cpu"
-    ident = torch.ones(4, device=x.device, dtype=x.dtype)
-    ident[3] = 0.0
+    # identity factors 1, 1, 1 and hue shift 0, made on the device (assigning a Python number copies it there)
+    ident = (torch.arange(4, device=x.device) < 3).to(x.dtype)
     f = torch.where(apply.unsqueeze(1), factors.to(x.dtype), ident)
     for pos in range(4):
         op = order[:, pos]

@@ -22,7 +22,7 @@ from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
 from ..rundir import RunDir, environment, find_run_dir
-from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends
 from .step import Parts, build, wrap
 
 
@@ -153,7 +153,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
-def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
+def restore(p: Parts, st: State, ck: dict, path: Path, log: Log, rank: int = 0) -> None:
     try:
         p.model.load_state_dict(ck["model"])
     except RuntimeError as e:
@@ -166,7 +166,7 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
             log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
-    if ck.get("rng") and (note := set_rng_state(ck["rng"])):
+    if ck.get("rng") and (note := set_rng_state(ck["rng"], p.device, rank)):
         log(note)
     st.step = st.saved_step = int(ck["step"])
     st.nan_skips = int(ck.get("nan_skips", 0))
@@ -196,9 +196,10 @@ def setup(cfg: PretrainConfig) -> Session:
     parts = build(cfg, images, device, dist.rank, dist.world)
     state = State()
     if ck is not None:
-        restore(parts, state, ck, resume_from, log)
+        restore(parts, state, ck, resume_from, log, dist.rank)
     distributed.check_same(state.step, "the step to resume from")
-    wrap(parts, cfg, dist.enabled)
+    tune_backends(device, cfg.deterministic)
+    wrap(parts, cfg, dist.enabled, warn=log.warn)
     run = None
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir)
@@ -218,6 +219,7 @@ def setup(cfg: PretrainConfig) -> Session:
 
 def save(s: Session) -> Optional[Path]:
     cfg, p, st = s.cfg, s.parts, s.state
+    cuda_rng = distributed.all_gather_object(cuda_rng_state(p.device))  # every rank: each its own device's
     if s.run is None:
         return None
     path = ckpt_lib.checkpoint_path(s.run.path, st.step)
@@ -226,7 +228,7 @@ def save(s: Session) -> Optional[Path]:
     epochs = st.step / max(p.loader.steps_per_epoch, 1)
     payload = {"kind": "pretrain", "step": st.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
-               "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(),
+               "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
                "metrics": st.metrics, "nan_skips": st.nan_skips}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
