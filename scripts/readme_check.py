@@ -202,14 +202,15 @@ OPERATORS = ("|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1", "2>")
 
 def shown_commands(text: str) -> list:
     """Every `simclr ...` / `python train.py ...` command a page shows: the lines of its fenced code blocks
-    (not python ones; `\\` continuations joined, `$ ` prompts dropped) and its inline code spans."""
+    (not python ones; `\\` continuations joined) and its inline code spans that hold an option."""
     found = []
     for lang, body in FENCE.findall(text):
         if lang in ("python", "py", "yaml", "json", "bibtex"):
             continue
         for line in body.replace("\\\n", " ").splitlines():
             found.append(line.strip())
-    found += SPAN.findall(COMMENT.sub("", FENCE.sub("", text)))
+    # a code span with no option in it names a command (`simclr knn`) rather than showing an invocation
+    found += [s for s in SPAN.findall(COMMENT.sub("", FENCE.sub("", text))) if " --" in s]
     return [c for c in found if entry_args(c) is not None]
 
 
@@ -229,17 +230,26 @@ def entry_args(command: str):
         if w in OPERATORS or w.endswith(";"):  # the first command of a pipeline or a list
             words = words[:i] + ([w[:-1]] if w.endswith(";") and w != ";" else [])
             break
-    if not words or not (words[0] in LAUNCHERS or "=" in words[0] or Path(words[0]).name in
+    if not words or not (words[0] in LAUNCHERS or "=" in words[0] or _program(words[0]) in
                          ("simclr", "python", "python3", "train.py")):
         return None
     for i, w in enumerate(words):
-        if Path(w).name == "simclr" and not w.startswith("-"):
+        if _program(w) == "simclr":
             return "simclr", words[i + 1:]
         if w == "-m" and i + 1 < len(words) and words[i + 1] == "simclr":
             return "simclr", words[i + 2:]
         if w.endswith("train.py"):
             return "train.py", words[i + 1:]
     return None
+
+
+def _program(word: str) -> str:
+    """`simclr`, `.venv/bin/simclr` -> "simclr"; a path that is not a program's (`~/.cache/simclr`) -> ""."""
+    if word.startswith("-") or word.endswith("/"):
+        return ""
+    if "/" in word and not word.endswith(("bin/" + Path(word).name, "train.py")):
+        return ""
+    return Path(word).name
 
 
 class _Parsed(Exception):
