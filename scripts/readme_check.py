@@ -4,6 +4,7 @@
     python scripts/readme_check.py            # run, compare, exit 1 with a diff when a number differs
     python scripts/readme_check.py --update   # run, then rewrite the numbers in place
     python scripts/readme_check.py --list     # the commands it would run, nothing run
+    python scripts/readme_check.py 2>log; python scripts/readme_check.py --update --replay log   # no second run
 
 Two markers, HTML comments (invisible on the rendered page), in README.md and docs/*.md:
 
@@ -15,8 +16,8 @@ a shell: `simclr`, `python` and `python3` are this interpreter's, and `make TARG
 recipe from the Makefile (`$(BIN)/` dropped). Runs are written into a temporary folder (SIMCLR_LOGS), not ./logs.
 Variables a command may use: $ENC, the newest checkpoint of the last run folder printed that holds checkpoints
 (the pretraining run); $RUN_<ID> and $HEAD_<ID>, the run folder and the `linear head:` that command ID printed.
-The fields `date` (today, UTC) and `ID.minutes` (the command's wall time) are only rewritten by --update, never
-compared.
+`ID.minutes` (the command's wall time), `date` (today, UTC) and the versions `torch`, `torchvision` and `pillow`
+(the numbers depend on them: Pillow resizes the CPU path's crops) are only rewritten by --update, never compared.
 """
 from __future__ import annotations
 
@@ -40,19 +41,25 @@ RUN_MARK = re.compile(r"<!--\s*run\s+([\w-]+):\s*(.+?)\s*-->")
 CHECK_MARK = re.compile(r"(?P<value>\d[\d.-]*)(?P<pct>%?)<!--\s*check:\s*(?P<key>[\w.-]+)\s*-->")
 COMMENT = re.compile(r"<!--.*?-->", re.S)
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
+SPAN = re.compile(r"`([^`\n]+)`")
 
 # what each FIELD reads from a command's output (stdout and stderr together)
 FIELDS = {
     "init": r"kNN top-1 at random init: ([\d.]+)%",
     "after": r"kNN top-1 after pretraining: ([\d.]+)%",
     "after5": r"kNN top-1 after pretraining: [\d.]+% \(top-5 ([\d.]+)%\)",
-    "top1": r"^[\w-]+(?: \([^)]*\))?: top-1 ([\d.]+)%",
-    "top5": r"^[\w-]+(?: \([^)]*\))?: top-1 [\d.]+%\s+top-5 ([\d.]+)%",
+    "top1": r"^[\w+-]+(?: \([^)]*\))?: top-1 ([\d.]+)%",
+    "top5": r"^[\w+-]+(?: \([^)]*\))?: top-1 [\d.]+%\s+top-5 ([\d.]+)%",
     "linear": r"compare: linear top-1 ([\d.]+)%",
     "fast": r"fast-linear top-1 ([\d.]+)%",
     "unlabeled": r"unlabelled rest of the training split: ([\d.]+)%",
 }
-UPDATE_ONLY = ("minutes",)
+UPDATE_ONLY = ("minutes",)  # fields of a command rewritten by --update, never compared
+ENVIRONMENT = ("date", "torch", "torchvision", "pillow")  # keys of the measurement itself, likewise
+
+
+def update_only(key: str) -> bool:
+    return key in ENVIRONMENT or key.rpartition(".")[2] in UPDATE_ONLY
 
 
 class CheckError(Exception):
@@ -72,8 +79,9 @@ def visible(text: str) -> str:
 
 
 def prose(text: str) -> str:
-    """The page with its fenced code blocks blanked out: markers inside them are examples, not markers."""
-    return FENCE.sub(lambda m: " " * len(m.group(0)), text)
+    """The page with its code blocks and code spans blanked out: markers inside them are examples."""
+    blank = lambda m: " " * len(m.group(0))  # noqa: E731
+    return SPAN.sub(blank, FENCE.sub(blank, text))
 
 
 def parse_page(path: Path, text: str) -> tuple[dict, list]:
@@ -101,7 +109,7 @@ def collect(paths) -> tuple[dict, list]:
             runs[cid] = command
         checks += page_checks
     for c in checks:
-        if c.key == "date":
+        if c.key in ENVIRONMENT:
             continue
         cid, _, field = c.key.rpartition(".")
         if cid not in runs:
@@ -126,7 +134,7 @@ def compare(checks, measured: dict, tolerance: float = 0.0) -> list:
     """[(check, measured value)] of every compared check whose written value differs from the measured one."""
     wrong = []
     for c in checks:
-        if c.key == "date" or c.key.rpartition(".")[2] in UPDATE_ONLY:
+        if update_only(c.key):
             continue
         if c.key not in measured:
             raise CheckError(f"{c.path}: check {c.key}: the command did not print that field")
@@ -136,17 +144,16 @@ def compare(checks, measured: dict, tolerance: float = 0.0) -> list:
 
 
 def rewrite(text: str, measured: dict, keys=None) -> str:
-    """The page with each checked value replaced by its measured one (only ``keys``, when given)."""
-    def sub(m):
+    """The page with each checked value replaced by its measured one (only ``keys``, when given); markers in
+    code blocks and code spans are left as they are."""
+    out, end = [], 0
+    for m in CHECK_MARK.finditer(prose(text)):  # prose() keeps every position
         key = m.group("key")
         if key not in measured or (keys is not None and key not in keys):
-            return m.group(0)
-        return m.group(0).replace(m.group("value") + m.group("pct"), measured[key] + m.group("pct"), 1)
-    out, end = [], 0
-    for block in FENCE.finditer(text):  # code blocks are left as they are
-        out += [CHECK_MARK.sub(sub, text[end:block.start()]), block.group(0)]
-        end = block.end()
-    return "".join(out + [CHECK_MARK.sub(sub, text[end:])])
+            continue
+        out += [text[end:m.start("value")], measured[key]]
+        end = m.end("value")
+    return "".join(out + [text[end:]])
 
 
 def diff(path: Path, old: str, new: str) -> str:
@@ -156,7 +163,8 @@ def diff(path: Path, old: str, new: str) -> str:
 
 def make_recipe(target: str, makefile: Path) -> str:
     """The one-line recipe of ``make TARGET``, with ``$(BIN)/`` dropped (the programs come from PATH)."""
-    m = re.search(rf"^{re.escape(target)}:[^\n]*\n\t([^\n]+)\n", makefile.read_text(), re.M)
+    text = makefile.read_text() if makefile.is_file() else ""
+    m = re.search(rf"^{re.escape(target)}:[^\n]*\n\t([^\n]+)\n", text, re.M)
     if not m:
         raise CheckError(f"make {target}: no one-line recipe in {makefile}")
     recipe = m.group(1).replace("$(BIN)/", "")
@@ -195,7 +203,6 @@ def learn_variables(cid: str, output: str, variables: dict) -> None:
         variables[f"HEAD_{cid}"] = heads[-1]
 
 
-SPAN = re.compile(r"`([^`\n]+)`")
 LAUNCHERS = ("torchrun", "srun", "$")
 OPERATORS = ("|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1", "2>")
 
@@ -331,8 +338,33 @@ def run_all(runs: dict, makefile: Path, keep: bool = False) -> dict:
             print(f"runs kept in {logs}", file=sys.stderr)
         else:
             shutil.rmtree(logs, ignore_errors=True)
-    measured["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    measured.update(versions())
     return measured
+
+
+HEADER = re.compile(r"^\$ (.+?)    \[([\w-]+)\]$", re.M)
+
+
+def replay(log: str, runs: dict) -> dict:
+    """The measurement of an earlier run from what it printed (its stderr, saved): each command's section
+    starts with the `$ COMMAND    [ID]` line run_all prints. Only commands still declared as they ran count."""
+    measured, parts = {}, HEADER.split(log)
+    for command, cid, output in zip(parts[1::3], parts[2::3], parts[3::3]):
+        if runs.get(cid) == command:
+            measured.update({f"{cid}.{k}": v for k, v in read_fields(output).items()})
+    return {**measured, **versions()}
+
+
+def versions() -> dict:
+    """The measurement's date (UTC) and the versions of the libraries the numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    for name in ("torch", "torchvision", "pillow"):
+        try:
+            out[name] = version(name).split("+")[0]
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def pages(root: Path = ROOT) -> list:
@@ -345,6 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the commands and checks, run nothing")
     ap.add_argument("--tolerance", type=float, default=0.0, help="allowed difference in points (default 0)")
     ap.add_argument("--keep", action="store_true", help="keep the runs' temporary folder")
+    ap.add_argument("--replay", metavar="LOG", help="take the numbers from the saved output (stderr) of an earlier "
+                    "run of this script instead of running the commands")
     args = ap.parse_args(argv)
     try:
         files = [p for p in pages() if p.is_file()]
@@ -357,12 +391,15 @@ def main(argv=None) -> int:
                 keys = [c.key for c in checks if c.key.rpartition(".")[0] == cid]
                 print(f"{cid}: {command}\n    checks: {', '.join(keys) or '-'}")
             return 0
-        measured = run_all(runs, ROOT / "Makefile", keep=args.keep)
+        if args.replay:
+            measured = replay(Path(args.replay).read_text(), runs)
+        else:
+            measured = run_all(runs, ROOT / "Makefile", keep=args.keep)
         wrong = compare(checks, measured, args.tolerance)
     except CheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    compared = {c.key for c in checks if c.key != "date" and c.key.rpartition(".")[2] not in UPDATE_ONLY}
+    compared = {c.key for c in checks if not update_only(c.key)}
     for path in files:
         text = path.read_text()
         if args.update:
