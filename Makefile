@@ -15,7 +15,7 @@ else
 TORCH_PINS := torch torchvision
 endif
 
-.PHONY: install demo test test-fast test-all bench lint clean report
+.PHONY: install demo test test-fast test-all bench lint clean report docs readme-check readme-update
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,8 +41,20 @@ test-fast: lint
 
 # ruff's small rule set (pyproject.toml) and the layering contract (import-linter)
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples train.py
+	$(BIN)/ruff check src tests benchmarks examples scripts train.py
 	$(BIN)/lint-imports
+
+# every relative link in README.md and docs/*.md resolves (files and #headings)
+docs: $(STAMP)
+	$(BIN)/python scripts/check_links.py
+
+# re-run the commands behind the README's (and docs/') numbers, fail with a diff when one differs
+readme-check: $(STAMP)
+	$(BIN)/python scripts/readme_check.py
+
+# the same, and rewrite the numbers (and the date) in place
+readme-update: $(STAMP)
+	$(BIN)/python scripts/readme_check.py --update
 
 # report.html of the newest demo run (make demo first)
 report: $(STAMP)
