@@ -47,6 +47,7 @@ def new_run_id() -> str:
 
 
 def environment(device: str = "") -> dict:
+    from .data.datasets import data_root
     import numpy
     import torch
     import torchvision
@@ -55,7 +56,7 @@ def environment(device: str = "") -> dict:
            "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
            "device": device, "cuda": torch.version.cuda, "git_commit": git.commit, "git_dirty": git.dirty,
            "command": " ".join(sys.argv), "cwd": os.getcwd(),
-           "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
+           "data_root": str(data_root().resolve()),
            "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
