@@ -87,6 +87,7 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
         p.requires_grad_(p.requires_grad and train_encoder)
     encoder.eval()
     image_size = cfg.image_size or encoder.input_size
+    encoder.warn_size = False  # the size is the command's choice, printed at start
     train, test, unlabeled, classes = _load_splits(cfg, image_size)
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes)
