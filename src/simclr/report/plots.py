@@ -3,7 +3,7 @@
     curves.png      loss and contrastive accuracy vs step
     lr.png          the planned learning-rate schedule and the logged values
     accuracy.png    kNN top-1/top-5 vs step, epochs on a second axis (+ evaluation results)
-    speed.png       images/s and the fraction of time spent waiting for data
+    speed.png       images/s and the share of step time spent waiting for data (%)
     confusion.png   confusion matrix / per-class accuracy from eval.json, when present
     compare.png     several runs on shared axes (``simclr compare``)
 
@@ -167,7 +167,7 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
 
 
 def plot_speed(records: list, path: Path) -> Optional[Path]:
-    """Throughput and the fraction of each logging interval spent waiting for data."""
+    """Throughput and the share (%) of each logging interval spent waiting for data."""
     tr = _train_records(records)
     s, ips = _series(tr, "images_per_s")
     if not len(s):
@@ -256,13 +256,31 @@ def eval_figure(ev: dict):
 _MISSING = "<missing>"
 
 
-def config_diff(configs: Sequence[dict]) -> dict:
-    """{key: [value in run 1, run 2, ...]} for the keys whose values are not all equal.
+# what sets runs apart, most telling first: the run's labels and the difference table follow this order
+KEY_ORDER = ("iters", "lr", "width", "temperature", "batch_size", "arch", "data", "multiplier", "opt",
+             "weight_decay", "lr_schedule", "warmup", "proj_dim", "proj_layers", "color_dist_s", "scale_lower",
+             "blur", "image_size", "train_subset", "precision", "seed")
+# where or how a run ran, not what it trained: never a config difference (listed apart)
+BOOKKEEPING = frozenset({"resume", "device", "name", "root", "run_dir", "ckpt", "verbose", "log_freq", "save_freq",
+                         "eval_freq", "keep_last", "workers", "logger", "mlflow_uri", "model_id", "dist",
+                         "dist_address", "node_rank", "stop_after", "allow_config_change", "eval_at_start"})
+
+
+def _key_rank(key: str) -> tuple:
+    return (KEY_ORDER.index(key) if key in KEY_ORDER else len(KEY_ORDER), key)
+
+
+def config_diff(configs: Sequence[dict], bookkeeping: bool = False) -> dict:
+    """{key: [value in run 1, run 2, ...]} for the keys whose values are not all equal, the keys of
+    :data:`KEY_ORDER` first (in that order), then the rest alphabetically. The keys of :data:`BOOKKEEPING`
+    are left out (``bookkeeping=True``: only they).
 
     A key absent from some runs counts as differing (shown as ``<missing>``)."""
-    keys = sorted(set().union(*[set(c) for c in configs])) if configs else []
+    keys = sorted(set().union(*[set(c) for c in configs]), key=_key_rank) if configs else []
     out = {}
     for k in keys:
+        if (k in BOOKKEEPING) != bookkeeping:
+            continue
         vals = [c.get(k, _MISSING) for c in configs]
         if any(v != vals[0] for v in vals[1:]):
             out[k] = vals
@@ -274,7 +292,7 @@ def plot_compare(runs: Sequence[Path], labels: Sequence[str], path: Path) -> Pat
     fig, ax = figure(13, 6.4, 2, 3)
     panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (fraction)", 1),
               (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
-              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (fraction)", 1)]
+              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (% of step time)", 100)]
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = read_metrics(run)
         tr, kr = _train_records(recs), _knn_records(recs)
@@ -304,12 +322,17 @@ def compare(run_dirs: Sequence, out: Path) -> tuple[dict, Path]:
     runs = [Path(r) for r in run_dirs]
     configs = [read_config(r) for r in runs]
     diff = config_diff(configs)
-    show = [k for k in diff if k not in ("name",)][:3]  # the legend names each run by what sets it apart
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return diff, plot_compare(runs, run_labels(runs, configs, diff), out)
+
+
+def run_labels(runs: Sequence[Path], configs: Sequence[dict], diff: dict, n: int = 3) -> list:
+    """Each run's legend label: ``name/run-id (key=value, ...)`` with the ``n`` most telling differing keys."""
+    show = list(diff)[:n]
     labels = []
     for r, c in zip(runs, configs):
         extra = ", ".join(f"{k}={c.get(k, _MISSING)}" for k in show)
-        labels.append(f"{r.parent.name}/{r.name}" + (f" ({extra})" if extra else ""))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return diff, plot_compare(runs, labels, out)
+        labels.append(f"{Path(r).parent.name}/{Path(r).name}" + (f" ({extra})" if extra else ""))
+    return labels
 
