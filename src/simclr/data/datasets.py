@@ -27,6 +27,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from ..errors import DataError
 from ..files import atomic_write
 from ..names import DATASETS
+from ..progress import say
 from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -231,6 +232,8 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
                 return z["images"], list(z["targets"]), classes, special
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
+    if len(files) >= 5000:  # a minute or more: say so before, once per folder (the array is cached)
+        say(f"decoding {len(files)} images of {root} once (cached as {cached})")
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         decoded = list(ex.map(_try_decode, files, chunksize=256))
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]

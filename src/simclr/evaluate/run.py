@@ -7,7 +7,6 @@ folder.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..checkpoint import resolve
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
+from ..progress import say
 from ..options import EvalConfig
 from ..rundir import RunDir, environment
 from ..trackers import require
@@ -324,9 +324,8 @@ class _Log:
         self.verbose, self.run = verbose, None
 
     def __call__(self, msg: str) -> None:
-        if self.verbose:
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stderr)
+        if self.verbose:  # a bar on a terminal, timestamped lines in a log file
+            say(msg)
         if self.run is not None:
             self.run.log(msg)
 

@@ -6,7 +6,6 @@ to the caller: :func:`pretrain` only asks ``should_stop()`` after each step, the
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Callable
 
@@ -18,6 +17,7 @@ from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..models import build_model
 from ..options import PretrainConfig
+from ..progress import Progress, hms
 from ..runtime import autocast_dtype, resolve_device
 from .session import Session, save, setup
 from .step import DivergenceGuard, train_step
@@ -76,8 +76,7 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.run:
         s.run.log_metrics(rec)
         s.run.heartbeat(step=st.step)
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
+    bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
     elapsed, eta = speed.elapsed_and_eta(st.step, s.cfg.iters)
     mem = ""
     if s.parts.device.type == "cuda":
@@ -85,12 +84,7 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
         mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
     s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
           f"lr {rec['lr']:.4g} {images_per_s:.0f} img/s data {100 * data_frac:.0f}%{mem} "
-          f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+          f"elapsed {hms(elapsed)} eta {hms(eta)}")
 
 
 def monitor(s: Session, at_start: bool = False) -> dict:
@@ -100,8 +94,10 @@ def monitor(s: Session, at_start: bool = False) -> dict:
         s.knn_sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size,
                                                     cfg.skip_bad_images), n, seed=0)
                            for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
+    s.log(f"step {st.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
+          f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,
-                      cfg.knn_k, cfg.knn_t)
+                      cfg.knn_k, cfg.knn_t, progress=s.dist.is_main and cfg.verbose)
     if s.dist.is_main:
         if at_start:
             st.metrics["knn_start_top1"] = res["knn_top1"]
@@ -176,8 +172,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
         if not updated:
             record_skip(s)
         st.step += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if st.step % cfg.log_freq == 0 or st.step == cfg.iters:
             stop_if_diverged(s, guard)
             log_step(s, loss, acc, speed, bar)
@@ -190,8 +185,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
         if st.step < cfg.iters and (should_stop() or st.step >= stop_at):
             status = "interrupted"
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     stop_if_diverged(s, guard)
     if status == "finished":
         monitor(s)
@@ -205,12 +199,10 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     return dict(st.metrics, step=st.step, status=status, run_dir=str(s.run.path) if s.run else "")
 
 
-def progress_bar(s: Session):
-    if not (s.dist.is_main and s.cfg.verbose and sys.stderr.isatty()):
-        return None  # under SLURM or a pipe the timestamped log lines are the progress (no carriage returns)
-    from tqdm import tqdm
-    return tqdm(total=s.cfg.iters, initial=s.state.step, desc="pretrain", dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0)
+def progress_bar(s: Session) -> Progress:
+    """A bar on a terminal; under SLURM or a pipe the log lines are the progress, and a line with the step and
+    ETA when they have been silent for a while (a long --log_freq)."""
+    return Progress(s.cfg.iters, "pretrain", s.dist.is_main and s.cfg.verbose, initial=s.state.step)
 
 
 def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: False) -> dict:

@@ -21,6 +21,7 @@ from .. import trackers
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
+from ..progress import say
 from ..rundir import RunDir, environment, find_run_dir
 from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends
 from .step import Parts, build, wrap
@@ -45,11 +46,8 @@ class Log:
     def __call__(self, msg: str) -> None:
         if not self.main:
             return
-        if self.verbose and sys.stderr.isatty():
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stderr)
-        elif self.verbose:  # a log file (SLURM, a pipe): plain timestamped lines
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+        if self.verbose:  # a bar on a terminal, timestamped lines in a log file (SLURM, a pipe)
+            say(msg)
         if self.run is not None:
             self.run.log(msg)
         else:
