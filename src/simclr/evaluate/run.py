@@ -367,7 +367,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     log.run = run
     try:
         config_lib.save(cfg, run.path / "config.yaml")
-        run.write_json("env.json", environment(str(inp.device)))
+        run.record_environment(environment(str(inp.device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")

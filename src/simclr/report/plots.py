@@ -126,21 +126,43 @@ def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
     return save(fig, path)
 
 
-def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None) -> Optional[Path]:
+def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None,
+                  run_data: str = "") -> Optional[Path]:
     """kNN top-1/top-5 vs step (epochs on the top axis); evaluation results marked at the last step."""
-    fig = accuracy_figure(records, evals, total_steps)
+    fig = accuracy_figure(records, evals, total_steps, run_data)
     return save(fig, path) if fig is not None else None
 
 
-def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None):
-    """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis."""
+def eval_setting(ev: dict, run_data: str = "") -> str:
+    """What makes an evaluation's number not comparable with a plain kNN / linear probe of the run's own dataset
+    with all its labels: ``transfer to stl10``, ``500 labels``, ``fine-tuned`` (joined); '' for a plain one."""
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    details = ev.get("details") if isinstance(ev.get("details"), dict) else {}
+    parts = []
+    if run_data and data.get("name") and data["name"] != run_data:
+        parts.append(f"transfer to {data['name']}")
+    if isinstance(data.get("train_size"), int) and data["train_size"] > 0:
+        parts.append(f"{data['train_size']} labels")
+    if "finetune" in str(ev.get("protocol", "")) or details.get("finetune"):
+        parts.append("fine-tuned")
+    return ", ".join(parts)
+
+
+def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None, run_data: str = ""):
+    """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis.
+    Results comparable with the kNN curve (the run's dataset, all labels, frozen encoder) are stars on it;
+    the others (transfer, a label fraction, fine-tuning) get a panel of their own. The legend sits below."""
     kr = _knn_records(records)
     s, t1 = _series(kr, "knn_top1")
     _, t5 = _series(kr, "knn_top5")
     scored = [ev for ev in evals if isinstance(ev.get("top1"), (int, float))]
     if not len(s) and not scored:
         return None
-    fig, ax = figure(5.5, 3.6)
+    same = [ev for ev in scored if not eval_setting(ev, run_data)]
+    other = [ev for ev in scored if eval_setting(ev, run_data)]
+    n_legend = 2 * bool(len(s)) + len(same)
+    legend_h = 0.25 * ((n_legend + 1) // 2)
+    fig, ax = figure(5.5 + 4.5 * bool(other), 3.6 + legend_h, 1, 1 + bool(other))
     a = ax[0, 0]
     if len(s):
         a.plot(s, t1, "o-", color="C0", label="kNN top-1")
@@ -148,8 +170,8 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
             a.plot(s, t5, "s--", color="C0", alpha=0.5, label="kNN top-5")
     tr = _train_records(records)
     x_end = max([r.get("step", 0) or 0 for r in tr + kr] or [0])
-    for i, ev in enumerate(scored):
-        a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{3 + i}",
+    for i, ev in enumerate(same):
+        a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{(3 + i) % 10}",
                label=f"{ev.get('protocol', 'eval')} top-1 {ev['top1']:.1f}%")
     if total_steps:
         x_end = max(x_end, total_steps)
@@ -162,7 +184,18 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
     if spe:
         a.secondary_xaxis("top", functions=(lambda x: x / spe, lambda e: e * spe)).set_xlabel("epoch")
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    if n_legend:
+        a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    if other:
+        b = ax[0, 1]
+        names = [f"{ev.get('protocol', 'eval')} ({eval_setting(ev, run_data)})" for ev in other]
+        b.barh(range(len(other)), [ev["top1"] for ev in other], color="C1")
+        b.set_yticks(range(len(other)), names, fontsize=7)
+        b.invert_yaxis()
+        for i, ev in enumerate(other):
+            b.text(ev["top1"], i, f" {ev['top1']:.1f}%", va="center", fontsize=7)
+        b.set(xlabel="top-1 (%)", xlim=(0, 100), title="other settings (not comparable with the left)")
+        b.grid(axis="x", alpha=0.3)
     return fig
 
 

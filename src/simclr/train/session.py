@@ -207,7 +207,7 @@ def setup(cfg: PretrainConfig) -> Session:
                 f.write(json.dumps({"time": time.time(), "step": state.step, "changes": ck["config_changes"]},
                                    default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml")
-        run.write_json("env.json", environment(str(device)))
+        run.record_environment(environment(str(device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
