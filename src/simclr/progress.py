@@ -38,6 +38,12 @@ def say(msg: str, file: Optional[TextIO] = None) -> None:
     _last_line[0] = time.monotonic()
 
 
+def rate(per_second: float) -> str:
+    """A throughput as people read it: 1234, 56.7, 0.42 (never '0' for a slow CPU run)."""
+    v = float(per_second)
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def hms(seconds: float) -> str:
     m, s = divmod(int(max(seconds, 0)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"

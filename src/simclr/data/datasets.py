@@ -360,8 +360,9 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             base = Path(data_path)
         folder = _split_folder(base, train)
         if not folder.is_dir():
-            raise DataError(f"{data} split folder not found: {folder} (expected {base}/train and {base}/test "
-                            f"or {base}/val, each with one sub-folder per class)")
+            source = "--data_path" if data == "folder" else "IMAGENET_PATH"
+            raise DataError(f"the {folder.name} split of {source} not found: {folder} (expected {base}/train and "
+                            f"{base}/test or {base}/val, each with one sub-folder per class)")
         files, targets, classes, special = scan_folder(folder)
         files, targets, bad = check_headers(files, targets, skip_bad_images)
         bad += special

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from ..errors import DataError, UserError
 from ..files import atomic_write
+from ..progress import rate
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
@@ -181,7 +182,8 @@ def _facts(run: Path, row: dict) -> list:
             ("steps", f"{_fmt(row.get('step'))} / {_fmt(row.get('iters'))}"),
             ("last loss", _fmt(row.get("loss"), 4)), ("kNN top-1 (best)", _fmt(row.get("knn"))),
             ("kNN top-1 at random init", _fmt(row.get("knn_init"))),
-            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", _fmt(row.get("images_per_s"), 0)),
+            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", rate(row["images_per_s"]) if isinstance(row.get("images_per_s"), (int, float))
+                                            else "-"),
             ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"])) if row.get("started")
              else "-"),
             ("duration", time.strftime("%H:%M:%S", time.gmtime(row["duration"])) if row.get("duration") else "-")]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..files import atomic_write
+from ..progress import rate
 from ..runs import read_config, read_metrics
 
 DPI = 110
@@ -208,7 +209,7 @@ def plot_speed(records: list, path: Path) -> Optional[Path]:
     _, dt = _series(tr, "data_time_frac")
     fig, ax = figure(9, 3.2, 1, 2)
     ax[0, 0].plot(s, ips, color="C4", marker="." if len(s) < 30 else None)
-    ax[0, 0].set(xlabel="step", ylabel="images / s", title=f"throughput (median {np.median(ips):.0f} img/s)")
+    ax[0, 0].set(xlabel="step", ylabel="images / s", title=f"throughput (median {rate(np.median(ips))} img/s)")
     ax[0, 0].set_ylim(bottom=0)
     if len(dt) == len(s):
         ax[0, 1].plot(s, 100 * dt, color="C5", marker="." if len(s) < 30 else None)

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..models import build_model
 from ..options import PretrainConfig
-from ..progress import Progress, hms
+from ..progress import Progress, hms, rate
 from ..runtime import autocast_dtype, resolve_device
 from .session import Session, save, setup
 from .step import DivergenceGuard, train_step
@@ -83,7 +83,7 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.parts.device) / 2 ** 30
         mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
     s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
-          f"lr {rec['lr']:.4g} {images_per_s:.0f} img/s data {100 * data_frac:.0f}%{mem} "
+          f"lr {rec['lr']:.4g} {rate(images_per_s)} img/s data {100 * data_frac:.0f}%{mem} "
           f"elapsed {hms(elapsed)} eta {hms(eta)}")
 
 
@@ -166,6 +166,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     p.model.train()
     guard, speed, status = DivergenceGuard(cfg.on_nan, p.device), Speed(cfg.batch_size, st.step), "finished"
     stop_at = min(cfg.iters, st.step + cfg.stop_after) if cfg.stop_after else cfg.iters
+    done_before = st.step >= cfg.iters and "knn_top1" in st.metrics  # a finished run resumed: nothing to redo
     bar = progress_bar(s)
     for x, y in speed.timed(p.loader.batches(st.step, cfg.iters)):
         loss, acc, updated = train_step(p, cfg, x, st.step, guard, y=y)
@@ -187,7 +188,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
             break
     bar.close()
     stop_if_diverged(s, guard)
-    if status == "finished":
+    if status == "finished" and not done_before:
         monitor(s)
     path = save(s)
     if path is not None:

@@ -168,6 +168,8 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log, rank: int = 0) 
         log(note)
     st.step = st.saved_step = int(ck["step"])
     st.nan_skips = int(ck.get("nan_skips", 0))
+    if isinstance(ck.get("metrics"), dict):  # the kNN so far (best, at init, last): a finished run needs no rerun
+        st.metrics = dict(ck["metrics"])
     log(f"resumed from {path} at step {st.step}")
 
 
