@@ -258,7 +258,7 @@ def embed_main(argv: Sequence[str]) -> int:
     if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
         raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
     feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
-                                         a.skip_bad_images, device)
+                                         a.skip_bad_images, device, progress=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: np.save(f, feats))

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from ..errors import DataError, UserError
 from ..files import atomic_write
-from ..progress import rate
+from ..progress import rate, say
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
@@ -109,11 +109,11 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
         figs.add("Nearest-neighbour retrieval", None, None, "skipped: no loadable encoder checkpoint in this run")
         return
     big = (encoder.input_size or 32) > 64
+    gallery, n_embed = gallery or (300 if big else 1000), n_embed or (300 if big else 500)
+    say(f"report: embedding {gallery} training and {n_embed} test images with {src.name} (retrieval, embedding)")
     try:
-        res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries,
-                                           gallery=gallery or (300 if big else 1000),
-                                           n_embed=n_embed or (300 if big else 500), device=device,
-                                           datasets=datasets)
+        res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries, gallery=gallery,
+                                           n_embed=n_embed, device=device, datasets=datasets)
         figs.add("Nearest-neighbour retrieval", res["retrieval"][0], res["retrieval"][1] + f" Encoder: {src.name}.",
                  "")
         figs.add("Embedding", res["embedding"][0], res["embedding"][1], "")
