@@ -1,11 +1,12 @@
 # The two set-up commands the README shows are `make demo` and `make test`; both install into
-# .venv first when needed. DATA_ROOT defaults to ../shared/data when that folder exists.
+# .venv first when needed. DATA_ROOT: the CLI's own rule (simclr.data.datasets.data_root): ./data when it
+# holds anything, else ../shared/data when that folder exists, else ./data.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARCH    := $(shell uname -m)
-DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
+DATA_ROOT ?= $(if $(wildcard data/*),$(abspath data),$(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data)))
 export DATA_ROOT
 
 # On x86_64 the CUDA-enabled wheels lying on this machine also run on the CPU.

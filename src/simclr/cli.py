@@ -94,8 +94,43 @@ def _with_run_config(argv: Sequence[str]) -> list:
     return argv
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` as a user can type it from here: relative below the current folder, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        rel = path.relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(str(rel) if rel.parent != Path(".") else f"./{rel}")
+
+
+def _on_path(name: str, target: Path) -> bool:
+    """Whether typing ``name`` runs ``target`` itself (not another install of the same name)."""
+    import shutil
+    found = shutil.which(name)
+    return found is not None and os.path.abspath(found) == os.path.abspath(target)
+
+
+def program() -> str:
+    """How to type the command that runs this package again, as is: ``python train.py`` for train.py users,
+    ``simclr`` when PATH finds this interpreter's script, else the script's path (``.venv/bin/simclr``: a
+    venv that is not activated), else ``python -m simclr``."""
+    exe = Path(sys.executable)
+    python = next((n for n in ("python", "python3") if _on_path(n, exe)), None) or _shown_path(exe)
+    if Path(sys.argv[0]).name == "train.py":
+        return f"{python} {_shown_path(Path(sys.argv[0]))}"
+    script = exe.parent / "simclr"
+    if _on_path("simclr", script):
+        return "simclr"
+    if script.is_file():
+        return _shown_path(script)
+    return f"{python} -m simclr"
+
+
 def resume_command(run_dir: str) -> str:
-    return f"simclr pretrain --resume {shlex.quote(str(run_dir))}"
+    if Path(sys.argv[0]).name == "train.py":  # train.py picks the job from the run's config
+        return f"{program()} --resume {shlex.quote(str(run_dir))}"
+    return f"{program()} pretrain --resume {shlex.quote(str(run_dir))}"
 
 
 def _tracker_environment(cfg) -> None:
@@ -223,7 +258,7 @@ def embed_main(argv: Sequence[str]) -> int:
     if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
         raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
     feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
-                                         a.skip_bad_images, device)
+                                         a.skip_bad_images, device, progress=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: np.save(f, feats))

@@ -200,15 +200,18 @@ def _collate(items):
 
 @torch.inference_mode()
 def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, layer: str = "h",
-                 skip_bad: bool = False, device="cpu") -> tuple[np.ndarray, list, list]:
+                 skip_bad: bool = False, device="cpu", progress: bool = False) -> tuple[np.ndarray, list, list]:
     """(features (N, d) float32, relative file names (N,), skipped file names)."""
+    from .progress import Progress
     root = Path(root)
     files = list_images(root)
     loader = torch.utils.data.DataLoader(_Files(files, enc.input_size, skip_bad), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     device = torch.device(device)
     rows, kept, skipped = [], [], []
+    bar = Progress(len(loader), "embed", progress)
     for x, idx in loader:
+        bar.update()
         ok = [j for j, i in enumerate(idx) if i >= 0]
         skipped += [files[-1 - i].relative_to(root).as_posix() for i in idx if i < 0]
         if not ok:
@@ -216,6 +219,7 @@ def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, la
         f = enc.encode(x[ok].to(device), layer) if layer != "h" else enc(x[ok].to(device))
         rows.append(f.float().cpu().numpy())
         kept += [files[idx[j]].relative_to(root).as_posix() for j in ok]
+    bar.close()
     if not rows:
         raise DataError(f"no readable image in {root}")
     return np.concatenate(rows).astype(np.float32, copy=False), kept, skipped

@@ -163,11 +163,6 @@ class CommonConfig:
     image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
                              **within(0, MAX_SIDE))
     arch: str = option("resnet50", ARCH_HELP, convert=_arch)
-    width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
-                        "64 x width_multiplier", **within(0, MAX_WIDTH))
-    width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
-                                   "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
-                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
     timm_kwargs: str = option("", "extra timm.create_model arguments for a timm: arch, as a JSON object (YAML: a "
                               "mapping), e.g. '{\"patch_size\": 4}' for a ViT on 32 px images; img_size is "
                               "--image_size (passed to models that take it)", convert=canonical_kwargs)
@@ -219,7 +214,6 @@ class CommonConfig:
     model_id: int = compatibility_only("model_id")
 
     IGNORED_KEYS = IGNORED_KEYS
-    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
     def check(self) -> None:
         """Cross-field checks (after every field's own range check)."""
@@ -247,7 +241,14 @@ class PretrainConfig(CommonConfig):
 
     COMMAND = "pretrain"
     IGNORED_KEYS = PRETRAIN_IGNORED_KEYS
+    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
+    # the encoder's width is pretraining's (an evaluation reads it from the checkpoint; --encoder_width for a random one)
+    width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
+                        "64 x width_multiplier", **within(0, MAX_WIDTH))
+    width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
+                                   "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
+                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
     temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
     multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64))
     color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")

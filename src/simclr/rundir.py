@@ -3,7 +3,8 @@
     <root>/<name>/<run-id>/
         config.yaml      the fully resolved config
         status.json      running | finished | failed | interrupted, pid, host, heartbeat, error
-        env.json         package versions, device, git commit, command line
+        env.json         package versions, device, git commit, command line (of the last invocation)
+        invocations.jsonl  the same, one line per invocation (a resumed run has several)
         metrics.jsonl    one JSON object per log/eval event ({"step": ..., "loss": ...})
         log.txt          everything the run printed
         checkpoints/     checkpoint-<step>.pt + .json model cards
@@ -47,6 +48,7 @@ def new_run_id() -> str:
 
 
 def environment(device: str = "") -> dict:
+    from .data.datasets import data_root
     import numpy
     import torch
     import torchvision
@@ -55,7 +57,7 @@ def environment(device: str = "") -> dict:
            "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
            "device": device, "cuda": torch.version.cuda, "git_commit": git.commit, "git_dirty": git.dirty,
            "command": " ".join(sys.argv), "cwd": os.getcwd(),
-           "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
+           "data_root": str(data_root().resolve()),
            "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -215,6 +217,13 @@ class RunDir:
     # --- writers ------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
         atomic_write(self.path / name, _json_text(obj))
+
+    def record_environment(self, env: dict) -> None:
+        """env.json (this invocation's) and one more line of invocations.jsonl (every invocation: a resumed run
+        has several, each with its own command, host and commit)."""
+        self.write_json("env.json", env)
+        with open(self.path / "invocations.jsonl", "a") as f:
+            f.write(json.dumps(dict(env, time=time.time()), default=str) + "\n")
 
     def log_metrics(self, record: dict) -> None:
         # strict JSON: a non-finite value (the loss of a step skipped by --on_nan skip) is written as null

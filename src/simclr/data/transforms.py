@@ -67,3 +67,25 @@ def eval_transform(image_size: int, native: int) -> T.Compose:
         return T.Compose([T.ToTensor()])
     return T.Compose([T.Resize(int(round(image_size / 0.875)), interpolation=InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), Clip()])
+
+
+class InputTransform:
+    """What ``simclr eval`` feeds an encoder trained at ``image_size``, for one image of any size: a PIL image
+    (or an (H, W, 3) uint8 array) -> float tensor (3, S, S) in [0, 1]. An image already S x S passes as is;
+    another is resized and centre-cropped as :func:`eval_transform` does (the crop covers 87.5% of the short
+    side). No mean/std normalisation: the encoders take values in [0, 1], as in the spec."""
+
+    def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+        self._as_is, self._resized = eval_transform(self.image_size, self.image_size), eval_transform(self.image_size, -1)
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        same = image.size == (self.image_size, self.image_size)
+        return (self._as_is if same else self._resized)(image)
+
+    def __repr__(self) -> str:
+        return f"InputTransform(image_size={self.image_size}, resize/centre-crop (87.5%), values in [0, 1])"

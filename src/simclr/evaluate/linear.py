@@ -52,8 +52,8 @@ def _set_factor(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def _pbar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
+    from ..progress import Progress
+    return Progress(total, desc, enabled)
 
 
 def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg, seed: int = 0,

@@ -7,7 +7,6 @@ folder.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..checkpoint import resolve
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
+from ..progress import hms, say
 from ..options import EvalConfig
 from ..rundir import RunDir, environment
 from ..trackers import require
@@ -87,6 +87,7 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
         p.requires_grad_(p.requires_grad and train_encoder)
     encoder.eval()
     image_size = cfg.image_size or encoder.input_size
+    encoder.warn_size = False  # the size is the command's choice, printed at start
     train, test, unlabeled, classes = _load_splits(cfg, image_size)
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes)
@@ -249,6 +250,7 @@ def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> d
             log(f"training the linear head on {inp.aug}-augmented images (frozen encoder, features "
                 f"computed every step) for {cfg.iters} steps")
         transform = augment_transform(inp.aug, inp.image_size, _native(inp.train), cfg.scale_lower)
+        on_step = _cpu_cost_note(cfg, inp, log, "fine-tuning" if cfg.finetune else "on-the-fly augmentation", on_step)
         head = train_on_images(inp.encoder, inp.encode, inp.train, transform, len(inp.classes), inp.feat_dim(),
                                cfg, inp.device, inp.amp, finetune=cfg.finetune, seed=cfg.seed,
                                progress=cfg.verbose, on_step=on_step)
@@ -260,6 +262,26 @@ def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> d
             details["finetune"] = True
     path = _save_head(cfg, inp, run, head, res, "linear", finetuned=cfg.finetune)
     return dict(res, details=details, head_ckpt=str(path))
+
+
+def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, log, what: str, on_step: Callable) -> Callable:
+    """Training on images (the spec's default protocol) encodes a whole batch every step: minutes to an hour on a
+    CPU. Said at the start, with the fast ways to the same kind of number; returns ``on_step`` that also says
+    what the first step took and what all of them will."""
+    if inp.device.type != "cpu":
+        return on_step
+    bs = min(cfg.batch_size, len(inp.train))
+    log(f"note: on the CPU, {what} encodes {bs} images every step, {cfg.iters} steps ({bs * cfg.iters} encoder "
+        f"passes): expect many minutes (the time of the first step follows). Fast: --augmentation none (features "
+        f"computed once, seconds) or --protocol fast-linear")
+    t0 = time.time()
+
+    def step(i: int, head) -> None:
+        if i == 1:
+            took = time.time() - t0
+            log(f"first step took {took:.1f} s: about {hms(took * cfg.iters)} for {cfg.iters} steps")
+        on_step(i, head)
+    return step
 
 
 def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> dict:
@@ -323,9 +345,8 @@ class _Log:
         self.verbose, self.run = verbose, None
 
     def __call__(self, msg: str) -> None:
-        if self.verbose:
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stderr)
+        if self.verbose:  # a bar on a terminal, timestamped lines in a log file
+            say(msg)
         if self.run is not None:
             self.run.log(msg)
 
@@ -346,7 +367,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     log.run = run
     try:
         config_lib.save(cfg, run.path / "config.yaml")
-        run.write_json("env.json", environment(str(inp.device)))
+        run.record_environment(environment(str(inp.device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")

@@ -21,6 +21,7 @@ from .. import trackers
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
+from ..progress import say
 from ..rundir import RunDir, environment, find_run_dir
 from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends
 from .step import Parts, build, wrap
@@ -45,11 +46,8 @@ class Log:
     def __call__(self, msg: str) -> None:
         if not self.main:
             return
-        if self.verbose and sys.stderr.isatty():
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stderr)
-        elif self.verbose:  # a log file (SLURM, a pipe): plain timestamped lines
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+        if self.verbose:  # a bar on a terminal, timestamped lines in a log file (SLURM, a pipe)
+            say(msg)
         if self.run is not None:
             self.run.log(msg)
         else:
@@ -170,6 +168,8 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log, rank: int = 0) 
         log(note)
     st.step = st.saved_step = int(ck["step"])
     st.nan_skips = int(ck.get("nan_skips", 0))
+    if isinstance(ck.get("metrics"), dict):  # the kNN so far (best, at init, last): a finished run needs no rerun
+        st.metrics = dict(ck["metrics"])
     log(f"resumed from {path} at step {st.step}")
 
 
@@ -209,7 +209,7 @@ def setup(cfg: PretrainConfig) -> Session:
                 f.write(json.dumps({"time": time.time(), "step": state.step, "changes": ck["config_changes"]},
                                    default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml")
-        run.write_json("env.json", environment(str(device)))
+        run.record_environment(environment(str(device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
