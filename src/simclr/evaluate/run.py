@@ -15,10 +15,10 @@ import torch
 from .. import config as config_lib
 from ..options import EvalConfig
 from ..data import balanced_indices, get_dataset
-from ..checkpoint import resolve
+from ..checkpoint import resolve, unpin
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
-from ..rundir import RunDir, environment
+from ..rundir import RunDir, check_kind, check_run_folder, environment
 from ..trackers import require
 from ..weights import Encoder, load_encoder
 from .fast_linear import fast_linear_probe, parse_grid
@@ -38,6 +38,10 @@ class Evaluation:
         self.cfg = cfg
         self.t0 = time.time()
         require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
+        self.kind = "knn" if cfg.protocol == "knn" and not cfg.compare else "eval"
+        if cfg.run_dir and Path(cfg.run_dir).is_dir():  # a folder of another kind is refused before any work
+            check_run_folder(Path(cfg.run_dir))
+            check_kind(Path(cfg.run_dir), self.kind)
         self.device = resolve_device(cfg.device)
         self.amp = autocast_dtype(cfg.precision, self.device)
         if cfg.seed < 0:  # a random-init baseline is reproducible by default (seed 0); a trained encoder draws one
@@ -70,8 +74,8 @@ class Evaluation:
             self._check_head_dim(self.head_state["weight"])
         self._load_data()
         self.cache = FeatureCache(self.encoder_hash, cfg.cache_features, log=self.print)
-        self.run = RunDir.create(cfg.root, cfg.name, cfg.run_dir)
-        config_lib.save(cfg, self.run.path / "config.yaml")
+        self.run = RunDir.create(cfg.root, cfg.name, cfg.run_dir, kind=self.kind)
+        config_lib.save(cfg, self.run.path / "config.yaml", run_dir="")
         self.run.write_json("env.json", environment(str(self.device)))
         self.run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if self.run.trackers.live:
@@ -89,9 +93,12 @@ class Evaluation:
     def _load_encoder(self) -> tuple[Encoder, str]:
         cfg = self.cfg
         if cfg.encoder_ckpt:  # a run folder means its newest valid checkpoint; recorded as the file it took
-            cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))
-            enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=self.device)
-            digest = sha256_file(Path(cfg.encoder_ckpt))
+            cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))  # a run folder's is pinned against pruning ...
+            try:
+                enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=self.device)
+                digest = sha256_file(Path(cfg.encoder_ckpt))
+            finally:
+                unpin(Path(cfg.encoder_ckpt))  # ... until it is read
         else:
             from ..data import native_size
             from ..models import build_model, is_timm
@@ -384,7 +391,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             "feature_cache_hits": ev.cache.hits, "seconds": time.time() - ev.t0, "device": str(ev.device),
             "config": config_lib.to_dict(cfg), "run_dir": str(ev.run.path),
         }
-        ev.run.write_json("eval.json", result)
+        # paths inside the run folder are recorded relative to it: a copied folder describes itself
+        ev.run.write_json("eval.json", dict(result, run_dir=".", head_ckpt=_relative(result["head_ckpt"], ev.run.path)))
         ev.run.log_metrics({"step": cfg.iters, "top1": result["top1"], "top5": result["top5"]})
         ev.run.trackers.results(result, cfg.iters, "eval.json")
         ev.run.set_status("finished", top1=result["top1"], top5=result["top5"])
@@ -398,3 +406,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise
     finally:
         ev.run.close()
+
+
+def _relative(path, run: Path):
+    """``path`` relative to the run folder ``run`` when it lies inside it."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).relative_to(run))
+    except ValueError:
+        return str(path)
