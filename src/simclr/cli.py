@@ -82,16 +82,18 @@ def _notes(notes) -> None:
         print(n, file=sys.stderr)
 
 
-def _with_run_config(argv: Sequence[str]) -> list:
+def _with_run_config(argv: Sequence[str]) -> tuple[list, dict]:
     """``--resume RUN_DIR`` without ``--config``: the run's own config.yaml is the base, so a plain resume
-    continues the same run (the command line still overrides it)."""
+    continues the same run (the command line still overrides it). Its location is RUN_DIR whatever folder the
+    file names (a copied run resumes as the copy). Returns (argv, values between the file and the command line)."""
+    from .files import check_own
     from .options import PretrainConfig
     argv = list(argv)
     config_path, overrides, _ = config_lib.split_argv(argv, PretrainConfig)
     run = Path(str(overrides.get("resume", "")))
-    if config_path is None and str(run) not in ("", ".", "auto") and (run / "config.yaml").is_file():
-        return ["--config", str(run / "config.yaml"), *argv]
-    return argv
+    if config_path is None and str(run) not in ("", ".", "auto") and run.is_dir() and check_own(run / "config.yaml"):
+        return ["--config", str(run / "config.yaml"), *argv], {"run_dir": ""}
+    return argv, {}
 
 
 def _shown_path(path: Path) -> str:
@@ -142,7 +144,7 @@ def _tracker_environment(cfg) -> None:
 
 def pretrain_main(argv: Sequence[str]) -> int:
     from .options import PretrainConfig
-    cfg, notes = config_lib.parse(PretrainConfig, _with_run_config(argv))
+    cfg, notes = config_lib.parse(PretrainConfig, *_with_run_config(argv))
     if cfg.problem != "sim-clr":
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")

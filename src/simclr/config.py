@@ -376,5 +376,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg, path: Path) -> None:
-    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+def save(cfg, path: Path, **replace) -> None:
+    """``cfg`` as YAML at ``path``, with the values in ``replace`` written instead of ``cfg``'s."""
+    atomic_write(path, yaml.safe_dump({**to_dict(cfg), **replace}, sort_keys=True))

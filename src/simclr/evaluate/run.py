@@ -16,13 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from .. import config as config_lib
-from ..checkpoint import resolve
+from ..checkpoint import resolve, unpin
 from ..data import balanced_indices, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..progress import hms, say
 from ..options import EvalConfig
-from ..rundir import RunDir, environment
+from ..rundir import RunDir, check_kind, check_run_folder, environment
 from ..trackers import require
 from ..weights import Encoder, load_encoder
 from .fast_linear import parse_grid
@@ -59,9 +59,17 @@ class Inputs:
             return int(self.encode(torch.zeros(2, 3, self.image_size, self.image_size, device=self.device)).shape[1])
 
 
+def run_kind(cfg: EvalConfig) -> str:
+    """What the run folder records as its kind: ``knn`` for simclr knn, ``eval`` for the linear protocols."""
+    return "knn" if cfg.protocol == "knn" and not cfg.compare else "eval"
+
+
 def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
     from ..runtime import autocast_dtype, resolve_device
     require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
+    if cfg.run_dir and Path(cfg.run_dir).is_dir():  # a folder of another kind is refused before any work
+        check_run_folder(Path(cfg.run_dir))
+        check_kind(Path(cfg.run_dir), run_kind(cfg))
     device = resolve_device(cfg.device)
     if cfg.seed < 0:  # a random-init baseline is reproducible by default (seed 0); a trained encoder draws one
         cfg.seed = 0 if not cfg.encoder_ckpt else random.SystemRandom().randrange(2 ** 31)
@@ -98,9 +106,12 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
 
 def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tuple[Encoder, str]:
     if cfg.encoder_ckpt:  # a run folder means its newest valid checkpoint; recorded as the file it took
-        cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))
-        enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=device)
-        digest = sha256_file(Path(cfg.encoder_ckpt))
+        cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))  # a run folder's is pinned against pruning ...
+        try:
+            enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=device)
+            digest = sha256_file(Path(cfg.encoder_ckpt))
+        finally:
+            unpin(Path(cfg.encoder_ckpt))  # ... until it is read
     else:
         from ..data import native_size
         from ..models import build_model, is_timm
@@ -363,10 +374,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     t0, log = time.time(), _Log(cfg.verbose)
     inp = load_inputs(cfg, log)
     feats = Features(cfg, inp, log)
-    run = RunDir.create(cfg.root, cfg.name, cfg.run_dir)
+    run = RunDir.create(cfg.root, cfg.name, cfg.run_dir, kind=run_kind(cfg))
     log.run = run
     try:
-        config_lib.save(cfg, run.path / "config.yaml")
+        config_lib.save(cfg, run.path / "config.yaml", run_dir="")
         run.record_environment(environment(str(inp.device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
@@ -402,7 +413,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             "feature_cache_hits": feats.cache.hits, "seconds": time.time() - t0, "device": str(inp.device),
             "config": config_lib.to_dict(cfg), "run_dir": str(run.path),
         }
-        run.write_json("eval.json", result)
+        # paths inside the run folder are recorded relative to it: a copied folder describes itself
+        run.write_json("eval.json", dict(result, run_dir=".", head_ckpt=_relative(result["head_ckpt"], run.path)))
         run.log_metrics({"step": cfg.iters, "top1": result["top1"], "top5": result["top5"]})
         run.trackers.results(result, cfg.iters, "eval.json")
         run.set_status("finished", top1=result["top1"], top5=result["top5"])
@@ -416,3 +428,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise
     finally:
         run.close()
+
+
+def _relative(path, run: Path):
+    """``path`` relative to the run folder ``run`` when it lies inside it."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).relative_to(run))
+    except ValueError:
+        return str(path)
