@@ -42,8 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from simclr import config as config_lib
 from simclr.data.datasets import ArrayImages
 from simclr.options import PretrainConfig
-from simclr.train import step as step_mod
-from simclr.train.step import DivergenceGuard, build, train_step, wrap
+from simclr.train import pretraining as step_mod
+from simclr.train.pretraining import DivergenceGuard, build, train_step, wrap
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique,

@@ -28,7 +28,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     from simclr.data.datasets import ArrayImages
     from simclr.models import GlobalBatchNorm
     from simclr.options import PretrainConfig
-    from simclr.train.step import build, forward_backward, wrap
+    from simclr.train.pretraining import build, forward_backward, wrap
 
     real_compile = torch.compile
     torch.compile = lambda module, **kw: real_compile(module, backend="aot_eager")

@@ -10,7 +10,7 @@ import torch
 import torch.cuda.random
 
 from simclr import distributed, runtime
-from simclr.train import session
+from simclr.train import pretraining as session
 
 
 @pytest.fixture

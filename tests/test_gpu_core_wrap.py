@@ -19,8 +19,8 @@ from simclr.data.datasets import ArrayImages
 from simclr.models import GlobalBatchNorm, convert_sync_batchnorm
 from simclr.options import PretrainConfig
 from simclr.runtime import tune_backends
-from simclr.train import step as step_mod
-from simclr.train.step import EagerFallback, build, wrap
+from simclr.train import pretraining as step_mod
+from simclr.train.pretraining import EagerFallback, build, wrap
 
 
 def _images() -> ArrayImages:

@@ -184,7 +184,7 @@ def test_disk_full_in_training_is_one_error_and_keeps_last_checkpoint(tmp_path, 
 # --------------------------------------------------------------------------------------------
 def nan_at_step(monkeypatch, bad_step: int) -> None:
     """Fault injection: the loss (and so every gradient) of optimizer step ``bad_step`` becomes NaN."""
-    from simclr.train import step as step_lib
+    from simclr.train import pretraining as step_lib
     real = step_lib.nt_xent
 
     def loss(z, temperature, multiplier):
@@ -432,7 +432,7 @@ def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys)
     cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, iters=3, seed=-1, resume="auto", run_dir=run))
     tr = setup(cfg)
     tr.run.close()
-    assert (tr.state.step, tr.cfg.seed) == (1, 123)
+    assert (tr.step, tr.cfg.seed) == (1, 123)
     assert "seed: 123" in (run / "config.yaml").read_text()
     # the loader it trains from draws what a loader built with seed 123 draws (images and augmentations)
     ref_cfg, _ = config_lib.parse(PretrainConfig, small(tmp_path, seed=123))

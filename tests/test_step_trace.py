@@ -48,7 +48,7 @@ def test_one_step_and_one_save_stay_within_a_dozen_files(tmp_path, data_root):
 
         def one_step_and_save():
             train_step(s.parts, cfg, x, 0, guard, y=y)
-            s.state.step = 1
+            s.step = 1
             save_checkpoint(s)
 
         files = trace_calls(one_step_and_save)

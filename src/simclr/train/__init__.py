@@ -1,8 +1,6 @@
-"""SimCLR pretraining. ``step``: the parts of a run and one optimizer step; ``session``: setting a run up,
-resuming and saving; ``loop``: the loop itself."""
-from .loop import pretrain, random_init_knn
-from .session import Session, save, setup
-from .step import DivergenceGuard, Parts, build, train_step, wrap
+"""SimCLR pretraining: :mod:`.pretraining` reads top to bottom (entry, setup, loop, one step); :mod:`.probe` is the
+optional online linear probe."""
+from .pretraining import DivergenceGuard, Parts, Session, build, pretrain, random_init_knn, save, setup, train_step, wrap
 
 __all__ = ["DivergenceGuard", "Parts", "Session", "build", "pretrain", "random_init_knn", "save", "setup", "train_step",
            "wrap"]
