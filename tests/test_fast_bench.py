@@ -50,10 +50,11 @@ def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
     assert kinds == ["LARS"] * (2 * per_path)  # both paths, warm-up and timed steps, nothing more
     assert "reference" in text and "fast" in text and "speed-up (fast / reference images/s)" in text
     res = json.loads(out.read_text())
-    ref, fast = res["results"]
-    assert (ref["path"], fast["path"]) == ("reference", "fast")
+    fast, ref = res["results"]  # the fast path runs first
+    assert (fast["path"], ref["path"]) == ("fast", "reference")
     assert ref["precision"] == "fp32" and ref["lars"] == "plain" and fast["lars"] == "foreach"
-    for i, r in enumerate((ref, fast)):
+    assert res["failed"] == [] and fast["status"] == ref["status"] == "ok"
+    for i, r in enumerate((fast, ref)):
         first, last = i * per_path + warmup, (i + 1) * per_path - 1
         inner = ended[last] - begun[first]
         outer = (begun[last + 1] if i == 0 else returned) - ended[first - 1]
@@ -78,7 +79,7 @@ def test_bench_data_only_times_the_input_pipelines(capsys, data_root):
 def test_bench_bad_input_is_one_line(capsys):
     assert main(["bench", "--paths", "reference,turbo"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: reference, fast"
+    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: fast, reference"
     assert main(["bench", "--steps", "many"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: option 'steps' expects an integer, got 'many' (on the command line)"
