@@ -1,11 +1,12 @@
 # The two set-up commands the README shows are `make demo` and `make test`; both install into
-# .venv first when needed. DATA_ROOT defaults to ../shared/data when that folder exists.
+# .venv first when needed. DATA_ROOT: the CLI's own rule (simclr.data.datasets.data_root): ./data when it
+# holds anything, else ../shared/data when that folder exists, else ./data.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARCH    := $(shell uname -m)
-DATA_ROOT ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
+DATA_ROOT ?= $(if $(wildcard data/*),$(abspath data),$(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data)))
 export DATA_ROOT
 
 # On x86_64 the CUDA-enabled wheels lying on this machine also run on the CPU.
@@ -15,7 +16,7 @@ else
 TORCH_PINS := torch torchvision
 endif
 
-.PHONY: install demo test test-fast test-all bench lint clean report
+.PHONY: install demo test test-fast test-all bench lint clean report docs readme-check readme-update
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,8 +42,20 @@ test-fast: lint
 
 # ruff's small rule set (pyproject.toml) and the layering contract (import-linter)
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples train.py
+	$(BIN)/ruff check src tests benchmarks examples scripts train.py
 	$(BIN)/lint-imports
+
+# every relative link in README.md and docs/*.md resolves (files and #headings)
+docs: $(STAMP)
+	$(BIN)/python scripts/check_links.py
+
+# re-run the commands behind the README's (and docs/') numbers, fail with a diff when one differs
+readme-check: $(STAMP)
+	$(BIN)/python scripts/readme_check.py
+
+# the same, and rewrite the numbers (and the date) in place
+readme-update: $(STAMP)
+	$(BIN)/python scripts/readme_check.py --update
 
 # report.html of the newest demo run (make demo first)
 report: $(STAMP)

@@ -96,9 +96,9 @@ def train_for_budget(do_step, clock, deadline: float, *, sync=lambda: None, sync
     runs at 1/N, 2/N ... of the training time; its time is taken off the schedule's span, so the learning rate
     still reaches its end at the deadline.
 
-    Returns start and end (the clock), steps, first_step_s (the compiling first step), train_s (excluding evaluations), paused_s (the
-    evaluations) and points: [{step, train_s, paused_before_s, eval_s, knn_top1, at}], ``at`` the clock after
-    the evaluation."""
+    Returns start and end (the clock), steps, first_step_s (the compiling first step), train_s (excluding
+    evaluations), paused_s (the evaluations) and points: [{step, train_s, paused_before_s, eval_s, knn_top1,
+    at}], ``at`` the clock after the evaluation."""
     t_loop = clock()
     t_sched, span = t_loop, max(deadline - t_loop, 1e-3)
     step, first_step_s, paused, points = 0, None, 0.0, []

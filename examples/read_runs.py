@@ -1,13 +1,14 @@
 """Read every run under a folder into a pandas DataFrame, filter it, and plot it.
 
-    python examples/read_runs.py                      # runs under ./logs (or $SIMCLR_LOGS)
-    python examples/read_runs.py --root logs --out runs.png
+    python examples/read_runs.py                      # runs under ./logs (or $SIMCLR_LOGS) -> logs/runs.png
+    python examples/read_runs.py --root logs --out /tmp/runs.png
 
 This replaces the spec's read_logs notebook: `simclr.runs.index(root)` gives one row per run
 with every config key as a column, plus summary columns (status, step, loss, knn = best kNN
 top-1, linear = linear-evaluation top-1, images_per_s, started, duration, path ...).
 """
 import argparse
+from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -19,8 +20,9 @@ from simclr.options import default_root
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=default_root(), help="folder holding the runs")
-    ap.add_argument("--out", default="runs.png", help="where to save the figure")
+    ap.add_argument("--out", default="", help="where to save the figure (default: runs.png inside --root)")
     args = ap.parse_args()
+    out = Path(args.out) if args.out else Path(args.root) / "runs.png"  # next to the runs, not in the clone
 
     df = simclr.runs.index(args.root)
     print(f"{len(df)} runs under {args.root}; statuses: {df.status.value_counts().to_dict()}")
@@ -49,8 +51,9 @@ def main():
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)")
     ax_knn.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out)
-    print(f"figure: {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    print(f"figure: {out}")
 
 
 if __name__ == "__main__":

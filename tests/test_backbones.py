@@ -348,7 +348,8 @@ def test_timm_model_trains_resumes_evaluates_and_exports(tmp_path, data_root, ar
         assert torch.equal(ref(x), want) and torch.equal(simclr.load_encoder(st)(x), want)
     # embed: a folder of real images -> the same rows as the encoder on those images
     import numpy as np
-    from simclr.export import embed_main, load_image
+    from simclr.cli import embed_main
+    from simclr.export import load_image
     folder = tmp_path / "imgs"
     folder.mkdir()
     for p in sorted((data_root / "cifar10" / "test" / "cat").iterdir())[:3]:

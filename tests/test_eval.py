@@ -23,7 +23,8 @@ from simclr.errors import CheckpointError
 from simclr.evaluate.fast_linear import fast_linear_probe
 from simclr.evaluate.knn import accuracy_report, knn_classifier, knn_predict
 from simclr.evaluate.linear import predict, train_on_features
-from simclr.evaluate.run import Evaluation, run_eval
+from simclr.evaluate.run import Features, linear, load_inputs, run_eval
+from simclr.rundir import RunDir
 
 # Small tensors on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy peer.
 SUB_ENV = {"OMP_NUM_THREADS": "1"}
@@ -264,22 +265,29 @@ def test_linear_eval_keeps_the_encoder_frozen(tmp_path, encoder_ckpt):
                                 "--iters", "3", "--batch_size", "32", "--augmentation", "RandomCrop",
                                 "--workers", "0", "--root", str(tmp_path / "logs"), "--verbose", "false",
                                 "--seed", "0"])
-    ev = Evaluation(cfg)
-    before = copy.deepcopy(ev.encoder.model.state_dict())
-    res = ev.linear()
-    after = ev.encoder.model.state_dict()
+
+    def linear_eval(cfg):
+        inp = load_inputs(cfg, log=lambda msg: None)
+        run = RunDir.create(cfg.root, cfg.name, "")
+        try:
+            return inp, linear(cfg, inp, Features(cfg, inp, lambda msg: None), run, lambda msg: None)
+        finally:
+            run.close()
+
+    before = copy.deepcopy(load_inputs(copy.deepcopy(cfg), log=lambda msg: None).encoder.model.state_dict())
+    inp, res = linear_eval(cfg)
+    after = inp.encoder.model.state_dict()
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    assert not ev.encoder.training
+    assert not inp.encoder.training
     # the accuracy is the confusion matrix's diagonal over all 50 test images (counted on a second path)
     conf = torch.tensor(res["confusion"], dtype=torch.float64)
     assert conf.sum() == 50 and res["top1"] == pytest.approx(100 * conf.trace().item() / 50)
     # counter-check: fine-tuning the same way does change weights and BN statistics
     cfg.finetune, cfg.encoder_lr = True, 0.5
-    ev2 = Evaluation(cfg)
-    ev2.linear()
-    changed = [k for k in before if not torch.equal(before[k], ev2.encoder.model.state_dict()[k])]
+    inp2, _ = linear_eval(cfg)
+    changed = [k for k in before if not torch.equal(before[k], inp2.encoder.model.state_dict()[k])]
     assert any("running_mean" in k for k in changed) and any(k.endswith("conv1.weight") for k in changed)
 
 

@@ -24,7 +24,7 @@ def _run(tmp_path: Path, **over) -> tuple:
 def test_stop_prints_the_command_that_continues_and_resume_by_folder_finishes_the_same_run(tmp_path):
     r, run = _run(tmp_path, iters=4, stop_after=2)
     assert "status: interrupted at step 2" in r.stdout
-    assert f"continue with: simclr pretrain --resume {run}" in r.stdout
+    assert f"pretrain --resume {run}" in r.stdout
     # the printed command alone (the run's own config.yaml is the base config)
     r2 = run_cli("pretrain", "--resume", run)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -46,12 +46,14 @@ def test_resume_continues_the_same_trajectory(tmp_path, data_root):
     assert part["status"] == "interrupted" and part["step"] == 3
     ck = list_checkpoints(Path(part["run_dir"]))[0]
     resumed = pretrain(_cfg(tmp_path / "b", iters=6, ckpt=str(ck)))
-    assert resumed["step"] == 6 and resumed["run_dir"] == part["run_dir"]   # continues in the same folder
+    # a checkpoint given with --ckpt starts a new run folder; the original is left as it was
+    assert resumed["step"] == 6 and resumed["run_dir"] != part["run_dir"]
+    assert [p.name for p in list_checkpoints(Path(part["run_dir"]))] == [ck.name]
     loss_full = [m["loss"] for m in read_metrics(Path(full["run_dir"])) if "loss" in m]
-    loss_res = [m["loss"] for m in read_metrics(Path(part["run_dir"])) if "loss" in m]
+    loss_res = [m["loss"] for run in (part, resumed) for m in read_metrics(Path(run["run_dir"])) if "loss" in m]
     assert loss_full == pytest.approx(loss_res, rel=1e-5, abs=1e-6)
     wa = read_checkpoint(list_checkpoints(Path(full["run_dir"]))[0])["model"]
-    wb = read_checkpoint(list_checkpoints(Path(part["run_dir"]))[0])["model"]
+    wb = read_checkpoint(list_checkpoints(Path(resumed["run_dir"]))[0])["model"]
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
 

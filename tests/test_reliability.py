@@ -276,7 +276,7 @@ def _image_folder(root: Path, data_root: Path, per_class: int = 12) -> Path:
 
 def test_missing_and_empty_dataset_folder(tmp_path, capsys):
     rc, err = cli_run(capsys, *small(tmp_path, data="folder", data_path=tmp_path / "nowhere"))
-    assert_one_line_error(rc, err, "split folder not found", str(tmp_path / "nowhere" / "train"))
+    assert_one_line_error(rc, err, "the train split of --data_path not found", str(tmp_path / "nowhere" / "train"))
     for split in ("train", "test"):
         (tmp_path / "empty" / split / "cat").mkdir(parents=True)
     rc, err = cli_run(capsys, *small(tmp_path, data="folder", data_path=tmp_path / "empty"))

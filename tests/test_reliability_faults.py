@@ -192,7 +192,7 @@ def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_identical(refere
     s = status["step"]
     assert 2 <= s < ITERS
     assert f"status: interrupted at step {s}" in out
-    assert f"continue with: simclr pretrain --resume {run}" in out  # the stop says how to go on
+    assert f"pretrain --resume {run}" in out  # the stop says how to go on
     assert [c.name for c in ckpt_lib.list_checkpoints(run)] == [f"checkpoint-{s:08d}.pt"]
     ck = ckpt_lib.read(ckpt_lib.checkpoint_path(run, s))
     assert ck["step"] == s

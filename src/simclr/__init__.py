@@ -1,14 +1,21 @@
-"""SimCLR in PyTorch: pretraining, evaluation and tools for contrastive visual representations."""
-from . import runs  # simclr.runs.index(root) -> DataFrame; light: pandas loads on first use
-from .loss import nt_xent, nt_xent_loss
-from .optim import LARS
+"""SimCLR in PyTorch: pretraining, evaluation and tools for contrastive visual representations.
+
+``import simclr`` imports nothing heavy (no torch): the public names below are imported on first use, so
+``simclr --help`` and a config error answer at once.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["nt_xent", "nt_xent_loss", "LARS", "load_encoder", "Encoder", "runs", "__version__"]
+
+# public name -> the module that defines it
+_LAZY = {"nt_xent": ".loss", "nt_xent_loss": ".loss", "LARS": ".optim", "load_encoder": ".weights",
+         "Encoder": ".weights"}
+__all__ = [*_LAZY, "runs", "__version__"]
 
 
-def __getattr__(name):  # simclr.load_encoder / simclr.Encoder, imported on first use (keeps `import simclr` light)
-    if name in ("load_encoder", "Encoder"):
-        from . import weights
-        return getattr(weights, name)
+def __getattr__(name):  # simclr.LARS, simclr.load_encoder, simclr.runs.index ... imported on first use
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name == "runs":
+        return importlib.import_module(".runs", __name__)
     raise AttributeError(f"module 'simclr' has no attribute {name!r}")

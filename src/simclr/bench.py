@@ -4,8 +4,9 @@
 
 The fast path runs first, then the reference; each in its own guard: a path that runs out of
 memory is recorded as ``"oom"`` (another failure as its error message) and the other path is
-still timed and reported; the exit status is 1 when a path failed. Both paths train the same model for ``--warmup`` untimed steps (worker start-up, cuDNN
-autotuning, ``torch.compile``) and then ``--steps`` timed ones:
+still timed and reported; the exit status is 1 when a path failed. Both paths train the same
+model for ``--warmup`` untimed steps (worker start-up, cuDNN autotuning, ``torch.compile``) and
+then ``--steps`` timed ones:
 
 * reference — the spec's way: PIL/torchvision transforms in DataLoader worker processes,
   fp32, NCHW, no compile, the plain per-parameter LARS step;
@@ -23,18 +24,19 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import config as config_lib
 from .config import nonneg, option, positive
 from .errors import ConfigError
-from .files import atomic_write
+from .files import atomic_write, git_state
+
+if TYPE_CHECKING:  # imported where used: --help and a bad option answer without torch
+    import torch
 
 PATHS = ("fast", "reference")  # the order they run in
 
@@ -85,30 +87,22 @@ class BenchConfig:
         return [p.strip() for p in self.paths.split(",") if p.strip()]
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _on(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type == "cuda")
 
 
 def device_name(device: torch.device) -> str:
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def run_path(path: str, args, images, device: torch.device) -> dict:
     """Train ``args.warmup + args.steps`` steps on one path and time the last ``args.steps``."""
+    import torch
     from . import config as config_lib
     from .data.fast import FastLoader
     from .options import PretrainConfig
@@ -182,7 +176,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {
-        "path": path, "images_per_s": args.steps * args.batch_size / seconds, "ms_per_step": 1000 * seconds / args.steps,
+        "path": path, "images_per_s": args.steps * args.batch_size / seconds,
+        "ms_per_step": 1000 * seconds / args.steps,
         "data_wait_frac": data_s / seconds, "peak_mem_gib": peak, "warmup_s": warmup_s,
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
         "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
@@ -192,6 +187,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
 
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory failure of the device (or the host allocator)."""
+    import torch
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
@@ -199,6 +195,7 @@ def guarded_run(path: str, args, images, device: torch.device) -> dict:
     """``run_path``, with a failure recorded instead of raised: ``status`` "ok", "oom" or "error" (and
     ``error``, the first line of the message), so one path running out of memory does not lose the other's
     numbers. Bad input (a UserError) is not a path's failure: it propagates as the CLI's ``error:`` line."""
+    import torch
     from .errors import UserError
     failure = None
     try:
@@ -241,6 +238,7 @@ def path_result(runs: list) -> dict:
 
 def main(argv) -> int:
     args, _ = config_lib.parse(BenchConfig, argv)
+    import torch
     # the fast path first: it is the one being measured, and the reference (fp32, NCHW, no compile) is the one
     # that runs out of memory at large batches
     paths = sorted(set(args.path_list()), key=PATHS.index)
@@ -264,7 +262,7 @@ def main(argv) -> int:
         speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
         failed = sorted({r["path"] for p in paths for r in runs[p] if r["status"] != "ok"}, key=PATHS.index)
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "commit": _git_commit(), "device": device_name(device), "torch": torch.__version__,
+               "commit": git_state().label, "device": device_name(device), "torch": torch.__version__,
                "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
                "complete": final, "failed": failed,
                "results": results, "speedup": speedup, "all_runs": runs}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import re
 import stat
@@ -29,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .errors import CheckpointError
-from .files import DiskFullError, atomic_write, is_temp, sha256_file
+from .files import DiskFullError, atomic_write, check_own, is_temp, sha256_file
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
@@ -342,12 +343,19 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list:
-    """Checkpoints of a run folder, newest (highest step) first: files only (a folder under a checkpoint's
-    name is the user's, never read or pruned; a save to its name fails with one error line)."""
+    """Checkpoints of a run folder, newest (highest step) first: regular files only (a folder under a checkpoint's
+    name is the user's, never read or pruned; a save to its name fails with one error line). A symlink there, or a
+    ``checkpoints`` that is a symlink, is refused: the run would train from, overwrite and prune another's files."""
     folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
+    if not check_own(folder, folder=True):
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.search(p.name)) and p.is_file()]
+    found = []
+    for p in folder.iterdir():
+        m = CKPT_RE.search(p.name)
+        if m is None or p.is_dir() and not p.is_symlink():
+            continue
+        check_own(p)
+        found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -356,32 +364,97 @@ def is_ours(ck: Any) -> bool:
     return isinstance(ck, dict) and ck.get("format") == FORMAT and isinstance(ck.get("model"), dict)
 
 
+# Readers and the pruning writer agree through flock(2) on the checkpoint file itself: a reader holds a shared
+# lock from choosing a checkpoint until it has read it (pin ... unpin); prune takes an exclusive lock without
+# waiting and leaves a file that is being read for the next save to prune. Evaluating a run while it trains
+# therefore never finds its checkpoint removed mid-read.
+_PINS: dict = {}
+
+
+def pin(path: Path) -> bool:
+    """Hold a shared lock on checkpoint ``path`` (until :func:`unpin` or the process ends) so that the run writing
+    it does not prune it while it is read. False when the file is gone (pruned since it was listed)."""
+    import fcntl
+    key = os.path.abspath(path)
+    if key in _PINS:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # unreadable: read() says why in one line
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        held, now = os.fstat(fd), os.stat(path)
+        if (held.st_ino, held.st_dev) != (now.st_ino, now.st_dev):
+            raise FileNotFoundError(path)
+    except OSError:
+        os.close(fd)
+        return False
+    _PINS[key] = fd
+    return True
+
+
+def unpin(path: Path) -> None:
+    fd = _PINS.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
     """The newest checkpoint that passes its checksum, loads, and is one of ours; others are skipped with a
-    warning."""
+    warning, and one pruned while it was looked at is passed over in silence. The one returned is pinned
+    (:func:`pin`): the caller reads it, then unpins it."""
     for p in list_checkpoints(run_dir):
+        if not pin(p):
+            continue
         try:
             if is_ours(read(p)):
                 return p
             log(f"warning: skipping {p.name}: not a checkpoint of this project")
         except CheckpointError as e:
-            log(f"warning: skipping {p.name}: {e}")
+            if p.exists():
+                log(f"warning: skipping {p.name}: {e}")
+        unpin(p)
     return None
 
 
+def _take_for_removal(path: Path) -> Optional[int]:
+    """An exclusive lock on ``path`` when no reader holds it (the descriptor), else None."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints; also remove what a killed save left behind (temp files,
-    a card whose checkpoint never got renamed into place). Only the one process that writes the run
-    folder calls this, right after a complete save, so no temp file here belongs to a save in progress."""
+    """Keep the newest ``keep_last`` checkpoints (one a reader is reading waits for the next save); also remove
+    what a killed save left behind (temp files, a card whose checkpoint never got renamed into place). Only the
+    one process that writes the run folder calls this, right after a complete save, so no temp file here belongs
+    to a save in progress."""
     for p in list_checkpoints(run_dir)[keep_last:]:
-        for f in (p, p.with_suffix(".json")):
-            if f.is_file():
-                f.unlink(missing_ok=True)
+        fd = _take_for_removal(p)
+        if fd is None:
+            continue
+        try:
+            for f in (p, p.with_suffix(".json")):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if not p.is_file():
+        if not p.is_file() or p.is_symlink():
             continue
         if is_temp(p) and p.name.startswith(".checkpoint-"):
             p.unlink(missing_ok=True)

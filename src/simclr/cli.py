@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import __version__
 from . import config as config_lib
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
@@ -27,8 +27,8 @@ COMMANDS = {
     "runs": ("simclr.runs.cli:runs_main", "table of all runs under a folder (status, progress, kNN, linear top-1)"),
     "report": ("simclr.report.cli:report_main", "write an HTML report with plots and pictures into a run folder"),
     "compare": ("simclr.report.cli:compare_main", "plot two or more runs together and list their config differences"),
-    "export": ("simclr.export:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
-    "embed": ("simclr.export:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
+    "export": ("simclr.cli:export_main", "export an encoder: torchvision-named .pth or safetensors + model card"),
+    "embed": ("simclr.cli:embed_main", "features of every image in a folder -> .npy (+ ordered file list)"),
     "bench": ("simclr.bench:main", "throughput of the reference input/compute path vs the fast path, same run"),
 }
 
@@ -82,20 +82,57 @@ def _notes(notes) -> None:
         print(n, file=sys.stderr)
 
 
-def _with_run_config(argv: Sequence[str]) -> list:
+def _with_run_config(argv: Sequence[str]) -> tuple[list, dict]:
     """``--resume RUN_DIR`` without ``--config``: the run's own config.yaml is the base, so a plain resume
-    continues the same run (the command line still overrides it)."""
+    continues the same run (the command line still overrides it). Its location is RUN_DIR whatever folder the
+    file names (a copied run resumes as the copy). Returns (argv, values between the file and the command line)."""
+    from .files import check_own
     from .options import PretrainConfig
     argv = list(argv)
     config_path, overrides, _ = config_lib.split_argv(argv, PretrainConfig)
     run = Path(str(overrides.get("resume", "")))
-    if config_path is None and str(run) not in ("", ".", "auto") and (run / "config.yaml").is_file():
-        return ["--config", str(run / "config.yaml"), *argv]
-    return argv
+    if config_path is None and str(run) not in ("", ".", "auto") and run.is_dir() and check_own(run / "config.yaml"):
+        return ["--config", str(run / "config.yaml"), *argv], {"run_dir": ""}
+    return argv, {}
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` as a user can type it from here: relative below the current folder, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        rel = path.relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(str(rel) if rel.parent != Path(".") else f"./{rel}")
+
+
+def _on_path(name: str, target: Path) -> bool:
+    """Whether typing ``name`` runs ``target`` itself (not another install of the same name)."""
+    import shutil
+    found = shutil.which(name)
+    return found is not None and os.path.abspath(found) == os.path.abspath(target)
+
+
+def program() -> str:
+    """How to type the command that runs this package again, as is: ``python train.py`` for train.py users,
+    ``simclr`` when PATH finds this interpreter's script, else the script's path (``.venv/bin/simclr``: a
+    venv that is not activated), else ``python -m simclr``."""
+    exe = Path(sys.executable)
+    python = next((n for n in ("python", "python3") if _on_path(n, exe)), None) or _shown_path(exe)
+    if Path(sys.argv[0]).name == "train.py":
+        return f"{python} {_shown_path(Path(sys.argv[0]))}"
+    script = exe.parent / "simclr"
+    if _on_path("simclr", script):
+        return "simclr"
+    if script.is_file():
+        return _shown_path(script)
+    return f"{python} -m simclr"
 
 
 def resume_command(run_dir: str) -> str:
-    return f"simclr pretrain --resume {shlex.quote(str(run_dir))}"
+    if Path(sys.argv[0]).name == "train.py":  # train.py picks the job from the run's config
+        return f"{program()} --resume {shlex.quote(str(run_dir))}"
+    return f"{program()} pretrain --resume {shlex.quote(str(run_dir))}"
 
 
 def _tracker_environment(cfg) -> None:
@@ -107,13 +144,14 @@ def _tracker_environment(cfg) -> None:
 
 def pretrain_main(argv: Sequence[str]) -> int:
     from .options import PretrainConfig
-    cfg, notes = config_lib.parse(PretrainConfig, _with_run_config(argv))
+    cfg, notes = config_lib.parse(PretrainConfig, *_with_run_config(argv))
     if cfg.problem != "sim-clr":
         raise UserError(f"this config has problem: {cfg.problem}; run it with `simclr eval` "
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
     _tracker_environment(cfg)
     from . import distributed, launch
+    _notes([n for n in [launch.dp_note(cfg)] if n])
     if launch.maybe_spawn(cfg, list(argv), _pretrain_process):
         return 0
     from .train import pretrain
@@ -180,6 +218,60 @@ def knn_main(argv: Sequence[str]) -> int:
     from .options import EvalConfig, KnnConfig
     knn, notes = config_lib.parse(KnnConfig, argv)
     return _eval(config_lib.build(EvalConfig, {**config_lib.to_dict(knn), "protocol": "knn"}), notes)
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``simclr export``: the options (ExportConfig), then :func:`simclr.export.export_encoder`."""
+    from .export_options import ExportConfig
+    a, _ = config_lib.parse(ExportConfig, argv)
+    from .export import card_path, export_encoder
+    from .names import is_timm
+    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
+    out = Path(a.out)
+    what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
+    print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
+          f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
+    print(f"model card: {card_path(out)}")
+    if is_timm(card["arch"]):
+        if card["timm_recipe"]:
+            print("load it with timm:\n    " + "\n    ".join(card["timm_recipe"]).replace("PATH", repr(str(out))))
+    elif card["torchvision_recipe"]:
+        recipe = "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out)))
+        print("load it with torchvision:\n    " + recipe)
+    elif not card["torchvision_loadable"]:
+        print(f"note: {card['arch']} of width {card['width']} has no torchvision counterpart (torchvision's "
+              f"ResNet-18 to 152 have width 64); load it with simclr.load_encoder({str(out)!r})")
+    return 0
+
+
+def embed_main(argv: Sequence[str]) -> int:
+    """``simclr embed``: the options (EmbedConfig), then :func:`simclr.export.embed_images` into two files."""
+    from .export_options import EmbedConfig
+    a, _ = config_lib.parse(EmbedConfig, argv)
+    import numpy as np
+
+    from .export import embed_images, files_list_path
+    from .files import atomic_write
+    from .runtime import resolve_device
+    from .weights import load_encoder
+    out = Path(a.out)
+    device = resolve_device(a.device)
+    enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
+    if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
+        raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
+    feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
+                                         a.skip_bad_images, device, progress=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: np.save(f, feats))
+        atomic_write(files_list_path(out), "\n".join(names) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "
+          f"{enc.input_size}px); file names in row order: {files_list_path(out)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
+    return 0
 
 
 def _pretrain_process(argv: list) -> None:

@@ -42,19 +42,42 @@ class ShowHelp(Exception):
 
 def option(default=None, help: str = "", choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
            check_msg: str = "", *, aliases: Sequence[str] = (), positional: bool = False,
-           convert: Callable[[Any], Any] | None = None, default_factory=None):
+           convert: Callable[[Any], Any] | None = None, default_factory=None, switch: bool = False):
     """A schema field.
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
     ``positional``: filled from bare command-line words (a ``list`` field takes all of them).
+    ``switch``: a text option that, like a boolean, may stand alone on the command line (``--flag`` = true).
     ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``);
     it sees YAML mappings and lists too (returned unchanged, or bounded work: a YAML alias bomb is huge).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
-            "aliases": tuple(aliases), "positional": positional, "convert": convert}
+            "aliases": tuple(aliases), "positional": positional, "convert": convert, "switch": switch}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+AUTO_SWITCH = ("auto", "true", "false")
+
+
+def _auto_switch(value):
+    """true/false in any spelling a boolean accepts (YAML booleans too) -> 'true'/'false'; 'auto' stays."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else value
+    return "true" if text in TRUE else "false" if text in FALSE else text
+
+
+def auto_switch(default: str = "auto", help: str = ""):
+    """A switch whose default depends on the device: ``auto`` (not given), ``true`` or ``false``. On the command
+    line ``--flag`` alone means true, as for a boolean; read it with :func:`switch_on`."""
+    return option(default, help, AUTO_SWITCH, convert=_auto_switch, switch=True)
+
+
+def switch_on(value: str, auto: bool) -> bool:
+    """An :func:`auto_switch` value: ``auto`` -> ``auto`` (the device's default), else what was given."""
+    return auto if value == "auto" else value == "true"
 
 
 def positive(x) -> bool:
@@ -227,6 +250,7 @@ def split_argv(argv: Sequence[str], cls=None) -> tuple[Optional[str], dict, list
     """
     table = _key_table(cls) if cls is not None else {}
     types = {f.name: type_of(cls, f) for f in fields(cls)} if cls is not None else {}
+    switches = {f.name for f in fields(cls) if f.metadata.get("switch")} if cls is not None else set()
     config_path, overrides, words = None, {}, []
     argv = list(argv)
     i = 0
@@ -251,9 +275,9 @@ def split_argv(argv: Sequence[str], cls=None) -> tuple[Optional[str], dict, list
         if value is None:
             nxt = argv[i] if i < len(argv) else None
             takes_next = nxt is not None and (not nxt.startswith("-") or _is_number(nxt))
-            is_literal = takes_next and nxt.strip().lower() in TRUE + FALSE
+            is_literal = takes_next and nxt.strip().lower() in TRUE + FALSE + (("auto",) if name in switches else ())
             has_words = any(f.metadata.get("positional") for f in fields(cls)) if cls is not None else False
-            if types.get(name) is bool and not is_literal and (not takes_next or has_words):
+            if (types.get(name) is bool or name in switches) and not is_literal and (not takes_next or has_words):
                 value = "true"  # a bare switch (a word after it is a positional argument, or a bad value)
             elif not takes_next:
                 raise ConfigError(f"option {a} needs a value (write {a} VALUE)")
@@ -352,5 +376,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg, path: Path) -> None:
-    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+def save(cfg, path: Path, **replace) -> None:
+    """``cfg`` as YAML at ``path``, with the values in ``replace`` written instead of ``cfg``'s."""
+    atomic_write(path, yaml.safe_dump({**to_dict(cfg), **replace}, sort_keys=True))

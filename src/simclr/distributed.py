@@ -120,6 +120,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` in rank order (``[obj]`` without a process group). A collective."""
+    if not is_enabled():
+        return [obj]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, obj)
+    return values
+
+
 def check_same(value, what: str) -> None:
     """Fail on every rank when ranks disagree on ``value`` (e.g. the step a resume starts from)."""
     if not is_enabled():

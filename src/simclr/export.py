@@ -8,33 +8,29 @@ size, metrics, the lines that load it) beside it.
 
 embed: an image folder -> ``features.npy`` (one float32 row per image) and ``features.files.txt``
 (the image paths relative to the folder, one per line, in row order).
+
+The command lines (``simclr export`` / ``simclr embed``) are :func:`simclr.cli.export_main` and
+:func:`simclr.cli.embed_main`; their options are in :mod:`simclr.export_options`.
 """
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
-from . import config as config_lib
 from .checkpoint import resolve, write_with_card
-from .config import nonneg, option, positive
 from .data.datasets import IMG_EXTENSIONS
 from .data.images import open_rgb
 from .errors import ConfigError, DataError, UserError
-from .files import atomic_write, sha256_file
+from .files import sha256_file
 from .models import is_timm
 from .models.timm_trunk import create_call
-from .options import ENCODE_LAYER_HELP
-from .runtime import resolve_device
+from .names import DATA_ALIASES
+from .export_options import EXPORT_FORMATS as FORMATS
 from .weights import Encoder, load_encoder
-
-FORMATS = ("auto", "torchvision", "timm", "safetensors")
 
 
 def card_path(out: Path) -> Path:
@@ -83,7 +79,6 @@ def _format(fmt: str, enc: Encoder) -> str:
 
 def _dataset_name(data):
     """The spec writes 'cifar' for CIFAR-10; cards use our canonical names."""
-    from .options import DATA_ALIASES
     return DATA_ALIASES.get(str(data).lower(), data) if data else data
 
 
@@ -205,15 +200,18 @@ def _collate(items):
 
 @torch.inference_mode()
 def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, layer: str = "h",
-                 skip_bad: bool = False, device="cpu") -> tuple[np.ndarray, list, list]:
+                 skip_bad: bool = False, device="cpu", progress: bool = False) -> tuple[np.ndarray, list, list]:
     """(features (N, d) float32, relative file names (N,), skipped file names)."""
+    from .progress import Progress
     root = Path(root)
     files = list_images(root)
     loader = torch.utils.data.DataLoader(_Files(files, enc.input_size, skip_bad), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     device = torch.device(device)
     rows, kept, skipped = [], [], []
+    bar = Progress(len(loader), "embed", progress)
     for x, idx in loader:
+        bar.update()
         ok = [j for j, i in enumerate(idx) if i >= 0]
         skipped += [files[-1 - i].relative_to(root).as_posix() for i in idx if i < 0]
         if not ok:
@@ -221,6 +219,7 @@ def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, la
         f = enc.encode(x[ok].to(device), layer) if layer != "h" else enc(x[ok].to(device))
         rows.append(f.float().cpu().numpy())
         kept += [files[idx[j]].relative_to(root).as_posix() for j in ok]
+    bar.close()
     if not rows:
         raise DataError(f"no readable image in {root}")
     return np.concatenate(rows).astype(np.float32, copy=False), kept, skipped
@@ -229,99 +228,3 @@ def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, la
 def files_list_path(out: Path) -> Path:
     """``features.npy`` -> ``features.files.txt``."""
     return out.with_suffix(".files.txt")
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportConfig:
-    """Export an encoder for downstream code: torchvision-named .pth or safetensors, model card <out>.json beside."""
-
-    COMMAND = "export"
-    YAML = False
-
-    ckpt: str = option(MISSING, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an earlier export", positional=True)
-    out: str = option(None, "output file, e.g. resnet50_simclr.pth or encoder.safetensors (required)")
-    format: str = option("auto", "output format: torchvision (torch.save state dict, torchvision's names; ResNets), "
-                         "timm (torch.save state dict, timm's names; timm: encoders, loadable by timm.create_model), "
-                         "auto (the one of these two that fits), safetensors (either, as safetensors)", FORMATS)
-    include_head: bool = option(False, "also write the projection head as projection.* keys (then torchvision "
-                                       "needs strict=False)")
-    trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
-                                           "you trust)")
-
-    def check(self) -> None:
-        if not self.out:
-            raise ConfigError("option 'out' is required: the file to write, e.g. --out encoder.pth")
-
-
-@dataclass
-class EmbedConfig:
-    """Features of every image under a folder: <out>.npy (one row per image), <out>.files.txt (names in row order)."""
-
-    COMMAND = "embed"
-    YAML = False
-
-    encoder_ckpt: str = option(None, "our checkpoint (or a run folder: its newest valid one; or its .json card), the spec's .pth.tar, or an export (required)")
-    images: str = option(None, "folder of images, searched recursively (required)")
-    out: str = option(None, "output .npy file (required); the file names go to <out stem>.files.txt")
-    layer: str = option("h", ENCODE_LAYER_HELP)
-    batch_size: int = option(256, "images encoded per forward pass (memory, not results)", check=positive,
-                             check_msg="must be > 0")
-    workers: int = option(0, "DataLoader worker processes for decoding", check=nonneg, check_msg="must be >= 0")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    skip_bad_images: bool = option(False, "skip unreadable images (left out of both files) instead of failing")
-    trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
-                                           "you trust)")
-
-    def check(self) -> None:
-        for key in ("encoder_ckpt", "images", "out"):
-            if not getattr(self, key):
-                raise ConfigError(f"option '{key}' is required (see `simclr embed --help`)")
-        if self.layer not in ("h", "z") and not (self.layer[:1] == "g" and self.layer[1:].isdigit()):
-            raise ConfigError(f"option 'layer' got {config_lib.shown(self.layer)}; allowed: h, z, g1, g2, g3")
-        if Path(self.out).suffix != ".npy":
-            raise ConfigError(f"--out {self.out} must end in .npy")
-
-
-def export_main(argv: Sequence[str]) -> int:
-    a, _ = config_lib.parse(ExportConfig, argv)
-    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
-    out = Path(a.out)
-    what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
-    print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
-          f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
-    print(f"model card: {card_path(out)}")
-    if is_timm(card["arch"]):
-        if card["timm_recipe"]:
-            print("load it with timm:\n    " + "\n    ".join(card["timm_recipe"]).replace("PATH", repr(str(out))))
-    elif card["torchvision_recipe"]:
-        print("load it with torchvision:\n    " + "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out))))
-    elif not card["torchvision_loadable"]:
-        print(f"note: {card['arch']} of width {card['width']} has no torchvision counterpart (torchvision's "
-              f"ResNet-18 to 152 have width 64); load it with simclr.load_encoder({str(out)!r})")
-    return 0
-
-
-def embed_main(argv: Sequence[str]) -> int:
-    a, _ = config_lib.parse(EmbedConfig, argv)
-    out = Path(a.out)
-    device = resolve_device(a.device)
-    enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
-    if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:
-        raise ConfigError(f"option 'layer' got {a.layer!r}; this head has {enc.model.projection.layers} layers")
-    feats, names, skipped = embed_images(enc, Path(a.images), a.batch_size, a.workers, a.layer,
-                                         a.skip_bad_images, device)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda f: np.save(f, feats))
-        atomic_write(files_list_path(out), "\n".join(names) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "
-          f"{enc.input_size}px); file names in row order: {files_list_path(out)}")
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
-    return 0

@@ -4,6 +4,8 @@ Every file the package writes (checkpoints, cards, status.json, config.yaml, eva
 report pages and figures) goes through :func:`atomic_write`: the bytes go to a uniquely named temporary
 file in the same folder, are flushed and fsynced, and the temporary file is renamed over the target
 (``os.replace`` is atomic on POSIX), then the folder is fsynced. Readers see the old file or the new one.
+
+Also :func:`git_state`: which commit the package's own source files are, and whether they differ from it.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import hashlib
 import os
 import secrets
 import shutil
+import subprocess
+import stat
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from .errors import UserError
 
@@ -129,3 +133,147 @@ def atomic_write(path: Path, content: Content, *, before_replace: Callable[[Path
         if err is not None:
             raise err from None
         raise
+
+
+class GitState(NamedTuple):
+    """The git commit of a checkout and whether its tracked files differ from it (uncommitted edits)."""
+
+    commit: str  # full hash of HEAD; "" outside a git checkout (an installed package) or without git
+    dirty: Optional[bool]  # None when commit is ""
+
+    @property
+    def label(self) -> str:
+        """``1a2b3c4`` or ``1a2b3c4+dirty`` (``unknown`` outside a checkout): how benchmark results name the code."""
+        return self.commit[:7] + ("+dirty" if self.dirty else "") if self.commit else "unknown"
+
+
+def git_state(where: Optional[Path] = None) -> GitState:
+    """:class:`GitState` of the git checkout holding ``where`` (default: this package's source files). Dirty means
+    a tracked file is modified or staged; untracked files do not count (``git status --untracked-files=no``)."""
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return GitState("", None)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return GitState("", None)
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return GitState(head.stdout.strip(), dirty)
+# ---------------------------------------------------------------------------------------------
+# run-folder files: only regular files and folders the run created, never a link followed
+# ---------------------------------------------------------------------------------------------
+
+def _not_ours(path: Path, what: str, folder: bool = False) -> UserError:
+    return UserError(f"refusing to use {path}: it is {what}, not a {'folder' if folder else 'file'} this run wrote "
+                     f"(a run folder holds only its own regular files and folders); move it aside and run again")
+
+
+def check_own(path: Path, folder: bool = False) -> bool:
+    """Whether ``path`` exists, refusing (one :class:`UserError` line) a symlink, or a special file (FIFO,
+    socket, device) or a folder where a file belongs (``folder=False``), or a file where a folder belongs.
+    ``lstat``: the link itself is judged, never what it points to."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise _not_ours(path, f"a symlink (to {target[:200]!r})", folder)
+    if folder and not stat.S_ISDIR(st.st_mode):
+        raise _not_ours(path, "a file", folder=True)
+    if not folder and not stat.S_ISREG(st.st_mode):
+        raise _not_ours(path, "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (pipe, socket or device)")
+    return True
+
+
+def open_own(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a run-folder file that never follows a symlink (``O_NOFOLLOW``) and refuses anything but a
+    regular file; returns the descriptor. The one way the package opens a run folder's files for appending or
+    locking (whole files are replaced by :func:`atomic_write`, whose rename replaces a link, never its target)."""
+    path = Path(path)
+    check_own(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink put there since the check
+            raise _not_ours(path, "a symlink") from None
+        raise write_error(path, e) or UserError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_ours(path, "a special file (pipe, socket or device)")
+    return fd
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append ``text`` (one or more whole lines) to a run-folder file, never through a symlink."""
+    fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: a command overwrites or deletes only what it wrote itself
+# ---------------------------------------------------------------------------------------------
+MARK_BYTES = 1 << 16
+
+
+def written_by(path: Path, mark: bytes) -> bool:
+    """Whether the regular file ``path`` carries ``mark`` in its first bytes (the PNG metadata or HTML
+    ``generator`` tag our writers put there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return mark in os.read(fd, MARK_BYTES)
+    finally:
+        os.close(fd)
+
+
+def claim_output(path: Path, mark: bytes, command: str, force: bool = False) -> None:
+    """Refuse (one line naming --force) to write ``path`` when something is there that ``command`` did not
+    write (no ``mark`` in it): a checkpoint, a user's picture, a folder, a link."""
+    path = Path(path)
+    if not os.path.lexists(path) or force and not path.is_dir() or written_by(path, mark):
+        return
+    what = "a folder" if path.is_dir() and not path.is_symlink() else \
+        "a symlink" if path.is_symlink() else "a file that simclr " + command + " did not write"
+    raise UserError(f"{path} exists and is {what}; refusing to overwrite it. Choose another --out"
+                    + ("" if path.is_dir() else ", or pass --force true to overwrite it"))
+
+
+def read_manifest(folder: Path, name: str = "manifest.json") -> list:
+    """The file names a command's earlier run listed as its own outputs in ``folder`` (none: [])."""
+    import json
+    try:
+        fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(MARK_BYTES))
+    except (OSError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    return [f for f in files if isinstance(f, str) and f and Path(f).name == f] if isinstance(files, list) else []
+
+
+def replace_outputs(folder: Path, written: list, name: str = "manifest.json") -> None:
+    """After a command wrote ``written`` (names) into ``folder``: delete what its previous run listed and this one
+    did not write again (only those, only regular files), then list ``written`` as its outputs. Called last, so
+    a command that fails leaves the previous outputs in place."""
+    import json
+    folder = Path(folder)
+    for old in set(read_manifest(folder, name)) - set(written):
+        p = folder / old
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+    atomic_write(folder / name, json.dumps({"files": sorted(written)}, indent=1))

@@ -59,15 +59,13 @@ def _restore(saved: list) -> None:
 def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, multiplier: int, chunks: int,
                         autocast_dtype: Optional[torch.dtype] = None,
                         scale: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
-                        loss_hook: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
                         on_h: Optional[Callable[[tuple], None]] = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate into ``.grad`` the gradient of NT-Xent over the whole batch, chunk by chunk.
 
     model: returns ``{"z": (rows, d)}`` (a DDP wrapper is fine: gradients are all-reduced once,
     on the last chunk). x: (m*B, 3, S, S) ordered [view 1; view 2; ...]. ``scale`` maps the
-    cached gradient before back-propagation (a GradScaler's ``scale`` for fp16).
-    ``loss_hook`` may change the loss before its gradient is taken (fault injection). ``on_h`` is handed
+    cached gradient before back-propagation (a GradScaler's ``scale`` for fp16). ``on_h`` is handed
     ``(rows, h)`` of every chunk's graph-free pass (the online probe's features).
     Returns (loss, acc), detached.
     """
@@ -89,7 +87,6 @@ def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, m
         z[r] = part
     z.requires_grad_(True)
     loss, acc = nt_xent(z, temperature, multiplier)
-    loss = loss_hook(loss)
     (grad,) = torch.autograd.grad(loss, z)
     grad = scale(grad)
     sync = getattr(model, "no_sync", None)

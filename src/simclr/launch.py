@@ -1,9 +1,11 @@
-"""The spec's multi-node launch form: one process per local GPU, started here.
+"""The spec's launch forms: one process per local GPU, started here.
 
 ``--dist ddp --world_size NODES --node_rank R --dist_address HOST:PORT`` on every node;
 :func:`maybe_spawn` starts one process per local GPU (torch.multiprocessing), global rank =
 R * GPUs_per_node + local rank, and gives each the torchrun variables that
 :func:`simclr.distributed.init` reads. Without a GPU a node runs one process (gloo), in place.
+``--dist dp`` (the spec's single-node multi-GPU mode, DataParallel there) is the same on one node:
+one DDP process per visible GPU, DDP being the replacement PyTorch recommends for DataParallel.
 
 The launcher is handed the function each process runs, so it knows nothing of the commands
 above it; it creates those processes, which is why it (and not the library) sets their ranks
@@ -34,6 +36,22 @@ def procs_per_node(device: str) -> int:
     return torch.cuda.device_count()
 
 
+def dp_note(cfg) -> str:
+    """The ``note:`` line of a ``--dist dp`` run that is one process, saying why; '' for any other run."""
+    if cfg.dist != "dp" or env_ranks() is not None or os.environ.get(PROCS_ENV):
+        return ""
+    if cfg.device == "cpu":
+        why = "--device cpu"
+    elif not torch.cuda.is_available():
+        why = "no GPU is visible"
+    elif torch.cuda.device_count() == 1:
+        why = "one GPU is visible"
+    else:
+        return ""
+    return (f"note: --dist dp runs one training process per visible GPU of this node (DDP); {why}, so this run "
+            f"is one process")
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -43,7 +61,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def maybe_spawn(cfg, argv: list, target: Callable[[list], None]) -> bool:
-    """The spec's launch form spawns one process per local GPU, each running ``target(argv)``
+    """``--dist ddp`` / ``--dist dp`` spawn one process per local GPU, each running ``target(argv)``
     (a picklable top-level function: the processes are started with ``spawn``; it signals failure
     by raising or by ``sys.exit(code)``). Returns True when it spawned (this process then only
     waited for them). Under torchrun/SLURM, or with one process in all, it returns False and the
@@ -53,13 +71,17 @@ def maybe_spawn(cfg, argv: list, target: Callable[[list], None]) -> bool:
     if ranks is not None:  # torchrun / SLURM gave the ranks
         check_batch(cfg.batch_size, ranks[1])
         return False
-    if cfg.dist != "ddp":
+    if cfg.dist == "none":
         return False
+    if cfg.dist == "dp" and (cfg.world_size != 1 or cfg.node_rank != 0):
+        raise UserError(f"--dist dp runs on this node only (one process per visible GPU), but --world_size is "
+                        f"{cfg.world_size} and --node_rank {cfg.node_rank}; for several nodes use --dist ddp "
+                        f"--world_size NODES --node_rank R --dist_address HOST:PORT on each")
     if cfg.node_rank >= cfg.world_size:
         raise UserError(f"--node_rank {cfg.node_rank} must be below --world_size {cfg.world_size} "
                         f"(the number of nodes; ranks are 0 .. {cfg.world_size - 1})")
     if cfg.device.startswith("cuda:"):
-        raise UserError(f"--device {cfg.device} pins one GPU, but --dist ddp uses every visible GPU; "
+        raise UserError(f"--device {cfg.device} pins one GPU, but --dist {cfg.dist} uses every visible GPU; "
                         f"use --device cuda and select GPUs with CUDA_VISIBLE_DEVICES")
     local = procs_per_node(cfg.device)
     world = cfg.world_size * local

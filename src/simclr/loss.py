@@ -50,17 +50,19 @@ def nt_xent(z: torch.Tensor, temperature: float, multiplier: int = 2) -> tuple[t
         else:
             cols = z
         big_n = world * n  # global images per view
-        view = torch.arange(m, device=z.device).repeat_interleave(n)  # (m*n,) view of each local row
-        image = rank * n + torch.arange(n, device=z.device).repeat(m)  # (m*n,) global image index
+        rows = torch.arange(m * n, device=z.device)
+        view = torch.div(rows, n, rounding_mode="floor")  # (m*n,) view of each local row
+        image = rank * n + rows % n  # (m*n,) global image index
         self_col = view * big_n + image  # column holding the anchor itself
 
         logits = (z @ cols.t()) / temperature  # (m*n, m*W*n)
-        logits = logits.masked_fill(F.one_hot(self_col, m * big_n).bool(), float("-inf"))
+        # the anchor's own column out of the softmax, by index: no (m*n, m*W*n) mask, no host sync
+        logits = logits.index_put((rows, self_col), logits.new_full((), float("-inf")))
         logprob = F.log_softmax(logits, dim=1)
 
-        # positives of row i: the same image in every other view
-        others = torch.arange(m, device=z.device).unsqueeze(0).expand(m * n, m)
-        others = others[others != view.unsqueeze(1)].view(m * n, m - 1)  # (m*n, m-1)
+        # positives of row i: the same image in every other view, views j < view(i) as j and the rest as j + 1
+        others = torch.arange(m - 1, device=z.device).unsqueeze(0)
+        others = others + (others >= view.unsqueeze(1)).long()  # (m*n, m-1)
         pos_cols = others * big_n + image.unsqueeze(1)
         loss = -logprob.gather(1, pos_cols).mean()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -150,15 +149,24 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim") -> l
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+MOMENTUM = 0.9  # of LARS and SGD: the spec's and the official SimCLR's (--momentum accepts only this value)
+
+
+def build_optimizer(model, name: str, lr: float, weight_decay: float = 0.0,
                     rule: str = "ndim", foreach: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay, rule)
+    """The one optimizer factory of pretraining and evaluation: LARS, SGD (both with momentum :data:`MOMENTUM`) or
+    Adam. ``model``: a module, its parameters split by ``rule`` (:func:`param_groups`: no weight decay and no LARS
+    adaptation for the excluded ones), or parameter groups as torch.optim takes them (a list of dicts; a group
+    without its own ``weight_decay`` gets ``weight_decay``, one without its own ``lr`` gets ``lr``)."""
+    if isinstance(model, nn.Module):
+        groups = param_groups(model, weight_decay, rule)
+    else:
+        groups = [{"weight_decay": weight_decay, **g} for g in model]
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=0.9, foreach=foreach)
-    for g in groups:
-        g.pop("exclude")
+        return LARS(groups, lr=lr, momentum=MOMENTUM, foreach=foreach)
+    groups = [{k: v for k, v in g.items() if k != "exclude"} for g in groups]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; allowed: lars, sgd, adam")
@@ -203,7 +211,3 @@ def lr_schedule(base_lr: float, iters: int, kind: str = "warmup-anneal", warmup:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
-
-
-def trainable(params: Iterable[torch.Tensor]) -> list:
-    return [p for p in params if p.requires_grad]

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import fields, nonneg, option, positive, type_of
+from .config import auto_switch, fields, nonneg, option, positive, type_of
 from .errors import ConfigError
-from .data.transforms import blur_sigma_range
-from .models import BASE_WIDTH, ENCODERS, is_timm, resolve_width, split_arch
-from .models.timm_trunk import canonical_kwargs, check_name
+from .names import (BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs, is_timm,
+                    resolve_width, split_arch)
 
 # Keys the spec writes into its saved configs that describe a past run (its exman bookkeeping: run id,
 # start time, final status, tmp flag, the file it was read from, the process count and GPU index of
@@ -25,11 +24,29 @@ from .models.timm_trunk import canonical_kwargs, check_name
 IGNORED_KEYS = ("id", "time", "status", "tmp", "config_file", "number_of_processes", "gpu")
 PRETRAIN_IGNORED_KEYS = IGNORED_KEYS + ("ckpt_iter",)
 
+# Options the spec's configs carry that take one value here: accepted for compatibility, so its files and command
+# lines work unchanged, and any other value is refused with the reason. The one place they are described: each
+# field's help text and its check are made from this table by compatibility_only().
+COMPATIBILITY_ONLY = {  # option: (commands, the one accepted value, why no other)
+    "momentum": ("pretrain, eval", 0.9, "SGD/LARS momentum is fixed at 0.9, the spec's and the official SimCLR "
+                 "value"),
+    "model_id": ("pretrain, eval", -1, "-1 means not set: the spec's exman run ids are not used here; pass the "
+                 "checkpoint file as --ckpt or --encoder_ckpt"),
+    "arch": ("eval", "linear", "the classifier on the encoder is linear, as in the spec; the encoder's own "
+             "architecture is --encoder_arch"),
+}
+
+
+def compatibility_only(name: str, **kw):
+    """The field of a :data:`COMPATIBILITY_ONLY` option: its one value is the default and the only one accepted."""
+    _, value, why = COMPATIBILITY_ONLY[name]
+    return option(value, f"accepted for compatibility with the spec's configs, only as {value!r}: {why}",
+                  check=lambda x: x == value, check_msg=f"this option is accepted for compatibility only, with the "
+                  f"one value {value!r}: {why}", **kw)
+
+
 PROBLEMS = ["sim-clr", "eval", "semi-supervised-eval"]
 EVAL_PROBLEMS = ("eval", "semi-supervised-eval")
-
-# Accepted spellings of dataset names, mapped to ours.
-DATA_ALIASES = {"cifar": "cifar10"}
 
 # Experiment trackers --logger can name (simclr.trackers); "none" = only the run folder's own files.
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -74,7 +91,7 @@ def _arch(v):
     return "timm:" + v[5:] if v[:5].lower() == "timm:" else v.lower()
 
 
-ARCH_HELP = (f"encoder: {', '.join(ENCODERS)} (spec spelling ResNet50 accepted; resnet50x2 = --width_multiplier 2), "
+ARCH_HELP = (f"encoder: {', '.join(RESNETS)} (spec spelling ResNet50 accepted; resnet50x2 = --width_multiplier 2), "
              f"or timm:<model name> for any timm model (pip install 'simclr[timm]'), e.g. timm:resnet18, "
              f"timm:vit_tiny_patch16_224")
 
@@ -87,6 +104,7 @@ def resolve_encoder(cfg, arch_key: str, width_key: str, mult_key: str = "") -> N
     arch, width = getattr(cfg, arch_key), getattr(cfg, width_key)
     mult = getattr(cfg, mult_key) if mult_key else 0
     if is_timm(arch):
+        from .models.timm_trunk import check_name  # a timm name is checked by timm itself (imports torch)
         check_name(arch)
         given = [f"--{k} {getattr(cfg, k)}" for k in (width_key, mult_key) if k and getattr(cfg, k)]
         if given:
@@ -99,10 +117,10 @@ def resolve_encoder(cfg, arch_key: str, width_key: str, mult_key: str = "") -> N
     if cfg.timm_kwargs:
         raise ConfigError(f"--timm_kwargs applies to timm: archs only, not to {arch}")
     base, _ = split_arch(arch)
-    if base not in ENCODERS:
-        close = difflib.get_close_matches(base, list(ENCODERS), n=1)
+    if base not in RESNETS:
+        close = difflib.get_close_matches(base, list(RESNETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"option '{arch_key}' got {arch!r}; allowed: {', '.join(ENCODERS)} (with an optional width "
+        raise ConfigError(f"option '{arch_key}' got {arch!r}; allowed: {', '.join(RESNETS)} (with an optional width "
                           f"multiplier: resnet50x2), or timm:<model name>{hint}")
     try:
         base, width = resolve_width(arch, width, mult)
@@ -139,17 +157,12 @@ class CommonConfig:
     name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)")
     root: str = option("", "folder holding all runs (default: $SIMCLR_LOGS or $EXMAN_PATH or ./logs)",
                        convert=_path)
-    data: str = option("cifar10", "dataset: cifar10 (alias cifar), cifar100, stl10, imagenet, folder",
-                    ["cifar10", "cifar100", "stl10", "imagenet", "folder"], convert=_data)
+    data: str = option("cifar10", f"dataset: {', '.join(DATASETS)} (alias cifar = cifar10; folder = any image "
+                       f"folder, --data_path)", DATASETS, convert=_data)
     data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder")
     image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
                              **within(0, MAX_SIDE))
     arch: str = option("resnet50", ARCH_HELP, convert=_arch)
-    width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
-                        "64 x width_multiplier", **within(0, MAX_WIDTH))
-    width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
-                                   "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
-                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
     timm_kwargs: str = option("", "extra timm.create_model arguments for a timm: arch, as a JSON object (YAML: a "
                               "mapping), e.g. '{\"patch_size\": 4}' for a ViT on 32 px images; img_size is "
                               "--image_size (passed to models that take it)", convert=canonical_kwargs)
@@ -163,9 +176,7 @@ class CommonConfig:
                         check_msg="must be within [0, 1]")
     opt: str = option("lars", "optimizer: lars, sgd (momentum 0.9), adam", ["lars", "sgd", "adam"])
     weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0", aliases=("wd",))
-    momentum: float = option(0.9, "SGD/LARS momentum: fixed at 0.9 as in the spec's and the official code "
-                             "(older spec configs still carry the key)", check=lambda x: x == 0.9,
-                             check_msg="is fixed at 0.9 (the spec's and the official SimCLR value)")
+    momentum: float = compatibility_only("momentum")
     aug: bool = option(True, "apply random augmentations")
     scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
                              check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
@@ -181,8 +192,10 @@ class CommonConfig:
     ckpt: str = option("", "checkpoint to resume from (pretraining) or a saved head (eval-only)",
                        convert=_path)
     verbose: bool = option(True, "print progress")
-    dist: str = option("none", "distributed mode: none, ddp (one process per GPU), dp (spec compatibility)",
-                    ["none", "ddp", "dp"])
+    dist: str = option("none", "distributed pretraining: none; ddp (one process per GPU of each node, with "
+                       "--world_size/--node_rank/--dist_address; or start it with torchrun); dp (the spec's "
+                       "single-node mode: one DDP process per visible GPU of this node; one process without a GPU). "
+                       "Evaluation runs in one process", ["none", "ddp", "dp"])
     dist_address: str = option("127.0.0.1:1234", "<address>:<port> of the main node (spec's --dist ddp form)")
     node_rank: int = option(0, "rank of this node (spec's --dist ddp form)", check=nonneg, check_msg="must be >= 0")
     world_size: int = option(1, "number of nodes (spec's --dist ddp form)", check=positive, check_msg="must be > 0")
@@ -198,13 +211,9 @@ class CommonConfig:
                          check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)")
     mlflow_uri: str = option("", "MLflow tracking URI for --logger mlflow (default: the file store "
                              "file:<run folder>/mlruns)")
-    model_id: int = option(-1, "the spec's exman run id to load a model from; -1 = not set (the only value: "
-                           "pass checkpoints as --ckpt / --encoder_ckpt)", check=lambda x: x == -1,
-                           check_msg="must be -1 (not set): exman run ids are not used here; pass the "
-                           "checkpoint file as --ckpt or --encoder_ckpt")
+    model_id: int = compatibility_only("model_id")
 
     IGNORED_KEYS = IGNORED_KEYS
-    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
     def check(self) -> None:
         """Cross-field checks (after every field's own range check)."""
@@ -232,7 +241,14 @@ class PretrainConfig(CommonConfig):
 
     COMMAND = "pretrain"
     IGNORED_KEYS = PRETRAIN_IGNORED_KEYS
+    ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
+    # the encoder's width is pretraining's (an evaluation reads it from the checkpoint; --encoder_width for a random one)
+    width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
+                        "64 x width_multiplier", **within(0, MAX_WIDTH))
+    width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
+                                   "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
+                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
     temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
     multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64))
     color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
@@ -270,8 +286,11 @@ class PretrainConfig(CommonConfig):
     loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
                       "augmentation, on the GPU when there is one), auto (fast on CUDA)",
                       ["auto", "reference", "fast"])
-    channels_last: bool = option(False, "channels_last memory format (faster on GPUs)")
-    compile: bool = option(False, "torch.compile the encoder")
+    channels_last: str = auto_switch("auto", "channels_last memory format: auto (on for CUDA, off on the CPU), "
+                                     "true, false")
+    compile: str = auto_switch("auto", "torch.compile the model: auto (on for CUDA, falling back to eager with "
+                               "one warning when compiling fails; off on the CPU), true (a compile error stops the "
+                               "run), false")
     grad_cache_chunks: int = option(0, "compute the loss gradient of a large batch in this many chunks (0 = off)",
                                  check=nonneg, check_msg="must be >= 0")
     skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing")
@@ -299,8 +318,7 @@ class EvalConfig(CommonConfig):
     problem: str = option("eval", "which job: eval (linear evaluation: augmentation on the fly, plain test "
                           "images), semi-supervised-eval (the spec's semi-supervised protocol: train_size, "
                           "n_augs_*, acc_on_unlabeled) or sim-clr (pretraining)", PROBLEMS)
-    arch: str = option("linear", "classifier on top of the encoder: linear (the only one, as in the spec)",
-                       ["linear"], convert=_lower)
+    arch: str = compatibility_only("arch", convert=_lower)
     protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
                            "L-BFGS logistic regression, L2 picked on a held-out split), knn",
                            ["linear", "fast-linear", "knn"])
@@ -359,17 +377,19 @@ class EvalConfig(CommonConfig):
     run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
 
     def notes(self) -> list:
-        """The spec's ``problem: eval`` (its SSLEval) has no n_augs_*: its dumped cifar_eval.yaml carries
-        n_augs_train 10 / n_augs_test 50 that its code never reads. Same here, said once."""
-        if self.problem != "eval":
-            return []
+        """Values accepted that change nothing, said once each. The spec's eval configs carry ``dist: dp``
+        (evaluation here is one process). The spec's ``problem: eval`` (its SSLEval) has no n_augs_*: its
+        dumped cifar_eval.yaml carries n_augs_train 10 / n_augs_test 50 that its code never reads."""
+        out = []
+        if self.dist != "none":
+            out.append(f"note: evaluation runs in one process; --dist {self.dist} applies to pretraining only")
         set_ = [f"{k}: {getattr(self, k)}" for k in ("n_augs_train", "n_augs_test") if getattr(self, k) != -1]
-        self.n_augs_train = self.n_augs_test = -1
-        if not set_:
-            return []
-        return [f"note: ignoring {', '.join(set_)}: problem eval trains on augmentation on the fly and tests "
-                f"on the plain images, as the spec's code does; use --problem semi-supervised-eval for "
-                f"augmented copies / test-time averaging"]
+        if self.problem == "eval" and set_:
+            self.n_augs_train = self.n_augs_test = -1
+            out.append(f"note: ignoring {', '.join(set_)}: problem eval trains on augmentation on the fly and tests "
+                       f"on the plain images, as the spec's code does; use --problem semi-supervised-eval for "
+                       f"augmented copies / test-time averaging")
+        return out
 
 
 
@@ -397,3 +417,4 @@ KnnConfig = make_dataclass(
                "COMMAND": "knn", "IGNORED_KEYS": IGNORED_KEYS + ("problem", "protocol"),
                "OTHER": ("eval", EvalConfig), "finalize": _knn_finalize})
 KnnConfig.__module__ = __name__
+

@@ -3,7 +3,8 @@
     <root>/<name>/<run-id>/
         config.yaml      the fully resolved config
         status.json      running | finished | failed | interrupted, pid, host, heartbeat, error
-        env.json         package versions, device, git commit, command line
+        env.json         package versions, device, git commit, command line (of the last invocation)
+        invocations.jsonl  the same, one line per invocation (a resumed run has several)
         metrics.jsonl    one JSON object per log/eval event ({"step": ..., "loss": ...})
         log.txt          everything the run printed
         checkpoints/     checkpoint-<step>.pt + .json model cards
@@ -28,7 +29,6 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError
-from .files import atomic_write
+from .files import append_line, atomic_write, check_own, git_state, open_own
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -47,24 +47,17 @@ def new_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def environment(device: str = "") -> dict:
+    from .data.datasets import data_root
     import numpy
     import torch
     import torchvision
+    git = git_state()  # git_dirty: whether the code that ran differs from git_commit (None: not a checkout)
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
            "numpy": numpy.__version__, "platform": platform.platform(), "host": socket.gethostname(),
-           "device": device, "cuda": torch.version.cuda, "git_commit": _git_commit(),
+           "device": device, "cuda": torch.version.cuda, "git_commit": git.commit, "git_dirty": git.dirty,
            "command": " ".join(sys.argv), "cwd": os.getcwd(),
-           "data_root": str(Path(os.environ.get("DATA_ROOT", "data")).resolve()),
+           "data_root": str(data_root().resolve()),
            "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -80,6 +73,100 @@ def find_run_dir(ckpt: Path) -> Optional[Path]:
     return None
 
 
+# --- what a run folder is ------------------------------------------------------------------------
+# The files and folders a run writes or reads at the top of its folder; each must be a regular file (or
+# folder) of its own, never a symlink or a special file (checked with lstat, opened with O_NOFOLLOW).
+RUN_FILES = (".lock", "status.json", "config.yaml", "env.json", "metrics.jsonl", "log.txt", "config_history.jsonl",
+             "eval.json", "trackers.json")
+RUN_FOLDERS = ("checkpoints", "tb", "wandb", "mlruns")
+KINDS = ("pretrain", "eval", "knn")
+
+
+def check_run_folder(path: Path) -> None:
+    """Refuse (one :class:`UserError` line) a run folder that is a symlink, or that holds a symlink or special
+    file where the run writes or reads: a link would make the run lock, append to, train from, overwrite or prune
+    files outside it."""
+    path = Path(path)
+    check_own(path, folder=True)
+    for name in RUN_FILES:
+        check_own(path / name)
+    for name in RUN_FOLDERS:
+        check_own(path / name, folder=True)
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir():
+        for p in ckpts.iterdir():
+            if p.suffix in (".pt", ".json"):
+                check_own(p)
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run folder: it holds the config.yaml or status.json a run writes first."""
+    path = Path(path)
+    return path.is_dir() and any(os.path.lexists(path / n) for n in ("config.yaml", "status.json"))
+
+
+def folder_kind(path: Path) -> str:
+    """What wrote the run folder ``path``: 'pretrain', 'eval' or 'knn' (recorded in status.json; a folder written
+    before kinds were recorded is judged by its files), '' when it is no run folder."""
+    path = Path(path)
+    if not is_run(path):
+        return ""
+    status = _read_small_json(path / "status.json")
+    if isinstance(status, dict) and status.get("kind") in KINDS:
+        return status["kind"]
+    protocol = status.get("protocol") if isinstance(status, dict) else None
+    if protocol is not None or os.path.lexists(path / "eval.json"):
+        return "knn" if protocol == "knn" else "eval"
+    return "pretrain"
+
+
+def newest_run(folder: Path, kind: str = "pretrain") -> Optional[Path]:
+    """The most recently started run folder of ``kind`` directly under ``folder`` (None when there is none)."""
+    runs = [p for p in folder.iterdir() if folder_kind(p) == kind] if Path(folder).is_dir() else []
+    return max(runs, key=_started, default=None)
+
+
+def _started(run: Path) -> float:
+    status = _read_small_json(run / "status.json")
+    started = status.get("started") if isinstance(status, dict) else None
+    if isinstance(started, (int, float)) and not isinstance(started, bool) and math.isfinite(started):
+        return float(started)
+    try:
+        return (run / "config.yaml").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+MAX_RUN_JSON = 1 << 20
+
+
+def _read_small_json(path: Path):
+    """A run-folder JSON file (at most MAX_RUN_JSON bytes, never through a symlink), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_RUN_JSON + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_RUN_JSON:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def check_kind(path: Path, kind: str) -> None:
+    """Refuse to write a run of ``kind`` into ``path`` when another kind of run lives there already."""
+    found = folder_kind(path)
+    if found and found != kind:
+        raise UserError(f"{path} is a {found} run folder; this {kind} run would overwrite its config.yaml and "
+                        f"status.json. Give another --run_dir (or none: a new folder is made)")
+
+
 def _json_text(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
@@ -89,7 +176,7 @@ def _take_lock(folder: Path) -> int:
     or the process ends (so a dead writer's lock is free again by itself). The holder's pid and host are
     written into the file for the message a second writer gets."""
     import fcntl
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_own(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -105,8 +192,11 @@ def _take_lock(folder: Path) -> int:
 class RunDir:
     """A run folder and its writers (status, metrics, log) and trackers (TensorBoard unless told otherwise)."""
 
-    def __init__(self, path: Path, tensorboard: bool = True):
+    def __init__(self, path: Path, tensorboard: bool = True, kind: str = "pretrain"):
         self.path = Path(path)
+        self.kind = kind
+        check_run_folder(self.path)
+        check_kind(self.path, kind)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
@@ -124,9 +214,9 @@ class RunDir:
         self._beat_stop: Optional[threading.Event] = None
 
     @classmethod
-    def create(cls, root: str, name: str, run_dir: str = "") -> "RunDir":
+    def create(cls, root: str, name: str, run_dir: str = "", kind: str = "pretrain") -> "RunDir":
         if run_dir:
-            return cls(Path(run_dir))
+            return cls(Path(run_dir), kind=kind)
         base, run_id = Path(root) / name, new_run_id()
         for i in range(1000):  # two runs started in the same second by one process get their own folders
             path = base / (run_id if i == 0 else f"{run_id}-{i}")
@@ -137,14 +227,14 @@ class RunDir:
                 continue
             except OSError:
                 break  # not writable: the constructor says so in one line
-        return cls(path)
+        return cls(path, kind=kind)
 
     # --- status -------------------------------------------------------------------------
     def set_status(self, status: str, **extra) -> None:
         with self._lock:
             now = time.time()
-            self._status.update({"status": status, "pid": os.getpid(), "host": socket.gethostname(),
-                                 "updated": now, **extra})
+            self._status.update({"status": status, "kind": self.kind, "pid": os.getpid(),
+                                 "host": socket.gethostname(), "updated": now, **extra})
             self._status.setdefault("started", now)
             self._status["train_s"] = round(self._before_s + now - self._began, 3)
             self._write_status()
@@ -157,14 +247,11 @@ class RunDir:
         """A resumed run keeps its first start time and adds this invocation's time to the earlier ones'
         (``train_s``), so the index shows the whole run, not only its last piece."""
         self._before_s = 0.0
-        try:
-            old = json.loads((self.path / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
+        old = _read_small_json(self.path / "status.json")
         if not isinstance(old, dict) or not isinstance(old.get("started"), (int, float)):
             return {}
         before = old.get("train_s")
-        if not isinstance(before, (int, float)):  # written before train_s existed: its last invocation's span
+        if not isinstance(before, (int, float)) or isinstance(before, bool):  # written before train_s existed: its last invocation's span
             updated = old.get("updated")
             before = updated - old["started"] if isinstance(updated, (int, float)) else 0.0
         self._before_s = max(0.0, float(before)) if math.isfinite(before) else 0.0
@@ -225,16 +312,21 @@ class RunDir:
     def write_json(self, name: str, obj) -> None:
         atomic_write(self.path / name, _json_text(obj))
 
+    def record_environment(self, env: dict) -> None:
+        """env.json (this invocation's) and one more line of invocations.jsonl (every invocation: a resumed run
+        has several, each with its own command, host and commit)."""
+        self.write_json("env.json", env)
+        append_line(self.path / "invocations.jsonl", json.dumps(dict(env, time=time.time()), default=str) + "\n")
+
     def log_metrics(self, record: dict) -> None:
         # strict JSON: a non-finite value (the loss of a step skipped by --on_nan skip) is written as null
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path / "metrics.jsonl", "a") as f:  # an append: readers skip a half-written last line
-            f.write(json.dumps(clean, default=float, allow_nan=False) + "\n")
+        # an append: readers skip a half-written last line
+        append_line(self.path / "metrics.jsonl", json.dumps(clean, default=float, allow_nan=False) + "\n")
         self.trackers.log(clean, int(record.get("step", 0)))
 
     def log(self, msg: str) -> None:
-        with open(self.path / "log.txt", "a") as f:
-            f.write(msg + "\n")
+        append_line(self.path / "log.txt", msg + "\n")
 
     def close(self) -> None:
         self._stop_beating()

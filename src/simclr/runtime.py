@@ -24,6 +24,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def tune_backends(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms and keep the fastest (what ``simclr bench`` measures);
+    not with ``--deterministic`` (the fastest may be a non-deterministic one). Nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """``auto`` is bf16 on CUDA and fp32 (no autocast, None) elsewhere."""
     if precision == "auto":
@@ -37,20 +44,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def cuda_rng_state(device: torch.device) -> Optional[torch.Tensor]:
+    """The CUDA generator state of this process's own device (None off CUDA): what :func:`rng_state` keeps per
+    rank. Only that device: the others belong to other processes (or do not exist when a run resumes on fewer)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def rng_state(cuda_by_rank: Optional[list] = None) -> dict:
     """Every global RNG as tensors and plain values (loadable with ``weights_only=True``), and the number of
-    intra-op threads: a CPU kernel splits its sums by thread, so the count decides the float rounding."""
+    intra-op threads: a CPU kernel splits its sums by thread, so the count decides the float rounding.
+    ``cuda_by_rank``: :func:`cuda_rng_state` of every rank, in rank order (gathered by the caller)."""
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
              "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_by_rank and any(t is not None for t in cuda_by_rank):
+        state["cuda_by_rank"] = list(cuda_by_rank)
     return state
 
 
-def set_rng_state(state: dict) -> str:
-    """Restore :func:`rng_state`. Returns a note for the run's log, "" when there is none.
+def _set_cuda_rng(state: dict, device: torch.device, rank: int) -> str:
+    """Each rank restores its own device's generator from its own saved state; a device is never asked for
+    unless it is this process's (resuming on fewer GPUs than the run saved with cannot fail)."""
+    if device.type != "cuda":
+        return ""
+    by_rank = state.get("cuda_by_rank")
+    if by_rank is not None:
+        if rank < len(by_rank) and by_rank[rank] is not None:
+            torch.cuda.set_rng_state(by_rank[rank], device)
+            return ""
+        return (f"note: the checkpoint has no CUDA generator state for rank {rank} (saved by {len(by_rank)} "
+                f"process(es)): this rank's CUDA generator keeps its fresh seed")
+    legacy = state.get("cuda")  # older checkpoints: rank 0's get_rng_state_all(), one state per GPU it saw
+    index = device.index or 0
+    if legacy is not None and rank == 0 and index < len(legacy):
+        torch.cuda.set_rng_state(legacy[index], device)
+    return ""
+
+
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu"), rank: int = 0) -> str:
+    """Restore :func:`rng_state` in the process of ``rank`` training on ``device``. Returns a note for the run's
+    log, "" when there is none.
 
     A process with another number of intra-op threads than the saved one takes its CPU sums in another
     order: the run goes on a few ulps apart from an uninterrupted one (measured: 1 vs 2 threads, 1e-2
@@ -60,8 +94,11 @@ def set_rng_state(state: dict) -> str:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_note = _set_cuda_rng(state, device, rank)
+    return " ".join(n for n in (cuda_note, _set_threads(state)) if n)
+
+
+def _set_threads(state: dict) -> str:
     saved, now = state.get("threads"), torch.get_num_threads()
     if not isinstance(saved, int) or saved < 1 or saved == now:
         return ""

@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import read, read_card, resolve, unwrap_state_dict
 from .errors import CheckpointError, UserError
 from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights, is_timm, split_arch
-from .models.timm_trunk import parse_kwargs
+from .names import parse_kwargs
 
 __all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state"]
 
@@ -57,13 +57,26 @@ class Encoder(nn.Module):
         self.info = info or {}
         self.card = card or {}
         self.has_head = has_head
+        self.warn_size = True  # once, on the first input of another side than input_size
         self.eval()
+
+    @property
+    def transform(self):
+        """PIL image (any size) -> (3, input_size, input_size) in [0, 1]: the evaluation's preprocessing."""
+        from .data.transforms import InputTransform
+        return InputTransform(self.input_size)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"Encoder expects a batch of RGB images (N, 3, H, W), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"Encoder expects float images with values in [0, 1], got dtype {x.dtype}")
+        if self.warn_size and self.input_size and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            self.warn_size = False
+            import warnings
+            warnings.warn(f"this encoder was trained on {self.input_size}x{self.input_size} images but got "
+                          f"{x.shape[-2]}x{x.shape[-1]}; its features may be poor. Preprocess with encoder.transform "
+                          f"(resize and centre-crop to {self.input_size} px)", UserWarning, stacklevel=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)

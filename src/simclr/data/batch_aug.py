@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .transforms import OFFICIAL_BLUR_SIGMA, blur_kernel_size, blur_sigma_range, use_blur
+from ..names import blur_sigma_range
+from .transforms import OFFICIAL_BLUR_SIGMA, blur_kernel_size, use_blur
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601 luma)
 INTERPOLATIONS = ("auto", "bilinear", "bicubic")
@@ -195,8 +196,8 @@ def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, ap
     """
     if sync_free is None:
         sync_free = x.device.type != "cpu"
-    ident = torch.ones(4, device=x.device, dtype=x.dtype)
-    ident[3] = 0.0
+    # identity factors 1, 1, 1 and hue shift 0, made on the device (assigning a Python number copies it there)
+    ident = (torch.arange(4, device=x.device) < 3).to(x.dtype)
     f = torch.where(apply.unsqueeze(1), factors.to(x.dtype), ident)
     for pos in range(4):
         op = order[:, pos]

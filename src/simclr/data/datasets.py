@@ -7,7 +7,7 @@ uint8 array (N, H, W, 3) in memory — decoded once and cached on disk — so wo
 the GPU path can index them cheaply; large ones (ImageNet, any folder) are read from
 files on demand.
 
-Roots: ``DATA_ROOT`` (CIFAR, STL-10; default ./data), ``IMAGENET_PATH`` (a folder with
+Roots: ``DATA_ROOT`` (CIFAR, STL-10; default: :func:`data_root`), ``IMAGENET_PATH`` (a folder with
 train/ and val/, as in the spec), ``--data_path`` for ``--data folder``. Decoded arrays
 are cached under ``SIMCLR_CACHE`` (default ~/.cache/simclr), never inside the data root,
 which may be read-only.
@@ -26,6 +26,8 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
 from ..files import atomic_write
+from ..names import DATASETS
+from ..progress import say
 from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -33,8 +35,44 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
 
 
+def _clone_root() -> Optional[Path]:
+    """The clone this package runs from (``src/simclr/data/`` three levels down), None for an installed copy."""
+    repo = Path(__file__).resolve().parents[3]
+    return repo if (repo / "pyproject.toml").is_file() and (repo / "src" / "simclr").is_dir() else None
+
+
 def data_root() -> Path:
-    return Path(os.environ.get("DATA_ROOT", "data"))
+    """Where CIFAR and STL-10 are read, one rule for every command (the Makefile's too):
+    ``$DATA_ROOT`` when set; else ``./data`` when it holds anything; else ``../shared/data`` next to the
+    clone this package runs from, when that folder exists; else ``./data`` (where a download would go)."""
+    if os.environ.get("DATA_ROOT"):
+        return Path(os.environ["DATA_ROOT"])
+    local = Path("data")
+    if local.is_dir() and any(local.iterdir()):
+        return local
+    clone = _clone_root()
+    if clone is not None and (clone.parent / "shared" / "data").is_dir():
+        return clone.parent / "shared" / "data"
+    return local
+
+
+def _created_dirs(path: Path) -> list:
+    """The folders from ``path`` up that do not exist yet (what a download would create), deepest first."""
+    out = []
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_empty(dirs: list) -> None:
+    """Undo the folders a failed download left behind, as long as they are still empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def cache_dir() -> Path:
@@ -194,6 +232,8 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
                 return z["images"], list(z["targets"]), classes, special
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
+    if len(files) >= 5000:  # a minute or more: say so before, once per folder (the array is cached)
+        say(f"decoding {len(files)} images of {root} once (cached as {cached})")
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         decoded = list(ex.map(_try_decode, files, chunksize=256))
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]
@@ -215,10 +255,18 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     return images, targets, classes, []
 
 
+def _leftovers(root: Path, new_dirs: list) -> list:
+    """Empty sub-folders a failed download made inside a root it created itself (none in an existing root)."""
+    if not new_dirs:
+        return []
+    return sorted((d for d in Path(os.path.abspath(root)).rglob("*") if d.is_dir()), key=lambda d: -len(d.parts))
+
+
 def _missing(name: str, looked: list, extra: str = "") -> DataError:
     where = "\n  ".join(str(p) for p in looked)
     return DataError(f"{name} not found. Looked in:\n  {where}\nSet DATA_ROOT to the folder that holds it "
-                     f"(e.g. DATA_ROOT=../shared/data){extra}.")
+                     f"(unset, it is ./data when that is not empty, else ../shared/data next to the clone)"
+                     f"{extra}.")
 
 
 def _cifar(name: str, train: bool, skip_bad_images: bool = False, root: Optional[Path] = None) -> ArrayImages:
@@ -235,9 +283,11 @@ def _cifar(name: str, train: bool, skip_bad_images: bool = False, root: Optional
     try:
         ds = cls(root=str(root), train=train, download=False)
     except RuntimeError:
+        new_dirs = _created_dirs(root)
         try:
             ds = cls(root=str(root), train=train, download=True)
         except Exception as e:
+            _remove_empty([*_leftovers(root, new_dirs), *new_dirs])
             raise _missing(name, [folder, root / cls.base_folder],
                            f"; downloading failed too ({type(e).__name__}: offline?)") from None
     return ArrayImages(np.asarray(ds.data), ds.targets, list(ds.classes), name, 32)
@@ -263,9 +313,11 @@ def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
         try:
             ds = tvd.STL10(root=str(root), split=part, download=False)
         except RuntimeError:
+            new_dirs = _created_dirs(root)
             try:
                 ds = tvd.STL10(root=str(root), split=part, download=True)
             except Exception as e:
+                _remove_empty([*_leftovers(root, new_dirs), *new_dirs])
                 raise _missing("stl10", [folder, root / "stl10_binary"],
                                f"; downloading failed too ({type(e).__name__}: offline?)") from None
         arrays.append(np.asarray(ds.data).transpose(0, 2, 3, 1))
@@ -308,8 +360,9 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             base = Path(data_path)
         folder = _split_folder(base, train)
         if not folder.is_dir():
-            raise DataError(f"{data} split folder not found: {folder} (expected {base}/train and {base}/test "
-                            f"or {base}/val, each with one sub-folder per class)")
+            source = "--data_path" if data == "folder" else "IMAGENET_PATH"
+            raise DataError(f"the {folder.name} split of {source} not found: {folder} (expected {base}/train and "
+                            f"{base}/test or {base}/val, each with one sub-folder per class)")
         files, targets, classes, special = scan_folder(folder)
         files, targets, bad = check_headers(files, targets, skip_bad_images)
         bad += special
@@ -318,7 +371,7 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
     else:
-        raise DataError(f"unknown dataset {data!r}; allowed: cifar10, cifar100, stl10, imagenet, folder")
+        raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size
     if len(ds) == 0:
         raise DataError(f"dataset {data} ({split}) is empty")
@@ -354,8 +407,3 @@ def maybe_subset(ds: LabeledImages, n: int, seed: int = 0) -> LabeledImages:
 
 def native_size(data: str, image_size: int = 0) -> int:
     return image_size or NATIVE_SIZE.get(data, 224)
-
-
-def all_arrays_or_none(ds: LabeledImages) -> Optional[np.ndarray]:
-    """The (N, H, W, 3) uint8 array of a small dataset, or None when it is read from files."""
-    return getattr(ds, "images", None)

@@ -9,6 +9,8 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..names import blur_sigma_range
+
 
 def blur_kernel_size(image_size: int) -> int:
     """10% of the image side, made odd (torchvision's blur needs an odd kernel)."""
@@ -22,17 +24,6 @@ def use_blur(image_size: int, blur: str = "auto") -> bool:
 
 
 OFFICIAL_BLUR_SIGMA = (0.1, 2.0)  # the official SimCLR's and the paper's; the spec's code uses (0.2, 2.0)
-
-
-def blur_sigma_range(v) -> tuple[float, float]:
-    """'0.1,2.0' (also '0.1 2.0', '(0.1, 2.0)' or a pair) -> (0.1, 2.0)."""
-    if isinstance(v, (tuple, list)):
-        parts = list(v)
-    else:
-        parts = [p for p in str(v).strip("()[] ").replace(",", " ").split() if p]
-    if len(parts) != 2:
-        raise ValueError(f"expected two numbers 'lo,hi', got {v!r}")
-    return float(parts[0]), float(parts[1])
 
 
 def color_distortion(s: float) -> T.Compose:
@@ -76,3 +67,25 @@ def eval_transform(image_size: int, native: int) -> T.Compose:
         return T.Compose([T.ToTensor()])
     return T.Compose([T.Resize(int(round(image_size / 0.875)), interpolation=InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), Clip()])
+
+
+class InputTransform:
+    """What ``simclr eval`` feeds an encoder trained at ``image_size``, for one image of any size: a PIL image
+    (or an (H, W, 3) uint8 array) -> float tensor (3, S, S) in [0, 1]. An image already S x S passes as is;
+    another is resized and centre-cropped as :func:`eval_transform` does (the crop covers 87.5% of the short
+    side). No mean/std normalisation: the encoders take values in [0, 1], as in the spec."""
+
+    def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+        self._as_is, self._resized = eval_transform(self.image_size, self.image_size), eval_transform(self.image_size, -1)
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        same = image.size == (self.image_size, self.image_size)
+        return (self._as_is if same else self._resized)(image)
+
+    def __repr__(self) -> str:
+        return f"InputTransform(image_size={self.image_size}, resize/centre-crop (87.5%), values in [0, 1])"

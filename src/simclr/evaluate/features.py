@@ -48,10 +48,9 @@ def extract_features(encode, images: LabeledImages, image_size: int, batch_size:
                      device: torch.device = torch.device("cpu"), autocast_dtype=None,
                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """encode: callable (B, 3, S, S) -> (B, d). Returns (features (N, d) fp32, labels (N,)) on ``device``."""
-    from tqdm import tqdm
+    from ..progress import Progress
     feats, labels = [], []
-    with tqdm(total=(len(images) + batch_size - 1) // batch_size, desc="features", disable=not progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with Progress((len(images) + batch_size - 1) // batch_size, "features", progress, leave=False) as bar:
         for x, y in image_batches(images, image_size, batch_size, workers, device):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 f = encode(x)
@@ -110,11 +109,10 @@ def extract_augmented(encode, images: LabeledImages, transform, copies: int, see
                       workers: int = 0, device: torch.device = torch.device("cpu"), autocast_dtype=None,
                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of ``copies`` augmented copies: (copies, N, d) fp32 and labels (N,)."""
-    from tqdm import tqdm
+    from ..progress import Progress
     out, labels = [], None
     total = copies * ((len(images) + batch_size - 1) // batch_size)
-    with tqdm(total=total, desc="features (augmented)", disable=not progress, dynamic_ncols=True,
-              mininterval=1.0) as bar:
+    with Progress(total, "features (augmented)", progress, leave=False) as bar:
         for c in range(copies):
             loader = DataLoader(SeededAugmented(images, transform, c, seed), batch_size=batch_size,
                                 num_workers=workers, pin_memory=device.type == "cuda")

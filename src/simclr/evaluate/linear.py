@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint as ckpt_lib
 from ..errors import CheckpointError
-from ..optim import lr_schedule
+from ..optim import build_optimizer, lr_schedule
 
 
 def make_head(dim: int, n_classes: int, device="cpu") -> nn.Linear:
@@ -30,18 +30,16 @@ def make_head(dim: int, n_classes: int, device="cpu") -> nn.Linear:
     return head
 
 
-def build_optimizer(cfg, head: nn.Module, encoder: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) or Adam over the head and, when fine-tuning, the encoder at its own LR.
-    Each group keeps ``base_lr``; the schedule scales it per step."""
+def _optimizer(cfg, head: nn.Module, encoder: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+    """``cfg.opt`` (SGD with momentum 0.9, or Adam) over the head and, when fine-tuning, the encoder at its own LR,
+    weight decay on every parameter (the spec's). Each group keeps ``base_lr``; the schedule scales it per step."""
     groups = [{"params": list(head.parameters()), "base_lr": cfg.lr}]
     if encoder is not None:
         enc_lr = cfg.lr if cfg.encoder_lr < 0 else cfg.encoder_lr
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "base_lr": enc_lr})
     for g in groups:
         g["lr"] = g["base_lr"]
-    if cfg.opt == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return build_optimizer(groups, cfg.opt, cfg.lr, cfg.weight_decay)
 
 
 def _schedule(cfg):
@@ -54,8 +52,8 @@ def _set_factor(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def _pbar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0)
+    from ..progress import Progress
+    return Progress(total, desc, enabled)
 
 
 def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg, seed: int = 0,
@@ -70,7 +68,7 @@ def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg,
         feats, y = feats.reshape(-1, feats.shape[-1]), y.repeat(k)
     device = feats.device
     head = make_head(feats.shape[1], n_classes, device)
-    opt = build_optimizer(cfg, head)
+    opt = _optimizer(cfg, head)
     factors = _schedule(cfg)
     n = feats.shape[0]
     bs = min(cfg.batch_size, n)
@@ -121,7 +119,7 @@ def train_on_images(encoder, encode: Callable, images, transform, n_classes: int
     own learning rate (``encoder_lr``).
     """
     head = make_head(feat_dim, n_classes, device)
-    opt = build_optimizer(cfg, head, encoder if finetune else None)
+    opt = _optimizer(cfg, head, encoder if finetune else None)
     factors = _schedule(cfg)
     bs = min(cfg.batch_size, len(images))
     g = torch.Generator().manual_seed(seed)

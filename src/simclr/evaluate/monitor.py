@@ -15,15 +15,15 @@ from .sharded import sharded_knn
 
 
 def knn_monitor(encoder: nn.Module, train_set, test_set, image_size: int, device: torch.device, amp_dtype,
-                k: int = 200, temperature: float = 0.1) -> dict:
+                k: int = 200, temperature: float = 0.1, progress: bool = False) -> dict:
     """-> {"knn_top1", "knn_top5"} in percent. The encoder is put in eval mode and restored afterwards."""
     was_training = encoder.training
     encoder.eval()
     try:
         if distributed.is_enabled():
             return sharded_knn(encoder, train_set, test_set, image_size, device, amp_dtype, k, temperature)
-        tr_f, tr_y = extract_features(encoder, train_set, image_size, 512, 0, device, amp_dtype)
-        te_f, te_y = extract_features(encoder, test_set, image_size, 512, 0, device, amp_dtype)
+        tr_f, tr_y = extract_features(encoder, train_set, image_size, 512, 0, device, amp_dtype, progress)
+        te_f, te_y = extract_features(encoder, test_set, image_size, 512, 0, device, amp_dtype, progress)
         res = knn_classifier(tr_f, tr_y, te_f, te_y, k=k, temperature=temperature)
     finally:
         encoder.train(was_training)

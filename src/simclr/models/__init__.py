@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..names import BASE_WIDTH, arch_name, is_timm, parse_kwargs, resolve_width, split_arch
 from .batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from .head import ProjectionHead
-from .resnet import BASE_WIDTH, ENCODERS, ResNet, arch_name, resolve_width, split_arch
-from .timm_trunk import is_timm
+from .resnet import ENCODERS, ResNet
 
 __all__ = ["BASE_WIDTH", "ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "arch_name",
            "build_model", "convert_sync_batchnorm", "init_weights", "is_timm", "resolve_width", "split_arch",
@@ -116,7 +116,6 @@ def build_model(cfg, image_size: int) -> SimCLRModel:
     small inputs (32 px CIFAR, 96 px STL-10), the ImageNet stem above; a timm model is built as timm makes it."""
     arch = cfg.arch
     if is_timm(arch):
-        from .timm_trunk import parse_kwargs
         return SimCLRModel(arch=arch, proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
                            timm_kwargs=parse_kwargs(getattr(cfg, "timm_kwargs", "")), image_size=image_size)
     arch, width = resolve_width(arch, cfg.width, getattr(cfg, "width_multiplier", 0))

@@ -1,4 +1,4 @@
-"""Batch norm over the whole global batch: PyTorch's SyncBatchNorm on CUDA, our own elsewhere.
+"""Batch norm over the whole global batch: PyTorch's SyncBatchNorm on CUDA (eager), our own elsewhere and compiled.
 
 With several processes each one sees B/W images; plain BatchNorm would normalise with those
 alone, which changes the objective (and lets NT-Xent cheat through per-device statistics,
@@ -26,7 +26,8 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, c] + [1] * (x.dim() - 2)
-        stats = torch.cat([x.sum(dims), x.new_tensor([x.numel() / c])])
+        # the count made on the device: x.new_tensor would copy it from the host (a blocking copy on CUDA)
+        stats = torch.cat([x.sum(dims), torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)])
         dist.all_reduce(stats)
         n = stats[-1]
         mean = stats[:-1] / n
@@ -110,20 +111,22 @@ def _check_convertible(module: nn.Module) -> None:
                              f"own forward, across processes; pass --sync_bn false")
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, device: torch.device, compiled: bool = False) -> nn.Module:
     """Every BatchNorm -> PyTorch's SyncBatchNorm on CUDA (timm's converter when the model has timm's
-    BatchNormAct2d), :class:`GlobalBatchNorm` elsewhere. Parameters and buffers are shared with the original module
-    (same names, same objects). A model without batch norm (a ViT trunk) is returned with only its head's converted."""
+    BatchNormAct2d), :class:`GlobalBatchNorm` elsewhere and for a model that will be compiled (``compiled``:
+    SyncBatchNorm breaks torch.compile's graph at every layer; ours compiles without a break). Parameters and
+    buffers are shared with the original module (same names, same objects). A model without batch norm (a ViT
+    trunk) is returned with only its head's converted."""
     _check_convertible(module)
-    if device.type == "cuda":
+    if device.type == "cuda" and not compiled:
         if any(_has_act(m) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
             from timm.layers import convert_sync_batchnorm as timm_convert  # only timm models have BatchNormAct2d
             return timm_convert(module)
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert_cpu(module)
+    return _convert_global(module)
 
 
-def _convert_cpu(module: nn.Module) -> nn.Module:
+def _convert_global(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         cls = GlobalBatchNormAct if _has_act(module) else GlobalBatchNorm
@@ -137,5 +140,5 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
             out.drop, out.act = module.drop, module.act
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, _convert_cpu(child))
+        out.add_module(name, _convert_global(child))
     return out

@@ -10,13 +10,12 @@ into ours.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-# name -> (block, blocks per stage); resnet200 is the official SimCLR code's (torchvision has none)
+# name -> (block, blocks per stage), the names of simclr.names.RESNETS; resnet200 is the official SimCLR code's
+# (torchvision has none)
 ENCODERS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
@@ -25,37 +24,6 @@ ENCODERS = {
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
     "resnet200": (Bottleneck, (3, 24, 36, 3)),
 }
-BASE_WIDTH = 64  # channels of the first stage of a standard ResNet: width multiplier k means BASE_WIDTH * k
-_WIDE = re.compile(r"^(resnet\d+)x(\d+)$")
-
-
-def split_arch(arch: str) -> tuple[str, int]:
-    """The papers' spelling ``resnet50x2`` -> ``('resnet50', 2)``; ``resnet50`` -> ``('resnet50', 0)`` (0: no
-    multiplier written)."""
-    m = _WIDE.match(arch)
-    return (m.group(1), int(m.group(2))) if m else (arch, 0)
-
-
-def resolve_width(arch: str, width: int = 0, width_multiplier: int = 0) -> tuple[str, int]:
-    """(ResNet name, channels of the first stage) from the three ways a width is written: ``--width C``
-    (channels of the first stage), ``--width_multiplier k`` and the arch suffix ``x k`` (both: C = 64 k).
-    0 means "not given"; nothing given is the standard width 64. Ways that disagree raise ValueError."""
-    base, k_arch = split_arch(arch)
-    if k_arch and width_multiplier and k_arch != width_multiplier:
-        raise ValueError(f"--arch {arch} means width multiplier {k_arch} but --width_multiplier is "
-                         f"{width_multiplier}; give one of them")
-    k = k_arch or width_multiplier
-    if k and width and width != BASE_WIDTH * k:
-        raise ValueError(f"--width {width} and width multiplier {k} (--arch {arch} / --width_multiplier) disagree: "
-                         f"multiplier k is width {BASE_WIDTH} x k = {BASE_WIDTH * k}; give one of them")
-    return base, width or BASE_WIDTH * (k or 1)
-
-
-def arch_name(arch: str, width: int) -> str:
-    """How a ResNet is named in tables: ``resnet50x2`` for width 128; the plain name for width 64 and for widths
-    that are not a multiple of 64 (tiny test models, whose width is shown beside)."""
-    k, rest = divmod(width, BASE_WIDTH)
-    return f"{arch}x{k}" if k > 1 and rest == 0 else arch
 
 
 class ResNet(nn.Module):

@@ -16,20 +16,9 @@ import json
 from torch import nn
 
 from ..errors import ConfigError
+from ..names import TIMM_PREFIX as PREFIX
 
-PREFIX = "timm:"
 INSTALL = "pip install 'simclr[timm]'"
-# create_model arguments the encoder sets itself, and where the user sets them instead
-RESERVED = {"pretrained": "SimCLR pretrains from random initialisation",
-            "num_classes": "the trunk is built headless (num_classes=0): h is its pooled feature",
-            "img_size": "the input side is --image_size",
-            "pretrained_cfg": "no pretrained weights are loaded", "pretrained_cfg_overlay": "no pretrained weights "
-            "are loaded", "checkpoint_path": "no pretrained weights are loaded; resume with --resume / --ckpt"}
-MAX_KWARGS_CHARS = 2000
-
-
-def is_timm(arch) -> bool:
-    return isinstance(arch, str) and arch.startswith(PREFIX)
 
 
 def model_name(arch: str) -> str:
@@ -56,44 +45,6 @@ def check_name(arch: str) -> None:
     hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else \
         "; timm.list_models() lists them (e.g. timm:resnet18, timm:vit_tiny_patch16_224)"
     raise ConfigError(f"option 'arch' got {arch!r}: timm has no model {name!r}{hint}")
-
-
-def _scalar_or_list(v) -> bool:
-    scalar = (str, int, float, bool, type(None))
-    return isinstance(v, scalar) or (isinstance(v, list) and len(v) <= 64 and all(isinstance(x, scalar) for x in v))
-
-
-def parse_kwargs(value) -> dict:
-    """``--timm_kwargs``: a JSON object (or, from YAML, a mapping) of extra ``create_model`` arguments, e.g.
-    ``{"patch_size": 4}``; '' is none. Values are numbers, strings, booleans, null or flat lists."""
-    if value in ("", None):
-        return {}
-    if isinstance(value, str):
-        if len(value) > MAX_KWARGS_CHARS:
-            raise ConfigError(f"option 'timm_kwargs' is {len(value)} characters long; a few create_model arguments "
-                              f"are expected")
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ConfigError(f"option 'timm_kwargs' is not valid JSON ({e}); write a JSON object with double quotes, "
-                              f"e.g. --timm_kwargs '{{\"patch_size\": 4}}'") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"option 'timm_kwargs' must be a JSON object of create_model arguments, e.g. "
-                          f"'{{\"patch_size\": 4}}', got a {type(value).__name__}")
-    for k, v in value.items():
-        if not isinstance(k, str) or not k.isidentifier():
-            raise ConfigError(f"option 'timm_kwargs': {str(k)[:40]!r} is not an argument name")
-        if k in RESERVED:
-            raise ConfigError(f"option 'timm_kwargs' may not set {k!r}: {RESERVED[k]}")
-        if not _scalar_or_list(v):
-            raise ConfigError(f"option 'timm_kwargs': {k!r} must be a number, string, boolean, null or a flat list")
-    return value
-
-
-def canonical_kwargs(value) -> str:
-    """The one spelling recorded in configs (sorted keys, no spaces), so equal arguments compare equal."""
-    kw = parse_kwargs(value)
-    return json.dumps(kw, sort_keys=True, separators=(",", ":")) if kw else ""
 
 
 def create(arch: str, kwargs: dict | None = None, image_size: int | None = None) -> tuple[nn.Module, dict]:

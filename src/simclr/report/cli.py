@@ -91,9 +91,12 @@ def compare_main(argv) -> int:
     args, _ = config_lib.parse(CompareOptions, argv)
     runs = [resolve_run(r) for r in args.runs]
     diff, png = compare(runs, Path(args.out) if args.out else runs[0] / "compare.png")
+    from ..runs import read_config
+    from .plots import config_diff
+    other = config_diff([read_config(r) for r in runs], bookkeeping=True)
     if args.json:
-        print(json.dumps({"runs": [str(r) for r in runs], "differences": diff, "figure": str(png)}, indent=1,
-                         default=str))
+        print(json.dumps({"runs": [str(r) for r in runs], "differences": diff, "bookkeeping": other,
+                          "figure": str(png)}, indent=1, default=str))
         return 0
     if diff:
         import pandas as pd
@@ -103,6 +106,8 @@ def compare_main(argv) -> int:
         print(table.to_string())
     else:
         print("the configs are identical")
+    if other:
+        print(f"also different, not counted (where and how they ran): {', '.join(other)}")
     for i, r in enumerate(runs):
         print(f"[{i + 1}] {r}")
     print(f"figure: {png}")

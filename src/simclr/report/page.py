@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from ..errors import DataError, UserError
 from ..files import atomic_write
+from ..progress import rate, say
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
@@ -46,12 +47,15 @@ class _Figures:
 
     def __init__(self):
         self.items: list = []
+        self.folded: list = []
 
-    def add(self, title: str, produced, caption, missing) -> None:
+    def add(self, title: str, produced, caption, missing, folded: bool = False) -> None:
+        """``folded``: one of several near-identical sections, shown collapsed at the end of the page."""
         if produced is not None and Path(produced).exists():
-            self.items.append({"title": title, "src": f"{PICTURES}/{Path(produced).name}", "text": caption})
+            item = {"title": title, "src": f"{PICTURES}/{Path(produced).name}", "text": caption}
         else:
-            self.items.append({"title": title, "src": None, "text": missing})
+            item = {"title": title, "src": None, "text": missing}
+        (self.folded if folded else self.items).append(item)
 
 
 def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path, is_eval: bool) -> None:
@@ -63,15 +67,34 @@ def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path,
              "Grey: the schedule computed from the config for every step; dots: the values logged by the run.",
              "no learning rate in config.yaml or metrics.jsonl")
     total_steps = cfg["iters"] if isinstance(cfg.get("iters"), (int, float)) else None
-    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps),
+    run_data = str(cfg.get("data") or "")
+    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps, run_data),
              "Weighted kNN on the frozen representation (train split -> test split) at each evaluation, against "
              "the optimizer step like every other figure (epochs on the top axis); "
-             "stars: results of evaluation runs of this run's checkpoints (their eval.json).",
+             "stars: results of evaluation runs of this run's checkpoints (their eval.json) on the same dataset "
+             "with all its labels; results of other settings (another dataset, a label fraction, fine-tuning) "
+             "are in a panel of their own, as they measure something else." + _knn_note(cfg, evals),
              "no kNN evaluation in metrics.jsonl and no eval.json")
     figs.add("Throughput and data wait", plots.plot_speed(records, pic_dir / "speed.png"),
              "Images per second over each logging interval, and the share of that interval the loop waited for "
              "the next batch (high values: the input pipeline is the bottleneck).",
              "no throughput records in metrics.jsonl")
+
+
+def _knn_note(cfg: dict, evals: list) -> str:
+    """Why the curve's kNN and a `simclr knn` result differ: each votes over its own gallery with its own k."""
+    knn = [ev for ev in evals if str(ev.get("protocol", "")).startswith("knn")]
+    if not knn or not cfg:
+        return ""
+    gallery = f"{cfg['train_subset']}" if cfg.get("train_subset") else "all the"
+    tests = f"{cfg['test_subset']}" if cfg.get("test_subset") else "all the"
+    ev = knn[-1]
+    d = ev.get("details") if isinstance(ev.get("details"), dict) else {}
+    return (f" The curve is the pretraining monitor's kNN: a gallery of {gallery} training images, k "
+            f"{cfg.get('knn_k', '-')}, temperature {cfg.get('knn_t', '-')}, on {tests} test images; a kNN "
+            f"evaluation votes over its own labelled set ({ev.get('n_train', '?')} images here, k {d.get('k', '-')}, "
+            f"temperature {d.get('temperature', '-')}, {ev.get('n_test', '?')} test images), so the two numbers "
+            f"differ by design.")
 
 
 def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Datasets, n_queries: int,
@@ -86,11 +109,11 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
         figs.add("Nearest-neighbour retrieval", None, None, "skipped: no loadable encoder checkpoint in this run")
         return
     big = (encoder.input_size or 32) > 64
+    gallery, n_embed = gallery or (300 if big else 1000), n_embed or (300 if big else 500)
+    say(f"report: embedding {gallery} training and {n_embed} test images with {src.name} (retrieval, embedding)")
     try:
-        res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries,
-                                           gallery=gallery or (300 if big else 1000),
-                                           n_embed=n_embed or (300 if big else 500), device=device,
-                                           datasets=datasets)
+        res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries, gallery=gallery,
+                                           n_embed=n_embed, device=device, datasets=datasets)
         figs.add("Nearest-neighbour retrieval", res["retrieval"][0], res["retrieval"][1] + f" Encoder: {src.name}.",
                  "")
         figs.add("Embedding", res["embedding"][0], res["embedding"][1], "")
@@ -98,7 +121,7 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
         figs.add("Nearest-neighbour retrieval", None, None, f"skipped: {e}")
 
 
-def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int]) -> None:
+def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int], folded: bool = False) -> None:
     """The confusion matrix of one evaluation, and/or its per-class accuracy; named and captioned for
     what is drawn (an eval.json of an older version holds per-class accuracy only)."""
     src = ev.get("_source") or ev.get("_file")
@@ -113,7 +136,44 @@ def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int]) -> N
     else:
         caption = f"Per-class top-1 accuracy from {src}, which holds no confusion matrix (an older evaluation)."
     figs.add(f"Evaluation: {ev.get('protocol', 'eval')} ({src})", produced, caption,
-             f"{src} holds no confusion matrix or per-class accuracy")
+             f"{src} holds no confusion matrix or per-class accuracy", folded)
+
+
+def _best(evals: list) -> int:
+    """Index of the evaluation shown in full: the best top-1 (the last of equals); -1 for none."""
+    scored = [(ev.get("top1") if isinstance(ev.get("top1"), (int, float)) else -1.0, i) for i, ev in enumerate(evals)]
+    return max(scored)[1] if scored else -1
+
+
+EVAL_HEAD = ("result", "dataset", "labelled train images", "test images", "top-1", "top-5", "from")
+
+
+def _eval_rows(evals: list, run_data: str) -> list:
+    """One row per evaluation: what it is (and the setting, when not the run's own data with all labels), on which
+    dataset and how many images, its accuracy and where it comes from."""
+    rows = []
+    for ev in evals:
+        data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+        setting = plots.eval_setting(ev, run_data)
+        sha = encoder_sha(ev)
+        rows.append((f"{ev.get('protocol', 'eval')}" + (f" ({setting})" if setting else ""),
+                     data.get("name") or run_data or "-", _fmt(ev.get("n_train")), _fmt(ev.get("n_test")),
+                     f"{_fmt(ev.get('top1'))}%", f"{_fmt(ev.get('top5'))}%",
+                     ev["_source"] + (f", encoder sha256 {sha[:12]}" if sha else "")))
+    return rows
+
+
+INVOCATION_HEAD = ("when", "command", "host", "device", "git commit")
+
+
+def _invocations(run: Path, env: dict) -> list:
+    """Every command that wrote into the run folder (invocations.jsonl), oldest first; an older run folder has
+    only env.json, its last one."""
+    lines = read_metrics(run / "invocations.jsonl") if (run / "invocations.jsonl").exists() else []
+    lines = [x for x in lines if isinstance(x, dict)] or ([env] if env else [])
+    return [(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["time"])) if isinstance(x.get("time"), (int, float))
+             else "-", x.get("command", "-"), x.get("host", "-"), x.get("device", "-"),
+             str(x.get("git_commit") or "-")[:12]) for x in lines]
 
 
 def _facts(run: Path, row: dict) -> list:
@@ -122,7 +182,8 @@ def _facts(run: Path, row: dict) -> list:
             ("steps", f"{_fmt(row.get('step'))} / {_fmt(row.get('iters'))}"),
             ("last loss", _fmt(row.get("loss"), 4)), ("kNN top-1 (best)", _fmt(row.get("knn"))),
             ("kNN top-1 at random init", _fmt(row.get("knn_init"))),
-            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", _fmt(row.get("images_per_s"), 0)),
+            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", rate(row["images_per_s"]) if isinstance(row.get("images_per_s"), (int, float))
+                                            else "-"),
             ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"])) if row.get("started")
              else "-"),
             ("duration", time.strftime("%H:%M:%S", time.gmtime(row["duration"])) if row.get("duration") else "-")]
@@ -171,16 +232,16 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         figs.add("Pictures", None, None, "skipped: the run has no readable config.yaml")
     else:
         figs.add("Pictures", None, None, "augmented views, retrieval and embedding skipped (--no_pictures)")
+    shown = _best(evals)  # one evaluation in full; the others (often near-identical) collapsed
     for i, ev in enumerate(evals):
-        _eval_figure(figs, ev, pic_dir, i if len(evals) > 1 else None)
+        _eval_figure(figs, ev, pic_dir, i if len(evals) > 1 else None, folded=i != shown)
 
-    eval_rows = [(f"{ev.get('protocol', 'eval')} ({ev['_source']})",
-                  f"top-1 {_fmt(ev.get('top1'))}%, top-5 {_fmt(ev.get('top5'))}%"
-                  + (f", encoder sha256 {encoder_sha(ev)[:12]}" if encoder_sha(ev) else "")) for ev in evals]
     env_rows = [(k, env[k]) for k in ("device", "gpu", "host", "torch", "torchvision", "python", "git_commit",
-                                      "command", "cwd") if env.get(k)]
+                                      "git_dirty", "command", "cwd") if env.get(k)]
     html = render(name=row["name"], run_id=row["id"], status=row["status"], facts=_facts(run, row),
-                  eval_rows=eval_rows, figures=figs.items, config=sorted(cfg.items()), env=env_rows,
+                  eval_head=EVAL_HEAD, eval_rows=_eval_rows(evals, str(cfg.get("data") or "")), figures=figs.items,
+                  folded=figs.folded, config=sorted(cfg.items()), env=env_rows,
+                  invocations=_invocations(run, env), invocation_head=INVOCATION_HEAD,
                   written=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=f"{time.perf_counter() - t0:.1f}")
     page = out / "report.html"
     atomic_write(page, html)

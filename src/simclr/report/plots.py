@@ -3,7 +3,7 @@
     curves.png      loss and contrastive accuracy vs step
     lr.png          the planned learning-rate schedule and the logged values
     accuracy.png    kNN top-1/top-5 vs step, epochs on a second axis (+ evaluation results)
-    speed.png       images/s and the fraction of time spent waiting for data
+    speed.png       images/s and the share of step time spent waiting for data (%)
     confusion.png   confusion matrix / per-class accuracy from eval.json, when present
     compare.png     several runs on shared axes (``simclr compare``)
 
@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..files import atomic_write
+from ..progress import rate
 from ..runs import read_config, read_metrics
 
 DPI = 110
@@ -126,21 +127,43 @@ def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
     return save(fig, path)
 
 
-def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None) -> Optional[Path]:
+def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None,
+                  run_data: str = "") -> Optional[Path]:
     """kNN top-1/top-5 vs step (epochs on the top axis); evaluation results marked at the last step."""
-    fig = accuracy_figure(records, evals, total_steps)
+    fig = accuracy_figure(records, evals, total_steps, run_data)
     return save(fig, path) if fig is not None else None
 
 
-def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None):
-    """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis."""
+def eval_setting(ev: dict, run_data: str = "") -> str:
+    """What makes an evaluation's number not comparable with a plain kNN / linear probe of the run's own dataset
+    with all its labels: ``transfer to stl10``, ``500 labels``, ``fine-tuned`` (joined); '' for a plain one."""
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    details = ev.get("details") if isinstance(ev.get("details"), dict) else {}
+    parts = []
+    if run_data and data.get("name") and data["name"] != run_data:
+        parts.append(f"transfer to {data['name']}")
+    if isinstance(data.get("train_size"), int) and data["train_size"] > 0:
+        parts.append(f"{data['train_size']} labels")
+    if "finetune" in str(ev.get("protocol", "")) or details.get("finetune"):
+        parts.append("fine-tuned")
+    return ", ".join(parts)
+
+
+def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None, run_data: str = ""):
+    """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis.
+    Results comparable with the kNN curve (the run's dataset, all labels, frozen encoder) are stars on it;
+    the others (transfer, a label fraction, fine-tuning) get a panel of their own. The legend sits below."""
     kr = _knn_records(records)
     s, t1 = _series(kr, "knn_top1")
     _, t5 = _series(kr, "knn_top5")
     scored = [ev for ev in evals if isinstance(ev.get("top1"), (int, float))]
     if not len(s) and not scored:
         return None
-    fig, ax = figure(5.5, 3.6)
+    same = [ev for ev in scored if not eval_setting(ev, run_data)]
+    other = [ev for ev in scored if eval_setting(ev, run_data)]
+    n_legend = 2 * bool(len(s)) + len(same)
+    legend_h = 0.25 * ((n_legend + 1) // 2)
+    fig, ax = figure(5.5 + 4.5 * bool(other), 3.6 + legend_h, 1, 1 + bool(other))
     a = ax[0, 0]
     if len(s):
         a.plot(s, t1, "o-", color="C0", label="kNN top-1")
@@ -148,8 +171,8 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
             a.plot(s, t5, "s--", color="C0", alpha=0.5, label="kNN top-5")
     tr = _train_records(records)
     x_end = max([r.get("step", 0) or 0 for r in tr + kr] or [0])
-    for i, ev in enumerate(scored):
-        a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{3 + i}",
+    for i, ev in enumerate(same):
+        a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{(3 + i) % 10}",
                label=f"{ev.get('protocol', 'eval')} top-1 {ev['top1']:.1f}%")
     if total_steps:
         x_end = max(x_end, total_steps)
@@ -162,12 +185,23 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
     if spe:
         a.secondary_xaxis("top", functions=(lambda x: x / spe, lambda e: e * spe)).set_xlabel("epoch")
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    if n_legend:
+        a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    if other:
+        b = ax[0, 1]
+        names = [f"{ev.get('protocol', 'eval')} ({eval_setting(ev, run_data)})" for ev in other]
+        b.barh(range(len(other)), [ev["top1"] for ev in other], color="C1")
+        b.set_yticks(range(len(other)), names, fontsize=7)
+        b.invert_yaxis()
+        for i, ev in enumerate(other):
+            b.text(ev["top1"], i, f" {ev['top1']:.1f}%", va="center", fontsize=7)
+        b.set(xlabel="top-1 (%)", xlim=(0, 100), title="other settings (not comparable with the left)")
+        b.grid(axis="x", alpha=0.3)
     return fig
 
 
 def plot_speed(records: list, path: Path) -> Optional[Path]:
-    """Throughput and the fraction of each logging interval spent waiting for data."""
+    """Throughput and the share (%) of each logging interval spent waiting for data."""
     tr = _train_records(records)
     s, ips = _series(tr, "images_per_s")
     if not len(s):
@@ -175,7 +209,7 @@ def plot_speed(records: list, path: Path) -> Optional[Path]:
     _, dt = _series(tr, "data_time_frac")
     fig, ax = figure(9, 3.2, 1, 2)
     ax[0, 0].plot(s, ips, color="C4", marker="." if len(s) < 30 else None)
-    ax[0, 0].set(xlabel="step", ylabel="images / s", title=f"throughput (median {np.median(ips):.0f} img/s)")
+    ax[0, 0].set(xlabel="step", ylabel="images / s", title=f"throughput (median {rate(np.median(ips))} img/s)")
     ax[0, 0].set_ylim(bottom=0)
     if len(dt) == len(s):
         ax[0, 1].plot(s, 100 * dt, color="C5", marker="." if len(s) < 30 else None)
@@ -256,13 +290,31 @@ def eval_figure(ev: dict):
 _MISSING = "<missing>"
 
 
-def config_diff(configs: Sequence[dict]) -> dict:
-    """{key: [value in run 1, run 2, ...]} for the keys whose values are not all equal.
+# what sets runs apart, most telling first: the run's labels and the difference table follow this order
+KEY_ORDER = ("iters", "lr", "width", "temperature", "batch_size", "arch", "data", "multiplier", "opt",
+             "weight_decay", "lr_schedule", "warmup", "proj_dim", "proj_layers", "color_dist_s", "scale_lower",
+             "blur", "image_size", "train_subset", "precision", "seed")
+# where or how a run ran, not what it trained: never a config difference (listed apart)
+BOOKKEEPING = frozenset({"resume", "device", "name", "root", "run_dir", "ckpt", "verbose", "log_freq", "save_freq",
+                         "eval_freq", "keep_last", "workers", "logger", "mlflow_uri", "model_id", "dist",
+                         "dist_address", "node_rank", "stop_after", "allow_config_change", "eval_at_start"})
+
+
+def _key_rank(key: str) -> tuple:
+    return (KEY_ORDER.index(key) if key in KEY_ORDER else len(KEY_ORDER), key)
+
+
+def config_diff(configs: Sequence[dict], bookkeeping: bool = False) -> dict:
+    """{key: [value in run 1, run 2, ...]} for the keys whose values are not all equal, the keys of
+    :data:`KEY_ORDER` first (in that order), then the rest alphabetically. The keys of :data:`BOOKKEEPING`
+    are left out (``bookkeeping=True``: only they).
 
     A key absent from some runs counts as differing (shown as ``<missing>``)."""
-    keys = sorted(set().union(*[set(c) for c in configs])) if configs else []
+    keys = sorted(set().union(*[set(c) for c in configs]), key=_key_rank) if configs else []
     out = {}
     for k in keys:
+        if (k in BOOKKEEPING) != bookkeeping:
+            continue
         vals = [c.get(k, _MISSING) for c in configs]
         if any(v != vals[0] for v in vals[1:]):
             out[k] = vals
@@ -274,7 +326,7 @@ def plot_compare(runs: Sequence[Path], labels: Sequence[str], path: Path) -> Pat
     fig, ax = figure(13, 6.4, 2, 3)
     panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (fraction)", 1),
               (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
-              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (fraction)", 1)]
+              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (% of step time)", 100)]
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = read_metrics(run)
         tr, kr = _train_records(recs), _knn_records(recs)
@@ -304,12 +356,17 @@ def compare(run_dirs: Sequence, out: Path) -> tuple[dict, Path]:
     runs = [Path(r) for r in run_dirs]
     configs = [read_config(r) for r in runs]
     diff = config_diff(configs)
-    show = [k for k in diff if k not in ("name",)][:3]  # the legend names each run by what sets it apart
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return diff, plot_compare(runs, run_labels(runs, configs, diff), out)
+
+
+def run_labels(runs: Sequence[Path], configs: Sequence[dict], diff: dict, n: int = 3) -> list:
+    """Each run's legend label: ``name/run-id (key=value, ...)`` with the ``n`` most telling differing keys."""
+    show = list(diff)[:n]
     labels = []
     for r, c in zip(runs, configs):
         extra = ", ".join(f"{k}={c.get(k, _MISSING)}" for k in show)
-        labels.append(f"{r.parent.name}/{r.name}" + (f" ({extra})" if extra else ""))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return diff, plot_compare(runs, labels, out)
+        labels.append(f"{Path(r).parent.name}/{Path(r).name}" + (f" ({extra})" if extra else ""))
+    return labels
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .. import config as config_lib
 from ..config import option
 from ..errors import ConfigError, UserError
+from ..progress import rate
 from .index import filter_rows, index, suggest_column
 from .status import STATUSES
 
@@ -65,8 +66,9 @@ def format_table(df, columns: list) -> str:
         if c == "steps":
             def count(v):
                 return "" if pd.isna(v) else str(int(v))
-            out[c] = ["" if pd.isna(a) and pd.isna(b) else f"{count(a)}/{count(b)}"
-                      for a, b in zip(df["step"], df["iters"])]
+            # ?/300: the total is known, the steps done are not (an eval run logs none until it ends)
+            out[c] = ["" if pd.isna(a) and pd.isna(b) else f"{count(a) or '?'}/{count(b)}" if not pd.isna(b)
+                      else count(a) for a, b in zip(df["step"], df["iters"])]
             continue
         col = df[c]
         if c == "duration":
@@ -74,7 +76,7 @@ def format_table(df, columns: list) -> str:
         elif c in ("started", "updated"):
             out[c] = [v.strftime("%Y-%m-%d %H:%M") if not pd.isna(v) else "" for v in col]
         elif c == "images_per_s":
-            out[c] = [f"{v:.0f}" if not pd.isna(v) else "" for v in col]
+            out[c] = [rate(v) if not pd.isna(v) else "" for v in col]
         elif pd.api.types.is_float_dtype(col):
             out[c] = [("" if pd.isna(v) else f"{v:.4g}") for v in col]
         else:
@@ -124,7 +126,10 @@ def runs_main(argv) -> int:
         if c != "steps" and c not in df.columns:
             raise UserError(f"unknown column {c!r}{suggest_column(c, list(df.columns) + ['steps'])}")
     if args.format in ("csv", "json"):
-        text = machine_format(df[[c for c in columns if c != "steps"]], args.format)
+        plain = []  # 'steps' (done/total) as its two numbers
+        for c in columns:
+            plain += [k for k in (("step", "iters") if c == "steps" else (c,)) if k not in plain]
+        text = machine_format(df[plain], args.format)
     else:
         text = format_table(df, columns)
     print(text, flush=True)  # a closed pipe (`simclr runs | head`) is the entry point's to handle

@@ -6,7 +6,6 @@ to the caller: :func:`pretrain` only asks ``should_stop()`` after each step, the
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Callable
 
@@ -18,6 +17,7 @@ from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..models import build_model
 from ..options import PretrainConfig
+from ..progress import Progress, hms, rate
 from ..runtime import autocast_dtype, resolve_device
 from .session import Session, save, setup
 from .step import DivergenceGuard, train_step
@@ -76,21 +76,15 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.run:
         s.run.log_metrics(rec)
         s.run.heartbeat(step=st.step)
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
+    bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
     elapsed, eta = speed.elapsed_and_eta(st.step, s.cfg.iters)
     mem = ""
     if s.parts.device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.parts.device) / 2 ** 30
         mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
     s.log(f"step {st.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
-          f"lr {rec['lr']:.4g} {images_per_s:.0f} img/s data {100 * data_frac:.0f}%{mem} "
-          f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+          f"lr {rec['lr']:.4g} {rate(images_per_s)} img/s data {100 * data_frac:.0f}%{mem} "
+          f"elapsed {hms(elapsed)} eta {hms(eta)}")
 
 
 def monitor(s: Session, at_start: bool = False) -> dict:
@@ -100,8 +94,10 @@ def monitor(s: Session, at_start: bool = False) -> dict:
         s.knn_sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size,
                                                     cfg.skip_bad_images), n, seed=0)
                            for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
+    s.log(f"step {st.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
+          f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,
-                      cfg.knn_k, cfg.knn_t)
+                      cfg.knn_k, cfg.knn_t, progress=s.dist.is_main and cfg.verbose)
     if s.dist.is_main:
         if at_start:
             st.metrics["knn_start_top1"] = res["knn_top1"]
@@ -170,14 +166,14 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     p.model.train()
     guard, speed, status = DivergenceGuard(cfg.on_nan, p.device), Speed(cfg.batch_size, st.step), "finished"
     stop_at = min(cfg.iters, st.step + cfg.stop_after) if cfg.stop_after else cfg.iters
+    done_before = st.step >= cfg.iters and "knn_top1" in st.metrics  # a finished run resumed: nothing to redo
     bar = progress_bar(s)
     for x, y in speed.timed(p.loader.batches(st.step, cfg.iters)):
         loss, acc, updated = train_step(p, cfg, x, st.step, guard, y=y)
         if not updated:
             record_skip(s)
         st.step += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if st.step % cfg.log_freq == 0 or st.step == cfg.iters:
             stop_if_diverged(s, guard)
             log_step(s, loss, acc, speed, bar)
@@ -190,10 +186,9 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
         if st.step < cfg.iters and (should_stop() or st.step >= stop_at):
             status = "interrupted"
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     stop_if_diverged(s, guard)
-    if status == "finished":
+    if status == "finished" and not done_before:
         monitor(s)
     path = save(s)
     if path is not None:
@@ -205,12 +200,10 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     return dict(st.metrics, step=st.step, status=status, run_dir=str(s.run.path) if s.run else "")
 
 
-def progress_bar(s: Session):
-    if not (s.dist.is_main and s.cfg.verbose and sys.stderr.isatty()):
-        return None  # under SLURM or a pipe the timestamped log lines are the progress (no carriage returns)
-    from tqdm import tqdm
-    return tqdm(total=s.cfg.iters, initial=s.state.step, desc="pretrain", dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0)
+def progress_bar(s: Session) -> Progress:
+    """A bar on a terminal; under SLURM or a pipe the log lines are the progress, and a line with the step and
+    ETA when they have been silent for a while (a long --log_freq)."""
+    return Progress(s.cfg.iters, "pretrain", s.dist.is_main and s.cfg.verbose, initial=s.state.step)
 
 
 def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: False) -> dict:

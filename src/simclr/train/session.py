@@ -21,8 +21,10 @@ from .. import trackers
 from ..data import get_dataset, maybe_subset
 from ..errors import UserError
 from ..options import PretrainConfig
-from ..rundir import RunDir, environment, find_run_dir
-from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from ..files import append_line
+from ..progress import say
+from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run_dir, is_run, newest_run
+from ..runtime import cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends
 from .step import Parts, build, wrap
 
 
@@ -45,11 +47,8 @@ class Log:
     def __call__(self, msg: str) -> None:
         if not self.main:
             return
-        if self.verbose and sys.stderr.isatty():
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stderr)
-        elif self.verbose:  # a log file (SLURM, a pipe): plain timestamped lines
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+        if self.verbose:  # a bar on a terminal, timestamped lines in a log file (SLURM, a pipe)
+            say(msg)
         if self.run is not None:
             self.run.log(msg)
         else:
@@ -86,31 +85,87 @@ class Session:
 
 
 def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
-    """The checkpoint to continue from (None: start at step 0) and the run folder to write into."""
-    if cfg.ckpt:  # a run folder: its newest valid checkpoint
+    """The checkpoint to continue from (None: start at step 0; else pinned against pruning, see
+    :func:`simclr.checkpoint.pin`) and the run folder to write into ('' : a new one).
+
+    A run folder's identity is its location: ``--resume RUN`` continues RUN in place, from its newest valid
+    checkpoint, or, before it saved one, from the checkpoint it branched from (its recorded ``ckpt``). A
+    checkpoint given with ``--ckpt`` starts a new run folder (its path recorded as ``ckpt`` in config.yaml) unless
+    it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original."""
+    run = resumed_run(cfg, log)
+    if run is not None:
+        chosen = ckpt_lib.resolve(cfg.ckpt, log=log.warn) if cfg.ckpt else None
+        if chosen is not None and _inside(chosen, run):  # a chosen checkpoint of this very run
+            return (chosen if ckpt_lib.pin(chosen) else None), str(run)
+        path = ckpt_lib.latest_valid(run, log=log.warn)
+        if path is None and chosen is not None:  # branched from `chosen`, stopped before its first save
+            ckpt_lib.pin(chosen)
+            path = chosen
+        if path is None:
+            log(f"note: no valid checkpoint in {run}; starting it from step 0")
+        return path, str(run)
+    if cfg.ckpt:
         path = ckpt_lib.resolve(cfg.ckpt, log=log.warn)
-        return path, cfg.run_dir or str(find_run_dir(path) or "")
-    if cfg.resume == "auto":
-        run_dir = cfg.run_dir or str(newest_run(Path(cfg.root) / cfg.name) or "")
-        path = ckpt_lib.latest_valid(Path(run_dir), log=log.warn) if run_dir else None
-        if path is None:
-            log(f"note: no valid checkpoint in {run_dir or Path(cfg.root) / cfg.name}; starting from step 0")
-        return path, run_dir
-    if cfg.resume:
-        if not Path(cfg.resume).is_dir():
-            raise UserError(f"--resume takes a run folder or 'auto', got {config_lib.shown(cfg.resume)}: no such "
-                            f"folder (to continue from one file use --ckpt PATH)")
-        path = ckpt_lib.latest_valid(Path(cfg.resume), log=log.warn)
-        if path is None:
-            log(f"note: no valid checkpoint in {cfg.resume}; starting it from step 0")
-        return path, cfg.run_dir or cfg.resume
+        origin = find_run_dir(path)
+        if cfg.run_dir and origin is not None and _same(Path(cfg.run_dir), origin):
+            return (path if ckpt_lib.pin(path) else None), cfg.run_dir
+        cfg.ckpt = str(Path(path).resolve())  # the new run's origin, recorded in its config.yaml
+        if origin is not None:
+            log(f"note: starting a new run folder from {cfg.ckpt} (its run folder {origin} is left as it is; "
+                f"to continue that run use --resume {origin})")
+        ckpt_lib.pin(path)
+        return path, cfg.run_dir
+    if cfg.run_dir:
+        _check_pretrain_folder(Path(cfg.run_dir))
     return None, cfg.run_dir
 
 
-def newest_run(folder: Path) -> Optional[Path]:
-    """The most recently started run folder under <root>/<name> (None when there is none)."""
-    runs = [p.parent for p in folder.glob("*/config.yaml")] if folder.is_dir() else []
-    return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime, default=None)
+def resumed_run(cfg: PretrainConfig, log: Log) -> Optional[Path]:
+    """The run folder ``--resume`` names (None: none, or ``auto`` found none)."""
+    if cfg.resume == "auto":
+        if cfg.run_dir:
+            run = Path(cfg.run_dir)
+            _check_pretrain_folder(run)
+            return run if run.is_dir() else None
+        run = newest_run(Path(cfg.root) / cfg.name, "pretrain")
+        if run is None:
+            log(f"note: no pretraining run under {Path(cfg.root) / cfg.name}; starting from step 0")
+        return run
+    if not cfg.resume:
+        return None
+    run = Path(cfg.resume)
+    if not run.is_dir():
+        raise UserError(f"--resume takes a run folder or 'auto', got {config_lib.shown(cfg.resume)}: no such "
+                        f"folder (to continue from one file use --ckpt PATH)")
+    if not is_run(run):
+        inside = newest_run(run, "pretrain")
+        hint = (f"; it holds runs, the newest is {inside}: continue it with --resume {inside}" if inside is not None
+                else "; to start a run in it use --resume auto --run_dir " + str(run))
+        raise UserError(f"--resume {run}: not a run folder (no config.yaml or status.json in it){hint}")
+    _check_pretrain_folder(run)
+    if cfg.run_dir and not _same(Path(cfg.run_dir), run):
+        raise UserError(f"--resume continues {run} in place, but --run_dir names {cfg.run_dir}; to branch into "
+                        f"another folder use --ckpt {run} --run_dir {cfg.run_dir}")
+    return run
+
+
+def _check_pretrain_folder(run: Path) -> None:
+    """Before any work: refuse a folder that holds links or special files, or another kind of run."""
+    if run.is_dir():
+        check_run_folder(run)
+        check_kind(run, "pretrain")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _inside(ckpt: Path, run: Path) -> bool:
+    found = find_run_dir(ckpt)
+    return found is not None and _same(found, run)
 
 
 # options that change where a run goes: a resume that changes them is a different run unless allowed
@@ -126,8 +181,11 @@ def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
 
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
-    """Read a pretraining checkpoint to continue from; check it fits ``cfg`` and adopt its seed."""
-    ck = ckpt_lib.read(path)
+    """Read a pretraining checkpoint to continue from (then unpin it); check it fits ``cfg``, adopt its seed."""
+    try:
+        ck = ckpt_lib.read(path)
+    finally:
+        ckpt_lib.unpin(path)
     if not isinstance(ck, dict) or ck.get("format") != ckpt_lib.FORMAT or "model" not in ck:
         raise UserError(f"{path} is not a pretraining checkpoint of this project "
                         f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
@@ -153,7 +211,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
-def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
+def restore(p: Parts, st: State, ck: dict, path: Path, log: Log, rank: int = 0) -> None:
     try:
         p.model.load_state_dict(ck["model"])
     except RuntimeError as e:
@@ -166,10 +224,12 @@ def restore(p: Parts, st: State, ck: dict, path: Path, log: Log) -> None:
             log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
-    if ck.get("rng") and (note := set_rng_state(ck["rng"])):
+    if ck.get("rng") and (note := set_rng_state(ck["rng"], p.device, rank)):
         log(note)
     st.step = st.saved_step = int(ck["step"])
     st.nan_skips = int(ck.get("nan_skips", 0))
+    if isinstance(ck.get("metrics"), dict):  # the kNN so far (best, at init, last): a finished run needs no rerun
+        st.metrics = dict(ck["metrics"])
     log(f"resumed from {path} at step {st.step}")
 
 
@@ -196,19 +256,19 @@ def setup(cfg: PretrainConfig) -> Session:
     parts = build(cfg, images, device, dist.rank, dist.world)
     state = State()
     if ck is not None:
-        restore(parts, state, ck, resume_from, log)
+        restore(parts, state, ck, resume_from, log, dist.rank)
     distributed.check_same(state.step, "the step to resume from")
-    wrap(parts, cfg, dist.enabled)
+    tune_backends(device, cfg.deterministic)
+    wrap(parts, cfg, dist.enabled, warn=log.warn)
     run = None
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir)
         log.attach(run)
         if ck is not None and ck["config_changes"]:  # --allow_config_change: what changed, and when
-            with open(run.path / "config_history.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "step": state.step, "changes": ck["config_changes"]},
-                                   default=str) + "\n")
-        config_lib.save(cfg, run.path / "config.yaml")
-        run.write_json("env.json", environment(str(device)))
+            append_line(run.path / "config_history.jsonl", json.dumps(
+                {"time": time.time(), "step": state.step, "changes": ck["config_changes"]}, default=str) + "\n")
+        config_lib.save(cfg, run.path / "config.yaml", run_dir="")  # its location is its identity: not recorded
+        run.record_environment(environment(str(device)))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
@@ -218,6 +278,7 @@ def setup(cfg: PretrainConfig) -> Session:
 
 def save(s: Session) -> Optional[Path]:
     cfg, p, st = s.cfg, s.parts, s.state
+    cuda_rng = distributed.all_gather_object(cuda_rng_state(p.device))  # every rank: each its own device's
     if s.run is None:
         return None
     path = ckpt_lib.checkpoint_path(s.run.path, st.step)
@@ -226,7 +287,7 @@ def save(s: Session) -> Optional[Path]:
     epochs = st.step / max(p.loader.steps_per_epoch, 1)
     payload = {"kind": "pretrain", "step": st.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
-               "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(),
+               "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
                "metrics": st.metrics, "nan_skips": st.nan_skips}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()

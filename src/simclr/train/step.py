@@ -6,14 +6,16 @@ update, guarded against non-finite values. The trainer, ``simclr bench`` and ben
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import distributed
+from ..config import switch_on
 from ..data.loaders import build_loader
 from ..gradcache import grad_cache_backward
 from ..loss import nt_xent
@@ -39,17 +41,21 @@ class Parts:
     device: torch.device
     amp_dtype: Optional[torch.dtype]
     probe: Optional[Probe] = None  # the online linear probe (--online_probe)
+    channels_last: bool = False   # --channels_last resolved for the device (auto: on for CUDA)
+    compile: bool = False         # --compile resolved for the device (auto: on for CUDA)
 
 
 def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, world: int = 1,
           foreach: Optional[bool] = None, loader: Optional[object] = None) -> Parts:
     """Model, optimizer, schedule, scaler and batch source for ``cfg`` on ``images`` (not yet wrapped).
     ``foreach`` picks the multi-tensor LARS (default: on CUDA); ``loader`` replaces the config's batch source."""
+    channels_last = switch_on(cfg.channels_last, device.type == "cuda")
+    compiled = switch_on(cfg.compile, device.type == "cuda")
     model = build_model(cfg, images.image_size).to(device)
-    if cfg.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world > 1 and cfg.sync_bn:
-        model = convert_sync_batchnorm(model, device)  # CPU/gloo too
+    if world > 1 and cfg.sync_bn:  # CPU/gloo too; compiled: our own batch norm (SyncBatchNorm breaks the graph)
+        model = convert_sync_batchnorm(model, device, compiled=compiled)
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                 foreach=device.type == "cuda" if foreach is None else foreach)
     amp = autocast_dtype(cfg.precision, device)
@@ -58,18 +64,75 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
                  lrs=lr_schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), cfg.iters, cfg.lr_schedule,
                                  cfg.warmup),
                  loader=loader if loader is not None else build_loader(cfg, images, device, rank, world),
-                 device=device, amp_dtype=amp, probe=build_probe(cfg, images, model.feat_dim, device))
+                 device=device, amp_dtype=amp, probe=build_probe(cfg, images, model.feat_dim, device),
+                 channels_last=channels_last, compile=compiled)
 
 
-def wrap(p: Parts, cfg: PretrainConfig, distributed_run: bool) -> None:
-    """The module the step calls: compiled (``--compile``) and DDP-wrapped with several processes."""
-    forward = torch.compile(p.model) if cfg.compile else p.model
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wrap(p: Parts, cfg: PretrainConfig, distributed_run: bool, warn: Callable[[str], None] = _stderr) -> None:
+    """The module the step calls: DDP-wrapped with several processes, then compiled (``--compile``):
+    ``compile(DDP(model))``, the documented order, which lets DDP overlap its all-reduce with the backward pass.
+    With ``--compile auto`` a compile failure falls back to eager with one warning (:class:`EagerFallback`)."""
+    forward: nn.Module = p.model
     if distributed_run:
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+    if p.compile:
+        forward = EagerFallback(forward, warn) if cfg.compile == "auto" else torch.compile(forward)
     p.forward = forward
     if p.probe is not None:
         p.probe.wrap(distributed_run, p.device)
+
+
+class EagerFallback(nn.Module):
+    """``torch.compile(module)`` that runs ``module`` itself, from then on, when compiling fails (with one warning).
+
+    torch.compile compiles on a call (the first, and again when shapes or the grad mode change), so failures show
+    there: the first call falls back on any error (an error eager also hits is then raised by the eager call);
+    later calls only on torch.compile's own errors. Every process compiles the same code, so they fall back
+    together. Parameters are those of ``module`` (it is not registered twice)."""
+
+    def __init__(self, module: nn.Module, warn: Callable[[str], None]):
+        super().__init__()
+        self.module, self.warn, self.called = module, warn, False
+        try:
+            self.compiled: Optional[nn.Module] = torch.compile(module)
+        except Exception as e:  # e.g. a platform torch.compile does not support
+            self.compiled = None
+            self._fall_back(e)
+
+    def _fall_back(self, e: BaseException) -> None:
+        self.compiled = None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        self.warn(f"warning: torch.compile failed ({type(e).__name__}: {why[:200]}); training continues eager "
+                  f"(pass --compile false to skip compiling, --compile true to stop on this error)")
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            first, self.called = not self.called, True
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                if not (first or _is_compile_error(e)):
+                    raise
+                self._fall_back(e)
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # no_sync() and the like of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+    return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
 def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
@@ -78,7 +141,7 @@ def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
     first view ``(N, d)``), detached. The network runs under autocast; the loss is fp32. With
     ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk (same gradient, a chunk's
     activation memory; ``h`` then comes from the graph-free pass, and only when the probe needs it)."""
-    if cfg.channels_last:
+    if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     n = x.shape[0] // cfg.multiplier
     if cfg.grad_cache_chunks > 1:

@@ -1,0 +1,102 @@
+"""Progress output, one rule for every command.
+
+On a terminal: a tqdm bar, with messages written above it. Anywhere else (a pipe, a redirected log,
+SLURM): no carriage returns, only timestamped lines — a message as it comes, and for a bar a line with
+``done/total``, elapsed time and ETA at most every :data:`EVERY` seconds of silence (and one at the end).
+A phase that can take more than a few seconds says what it is about to do in a line first (:func:`say`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, TextIO
+
+EVERY = 30.0  # seconds without a line, off a terminal, before a bar reports where it is
+_last_line = [0.0]  # when the last line went out (a bar stays quiet while messages keep coming)
+
+
+def on_terminal(file: Optional[TextIO] = None) -> bool:
+    f = file or sys.stderr
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def say(msg: str, file: Optional[TextIO] = None) -> None:
+    """One message: above the bars on a terminal, else a timestamped line."""
+    f = file or sys.stderr
+    if on_terminal(f):
+        from tqdm import tqdm
+        tqdm.write(msg, file=f)
+    else:
+        print(f"{stamp()} {msg}", file=f, flush=True)
+    _last_line[0] = time.monotonic()
+
+
+def rate(per_second: float) -> str:
+    """A throughput as people read it: 1234, 56.7, 0.42 (never '0' for a slow CPU run)."""
+    v = float(per_second)
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def hms(seconds: float) -> str:
+    m, s = divmod(int(max(seconds, 0)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class Progress:
+    """``with Progress(total, "linear head") as bar: ... bar.update()``: a tqdm bar on a terminal, timestamped
+    lines otherwise, nothing with ``enabled=False``. ``initial``: steps already done (a resumed run)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, leave: bool = True,
+                 file: Optional[TextIO] = None, every: float = EVERY):
+        self.total, self.desc, self.enabled, self.every = int(total), desc, enabled, every
+        self.file = file or sys.stderr
+        self.n = self._shown = self._start = int(initial)
+        self.postfix = ""
+        self.t0 = time.monotonic()
+        self.bar = None
+        if enabled and on_terminal(self.file):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.file,
+                            mininterval=1.0, leave=leave)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - max(_last_line[0], self.t0) >= self.every:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self.t0
+        done = self.n - self._start
+        eta = elapsed / done * (self.total - self.n) if done > 0 else 0.0
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        say(f"{self.desc}: {self.n}/{self.total}{pct} elapsed {hms(elapsed)} eta {hms(eta)}"
+            + (f" {self.postfix}" if self.postfix else ""), self.file)
+        self._shown = self.n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.enabled and self.n != self._shown and time.monotonic() - self.t0 >= 1.0:
+            self._line()  # off a terminal: where it ended, unless that was just said (or it took no time)
+        self.enabled = False
