@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
-import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from simclr.cli import main
-
-from conftest import REPO
 
 
 def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
@@ -50,10 +44,11 @@ def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
     assert kinds == ["LARS"] * (2 * per_path)  # both paths, warm-up and timed steps, nothing more
     assert "reference" in text and "fast" in text and "speed-up (fast / reference images/s)" in text
     res = json.loads(out.read_text())
-    ref, fast = res["results"]
-    assert (ref["path"], fast["path"]) == ("reference", "fast")
+    fast, ref = res["results"]  # the fast path runs first
+    assert (fast["path"], ref["path"]) == ("fast", "reference")
     assert ref["precision"] == "fp32" and ref["lars"] == "plain" and fast["lars"] == "foreach"
-    for i, r in enumerate((ref, fast)):
+    assert res["failed"] == [] and fast["status"] == ref["status"] == "ok"
+    for i, r in enumerate((fast, ref)):
         first, last = i * per_path + warmup, (i + 1) * per_path - 1
         inner = ended[last] - begun[first]
         outer = (begun[last + 1] if i == 0 else returned) - ended[first - 1]
@@ -78,27 +73,7 @@ def test_bench_data_only_times_the_input_pipelines(capsys, data_root):
 def test_bench_bad_input_is_one_line(capsys):
     assert main(["bench", "--paths", "reference,turbo"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: reference, fast"
+    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: fast, reference"
     assert main(["bench", "--steps", "many"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: option 'steps' expects an integer, got 'many' (on the command line)"
-
-
-@pytest.mark.slow
-def test_time_to_accuracy_script_respects_its_budget(tmp_path, data_root):
-    out = tmp_path / "tta.json"
-    script = REPO / "benchmarks" / "time_to_accuracy.py"
-    r = subprocess.run([sys.executable, str(script), "--arch", "resnet18", "--width", "8", "--minutes", "0.4",
-                        "--eval_reserve_s", "10", "--device", "cpu", "--batch_size", "32", "--train_subset", "256",
-                        "--test_subset", "100", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    assert r.returncode == 0, r.stderr
-    res = json.loads(out.read_text())
-    # a percentage of the 100 test images: a whole number of them, as printed (not a fraction of 1)
-    assert res["steps"] >= 1 and res["knn_top1"] == pytest.approx(round(res["knn_top1"]))
-    assert f"kNN top-1 {res['knn_top1']:.2f}%" in r.stdout
-    # training stopped at the deadline: launch-to-end-of-training within the budget minus the reserve,
-    # plus the step in flight (the clock is checked before each step; on this shared box a step's time
-    # varies a lot, hence 3 mean steps + 5 s of slack — a loop that ignored the clock would overrun by far more)
-    slack = 3 * res["train_s"] / res["steps"] + (res["first_step_s"] or 0) + 5
-    assert res["setup_s"] + res["train_s"] <= 0.4 * 60 - 10 + slack, res

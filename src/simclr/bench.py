@@ -2,8 +2,11 @@
 
     simclr bench --arch resnet50 --data cifar10 --batch_size 1024 --steps 50
 
-Both paths train the same model for ``--warmup`` untimed steps (worker start-up, cuDNN
-autotuning, ``torch.compile``) and then ``--steps`` timed ones:
+The fast path runs first, then the reference; each in its own guard: a path that runs out of
+memory is recorded as ``"oom"`` (another failure as its error message) and the other path is
+still timed and reported; the exit status is 1 when a path failed. Both paths train the same
+model for ``--warmup`` untimed steps (worker start-up, cuDNN autotuning, ``torch.compile``) and
+then ``--steps`` timed ones:
 
 * reference — the spec's way: PIL/torchvision transforms in DataLoader worker processes,
   fp32, NCHW, no compile, the plain per-parameter LARS step;
@@ -35,7 +38,7 @@ from .files import atomic_write, git_state
 if TYPE_CHECKING:  # imported where used: --help and a bad option answer without torch
     import torch
 
-PATHS = ("reference", "fast")
+PATHS = ("fast", "reference")  # the order they run in
 
 
 @dataclass
@@ -61,7 +64,7 @@ class BenchConfig:
                           "CPU count, at most 16)", check=nonneg, check_msg="must be >= 0")
     train_subset: int = option(0, "use this many training images (0 = all)", check=nonneg, check_msg="must be >= 0")
     device: str = option("auto", "device to time on: auto, cpu or cuda")
-    paths: str = option("reference,fast", "comma-separated: reference, fast")
+    paths: str = option("fast,reference", "comma-separated: fast, reference (they run in that order)")
     compile: str = option("auto", "torch.compile on the fast path (auto: on CUDA)", ["auto", "on", "off"])
     channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA)", ["auto", "on", "off"])
     precision: str = option("auto", "fast path autocast (auto: bf16 on CUDA, fp32 on CPU)",
@@ -93,7 +96,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def run_path(path: str, args, images, device: torch.device) -> dict:
@@ -109,7 +113,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     compiled = fast and _on(args.compile, device)
     cfg = config_lib.build(PretrainConfig, dict(
         arch=args.arch, width=args.width, timm_kwargs=args.timm_kwargs, image_size=args.image_size, data=args.data,
-        batch_size=args.batch_size, multiplier=args.multiplier,
+        data_path=args.data_path, batch_size=args.batch_size, multiplier=args.multiplier,
         seed=args.seed, workers=args.workers, loader=path, device=str(device), lr=0.1, iters=args.warmup + args.steps,
         lr_schedule="const", precision=args.precision if fast else "fp32", channels_last=channels_last,
         compile=compiled))
@@ -172,7 +176,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {
-        "path": path, "images_per_s": args.steps * args.batch_size / seconds, "ms_per_step": 1000 * seconds / args.steps,
+        "path": path, "images_per_s": args.steps * args.batch_size / seconds,
+        "ms_per_step": 1000 * seconds / args.steps,
         "data_wait_frac": data_s / seconds, "peak_mem_gib": peak, "warmup_s": warmup_s,
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
         "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
@@ -180,9 +185,40 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     }
 
 
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory failure of the device (or the host allocator)."""
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def guarded_run(path: str, args, images, device: torch.device) -> dict:
+    """``run_path``, with a failure recorded instead of raised: ``status`` "ok", "oom" or "error" (and
+    ``error``, the first line of the message), so one path running out of memory does not lose the other's
+    numbers. Bad input (a UserError) is not a path's failure: it propagates as the CLI's ``error:`` line."""
+    import torch
+    from .errors import UserError
+    failure = None
+    try:
+        return {**run_path(path, args, images, device), "status": "ok"}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of one path is recorded; Ctrl-C still stops
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        failure = {"path": path, "status": "oom" if is_oom(e) else "error", "error": f"{type(e).__name__}: {first}"}
+    # outside the except block: the traceback (and the path's model and batches in its frames) is gone
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return failure
+
+
 def format_table(results: list) -> str:
     lines = [f"{'path':<10} {'images/s':>10} {'ms/step':>9} {'data wait':>9} {'peak mem':>9} {'warm-up':>8}  setup"]
     for r in results:
+        if r.get("status", "ok") != "ok":
+            what = "out of memory" if r["status"] == "oom" else "failed"
+            lines.append(f"{r['path']:<10} {what.upper()}: {r['error']}")
+            continue
         mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         setup = "input pipeline only, " if r.get("data_only") else ""
         if not r.get("data_only"):
@@ -194,10 +230,18 @@ def format_table(results: list) -> str:
     return "\n".join(lines)
 
 
+def path_result(runs: list) -> dict:
+    """A path's reported run: the median of its successful runs, else its first failure."""
+    ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["images_per_s"])
+    return ok[(len(ok) - 1) // 2] if ok else runs[0]
+
+
 def main(argv) -> int:
     args, _ = config_lib.parse(BenchConfig, argv)
     import torch
-    paths = args.path_list()
+    # the fast path first: it is the one being measured, and the reference (fp32, NCHW, no compile) is the one
+    # that runs out of memory at large batches
+    paths = sorted(set(args.path_list()), key=PATHS.index)
     from .data import get_dataset, maybe_subset
     from .runtime import resolve_device
     device = resolve_device(args.device)
@@ -213,14 +257,14 @@ def main(argv) -> int:
     runs: dict = {p: [] for p in paths}
 
     def summary(final: bool) -> dict:
-        done = [p for p in paths if runs[p]]
-        results = [sorted(runs[p], key=lambda r: r["images_per_s"])[(len(runs[p]) - 1) // 2] for p in done]
-        by = {r["path"]: r for r in results}
+        results = [path_result(runs[p]) for p in paths if runs[p]]
+        by = {r["path"]: r for r in results if r["status"] == "ok"}
         speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
+        failed = sorted({r["path"] for p in paths for r in runs[p] if r["status"] != "ok"}, key=PATHS.index)
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "commit": git_state().label, "device": device_name(device), "torch": torch.__version__,
                "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
-               "complete": final,
+               "complete": final, "failed": failed,
                "results": results, "speedup": speedup, "all_runs": runs}
         if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +273,9 @@ def main(argv) -> int:
 
     for _ in range(args.repeat):
         for p in paths:
-            runs[p].append(run_path(p, args, images, device))
+            if any(r["status"] != "ok" for r in runs[p]):
+                continue  # a path that failed (out of memory) fails again: its repeats would only cost time
+            runs[p].append(guarded_run(p, args, images, device))
             print(format_table(runs[p][-1:]).splitlines()[-1], flush=True)
             summary(final=False)
     out = summary(final=True)
@@ -239,6 +285,11 @@ def main(argv) -> int:
         print(f"speed-up (fast / reference images/s): {out['speedup']:.2f}x")
     if args.json:
         print(f"wrote {args.json}")
+    if out["failed"]:
+        bad = [r for p in out["failed"] for r in runs[p] if r["status"] != "ok"][:1]
+        print(f"error: bench path(s) failed: {', '.join(out['failed'])} ({bad[0]['error']}); the other paths' "
+              f"numbers are above" + (f" and in {args.json}" if args.json else ""), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -267,16 +267,26 @@ class BatchAugment:
         return augment_crops(resized_crops(x, p.boxes, src, self.size, self.interpolation), p, self.blur_kernel)
 
     def from_list(self, images: list, generator: torch.Generator) -> torch.Tensor:
-        """Images of different sizes (a list of (3, H_k, W_k) float) -> (m*B, 3, S, S)."""
+        """Images of different sizes (a list of (3, H_k, W_k), uint8 or float in [0, 1]) -> (m*B, 3, S, S).
+
+        Images of the same size are cropped together, one resampling call per distinct size (all m views
+        of all its images at once): the same crops as one call per image, without the per-image loop."""
         b, dev = len(images), images[0].device
         hs = torch.tensor([float(t.shape[1]) for t in images], device=dev).repeat(self.m)
         ws = torch.tensor([float(t.shape[2]) for t in images], device=dev).repeat(self.m)
         p = self.params(hs, ws, generator)
         out = torch.empty(self.m * b, 3, self.size, self.size, device=dev)
-        zero = torch.zeros(self.m, device=dev, dtype=torch.long)
-        for k, img in enumerate(images):  # one resampling call per image (sizes differ), all m views at once
-            rows = torch.arange(k, self.m * b, b, device=dev)
-            out[rows] = resized_crops(img.unsqueeze(0), p.boxes[rows], zero, self.size, self.interpolation)
+        groups: dict = {}
+        for k, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[1:]), []).append(k)
+        views = b * torch.arange(self.m, device=dev).unsqueeze(1)
+        for ks in groups.values():
+            src = torch.stack([images[k] for k in ks])
+            src = src.float().div_(255) if src.dtype == torch.uint8 else src
+            # view v of image k is row v*b + k (views first); src_index: the image's place in this group
+            rows = (torch.tensor(ks, device=dev).unsqueeze(0) + views).reshape(-1)
+            src_index = torch.arange(len(ks), device=dev).repeat(self.m)
+            out[rows] = resized_crops(src, p.boxes[rows], src_index, self.size, self.interpolation)
         return augment_crops(out, p, self.blur_kernel)
 
 

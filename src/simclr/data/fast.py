@@ -65,8 +65,28 @@ class _RawItems(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), i
 
 
-def _collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch]
+def _collate(batch) -> tuple:
+    """Worker side: a batch of raw items as ONE uint8 byte tensor plus offsets and shapes.
+
+    A DataLoader worker sends every tensor of a batch through its own shared-memory file descriptor;
+    a list of one tensor per image (batch 512, 16 workers, prefetch 4: ~30k descriptors in flight) ran
+    out of descriptors (``OSError: Too many open files``). Here a batch is four tensors, whatever its size:
+    ``data`` (all items' bytes, concatenated), ``offsets`` (B+1,) int64 (item k is ``data[offsets[k]:
+    offsets[k+1]]``), ``shapes`` (B, 3) int64 ((3, H, W) of an already decoded item, (0, 0, 0) for file
+    bytes) and ``indices`` (B,) int64. :func:`split_items` undoes it on the main side."""
+    flat = [t.reshape(-1) for t, _ in batch]
+    offsets = torch.zeros(len(flat) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([t.numel() for t in flat], dtype=torch.int64).cumsum(0)
+    shapes = torch.tensor([list(t.shape) if t.dim() == 3 else [0, 0, 0] for t, _ in batch], dtype=torch.int64)
+    indices = torch.tensor([i for _, i in batch], dtype=torch.int64)
+    return torch.cat(flat), offsets, shapes, indices
+
+
+def split_items(data: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor) -> list:
+    """Main side of :func:`_collate`: the batch's items, as views of ``data`` (no copy)."""
+    bounds, dims = offsets.tolist(), shapes.tolist()
+    items = [data[bounds[k]:bounds[k + 1]] for k in range(len(dims))]
+    return [t.view(*d) if d[0] else t for t, d in zip(items, dims)]
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -83,6 +103,22 @@ def decode_batch(items: list, device: torch.device, files: Optional[list] = None
         return _decode_batch(items, device, files, indices, skip_bad, bad)
 
 
+_fallback_warned = False  # the one-time warning of a rejected batched decode (per process)
+
+
+def _warn_fallback(device: torch.device, n: int, error: Exception) -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    warnings.warn(f"batched JPEG decoding on {device} (torchvision.io.decode_jpeg) failed for a batch of {n} "
+                  f"images: {cause}. Those batches are decoded image by image, and the images the decoder still "
+                  f"rejects by PIL on the CPU in the main process: that can cost seconds per step. Usual causes: "
+                  f"CMYK, progressive or corrupt JPEGs in the data (re-encode them), or a torchvision without "
+                  f"GPU decoding. (Warned once.)", RuntimeWarning, stacklevel=3)
+
+
 def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
     out: list = [None] * len(items)
@@ -92,8 +128,13 @@ def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
             dec = decode_jpeg([items[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
             for k, t in zip(jpeg, dec):
                 out[k] = t
-        except RuntimeError:
-            pass  # e.g. a CMYK or broken JPEG in the batch: fall back image by image below
+        except RuntimeError as e:  # e.g. a CMYK or broken JPEG in the batch, or no GPU decoder
+            _warn_fallback(device, len(jpeg), e)
+            for k in jpeg:  # one image the device decoder rejects costs only itself
+                try:
+                    out[k] = decode_jpeg(items[k], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass  # decoded by PIL below
     for k, t in enumerate(items):
         if out[k] is not None:
             continue
@@ -239,13 +280,13 @@ class FastLoader:
                              self.workers, collate_fn=_collate)
         skip = getattr(self.images, "skip_bad_images", False)
         bad = getattr(self.images, "bad_images", None)
-        for s, (items, idx) in zip(range(start, end), loader):
-            dec = decode_batch(items, self.device, self.files, idx, skip, bad)
-            imgs = [t.float().div_(255) for t in dec]
-            y = self.targets[torch.as_tensor(idx, device=self.device)]
+        for s, (data, offsets, shapes, idx) in zip(range(start, end), loader):
+            dec = decode_batch(split_items(data, offsets, shapes), self.device, self.files, idx.tolist(), skip, bad)
+            y = self.targets[idx.to(self.device)]
             if not self.aug_enabled:
-                yield torch.cat([center_view(t.unsqueeze(0), self.size) for t in imgs]).repeat(self.m, 1, 1, 1), y
+                yield torch.cat([center_view(t.unsqueeze(0).float().div_(255), self.size)
+                                 for t in dec]).repeat(self.m, 1, 1, 1), y
                 continue
             with _cpu_threads(self.device, 1):
-                x = self.augment.from_list(imgs, self.step_generator(s))
+                x = self.augment.from_list(dec, self.step_generator(s))
             yield x, y

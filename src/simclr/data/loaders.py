@@ -11,10 +11,10 @@ step-indexed sampler of :mod:`.sampler`, so what step s draws is a function of (
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .datasets import LabeledImages
 from .fast import FastLoader
@@ -48,22 +48,34 @@ def views_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(m * b, *x.shape[2:])
 
 
+def views_first_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items (views (m, 3, S, S), label) -> (x (m*B, 3, S, S) views first, y (B,)), stacked in that order
+    by the worker. The batch the DataLoader pins is then the one copied to the device: reordering a pinned
+    (B, m, ...) batch on the main side gave a new, pageable tensor, whose copy is synchronous."""
+    views = [item[0] for item in batch]
+    m = views[0].shape[0]
+    x = default_collate([v[j] for j in range(m) for v in views])  # in a worker: stacked into shared memory
+    return x, default_collate([item[1] for item in batch])
+
+
 class ReferenceLoader:
     """PIL/torchvision augmentations in DataLoader worker processes (the spec's way)."""
 
     def __init__(self, images: LabeledImages, transform, multiplier: int, global_batch: int, seed: int,
-                 workers: int = 2, device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1):
+                 workers: int = 2, device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
+                 pin_memory: Optional[bool] = None):
+        """``pin_memory``: page-lock batches so their copy to the device overlaps compute (default: on CUDA)."""
         self.dataset = MultiViewDataset(images, transform, multiplier)
         self.steps = StepBatches(len(images), global_batch, seed, rank, world)
         self.steps_per_epoch = self.steps.steps_per_epoch
-        self.workers, self.device = workers, device
+        self.workers, self.device = workers, torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
 
     def batches(self, start: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = step_loader(self.dataset, self.steps.sampler(start, end), self.workers,
-                             pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield (views_first(x).to(self.device, non_blocking=True),
-                   torch.as_tensor(y).to(self.device, non_blocking=True))
+        loader = step_loader(self.dataset, self.steps.sampler(start, end), self.workers, pin_memory=self.pin_memory,
+                             collate_fn=views_first_collate)
+        for x, y in loader:  # x is already views first: the pinned tensor itself is copied, asynchronously
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def build_loader(cfg, images: LabeledImages, device: torch.device, rank: int = 0, world: int = 1):
