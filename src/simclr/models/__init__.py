@@ -30,9 +30,9 @@ class SimCLRModel(nn.Module):
     with, ``img_size`` included) describe the encoder.
     """
 
-    def __init__(self, arch: str = "resnet50", cifar_stem: bool = True, width: int = 64,
+    def __init__(self, arch: str = "resnet50", cifar_stem: bool = True, width: int = 0,
                  proj_layers: int = 2, proj_dim: int = 128, zero_init_residual: bool = False,
-                 timm_kwargs: Optional[dict] = None, image_size: Optional[int] = None):
+                 timm_kwargs: Optional[dict] = None, image_size: Optional[int] = None, width_multiplier: int = 0):
         super().__init__()
         if is_timm(arch):
             from .timm_trunk import create, feat_dim
@@ -41,7 +41,7 @@ class SimCLRModel(nn.Module):
         else:
             if timm_kwargs:
                 raise ValueError(f"timm_kwargs apply to timm: archs only, not {arch}")
-            self.arch, width = resolve_width(arch, width)
+            self.arch, width = resolve_width(arch, width, width_multiplier)  # the one place a model's width is read
             self.convnet = ResNet(self.arch, cifar_stem=cifar_stem, width=width)
             self.width, self.cifar_stem, self.timm_kwargs = width, cifar_stem, {}
             self._feat_dim = self.convnet.feat_dim
@@ -118,7 +118,7 @@ def build_model(cfg, image_size: int) -> SimCLRModel:
     if is_timm(arch):
         return SimCLRModel(arch=arch, proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
                            timm_kwargs=parse_kwargs(getattr(cfg, "timm_kwargs", "")), image_size=image_size)
-    arch, width = resolve_width(arch, cfg.width, getattr(cfg, "width_multiplier", 0))
-    return SimCLRModel(arch=arch, cifar_stem=image_size <= 96, width=width,
+    return SimCLRModel(arch=arch, cifar_stem=image_size <= 96, width=cfg.width,
+                       width_multiplier=getattr(cfg, "width_multiplier", 0),
                        proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
                        zero_init_residual=bool(getattr(cfg, "zero_init_residual", False)))
