@@ -35,6 +35,17 @@ MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; larger is a 
 MAX_ALIASES = 100  # a real config has none; the 'billion laughs' bomb needs many
 
 
+def check_yaml_limits(text: str, path: str, max_aliases: int = 100) -> None:
+    """Refuse YAML text with more than ``max_aliases`` aliases before anything expands them (a 'billion laughs'
+    bomb); the one check for --config files and the config.yaml of every run folder."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
+    if text.count("*") > max_aliases and sum(1 for t in yaml.scan(text) if isinstance(t, yaml.AliasToken)) \
+            > max_aliases:
+        raise ConfigError(f"config file {path} uses more than {max_aliases} YAML aliases (*name); "
+                          f"write the values out")
+
+
 def load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -43,10 +54,7 @@ def load_yaml(path: str) -> dict:
         if p.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
         text = p.read_text()
-        if text.count("*") > MAX_ALIASES and sum(1 for t in yaml.scan(text) if isinstance(t, yaml.AliasToken)) \
-                > MAX_ALIASES:
-            raise ConfigError(f"config file {path} uses more than {MAX_ALIASES} YAML aliases (*name); "
-                              f"write the values out")
+        check_yaml_limits(text, path)
         values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}" if "config file" not in str(e) else str(e)) from None

@@ -33,6 +33,7 @@ class ReportOptions:
     data_root: str = option("", "folder holding the datasets (default: $DATA_ROOT, else the one the run read)")
     root: str = option("", "folder of runs searched for evaluations of this run's checkpoints, shown beside its own "
                            "(default: $SIMCLR_LOGS or ./logs)")
+    force: bool = option(False, "overwrite a report.html in --out that simclr report did not write")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class CompareOptions:
                         positional=True)
     out: str = option("", "figure to write (default: compare.png inside the first run's folder)")
     json: bool = option(False, "print the differences as JSON")
+    force: bool = option(False, "overwrite --out even when it is a file compare did not write")
 
     def check(self) -> None:
         if len(self.runs) < 2:
@@ -81,16 +83,19 @@ def report_main(argv) -> int:
     run = resolve_run(args.run)
     page = write_report(run, Path(args.out) if args.out else None, pictures=not args.no_pictures,
                         n_queries=args.queries, gallery=args.gallery, n_embed=args.embed, device=args.device,
-                        data_root=args.data_root or None, runs_root=args.root or default_root())
+                        data_root=args.data_root or None, runs_root=args.root or default_root(), force=args.force)
     print(f"report: {page}")
     return 0
 
 
 def compare_main(argv) -> int:
-    from .plots import compare
+    from ..files import claim_output
+    from .plots import PNG_MARK, compare
     args, _ = config_lib.parse(CompareOptions, argv)
     runs = [resolve_run(r) for r in args.runs]
-    diff, png = compare(runs, Path(args.out) if args.out else runs[0] / "compare.png")
+    out = Path(args.out) if args.out else runs[0] / "compare.png"
+    claim_output(out, PNG_MARK.encode(), "compare", args.force)  # never over a checkpoint or a user's picture
+    diff, png = compare(runs, out)
     from ..runs import read_config
     from .plots import config_diff
     other = config_diff([read_config(r) for r in runs], bookkeeping=True)

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import DataError, UserError
-from ..files import atomic_write
+from ..files import atomic_write, claim_output, replace_outputs
 from ..progress import rate, say
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
 from .pictures import Datasets, load_run_encoder, plot_retrieval_and_embedding, plot_views
 
-PICTURES = "report"  # sub-folder of the output folder holding the PNGs
+PICTURES = "report"  # sub-folder of the output folder holding the PNGs (and manifest.json: which are ours)
+HTML_MARK = '<meta name="generator" content="simclr report">'  # in every report.html we write
 TEMPLATE = "report.html.j2"
 
 
@@ -191,7 +192,7 @@ def _facts(run: Path, row: dict) -> list:
 
 def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 0,
                  gallery: int = 0, n_embed: int = 0, device: str = "cpu", log=print,
-                 data_root: Optional[str] = None, runs_root: Optional[str] = None) -> Path:
+                 data_root: Optional[str] = None, runs_root: Optional[str] = None, force: bool = False) -> Path:
     """Write ``report.html`` (+ PNGs in ``report/``) for a run folder; returns the HTML path.
 
     ``pictures=False`` skips the sections that need the dataset (views, retrieval, embedding).
@@ -212,8 +213,8 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         pic_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write the report into {out}: {e.strerror}; pass --out DIR") from None
-    for old in pic_dir.glob("*.png"):  # stale pictures of an earlier report must not linger
-        old.unlink(missing_ok=True)
+    page = out / "report.html"
+    claim_output(page, HTML_MARK.encode(), "report", force)
 
     t0 = time.perf_counter()
     cfg, records = read_config(run), read_metrics(run)
@@ -243,6 +244,8 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
                   folded=figs.folded, config=sorted(cfg.items()), env=env_rows,
                   invocations=_invocations(run, env), invocation_head=INVOCATION_HEAD,
                   written=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=f"{time.perf_counter() - t0:.1f}")
-    page = out / "report.html"
     atomic_write(page, html)
+    # last, so a report that fails leaves the previous one whole: remove the earlier report's pictures that this
+    # one did not draw again (only those its manifest lists: nothing else in the folder is ours to delete)
+    replace_outputs(pic_dir, [Path(f["src"]).name for f in figs.items if f["src"]])
     return page

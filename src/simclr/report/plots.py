@@ -36,11 +36,14 @@ def figure(w: float, h: float, rows: int = 1, cols: int = 1):
     return fig, axes
 
 
+PNG_MARK = "simclr report"  # in every PNG we write (its Software field): how a command knows a picture is its own
+
+
 def save(fig, path: Path, tight: bool = True) -> Path:
     """Write ``fig`` as a PNG at ``path``; a reader never sees half a picture."""
     if tight:
         fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, metadata={"Software": PNG_MARK}))
     return path
 
 

@@ -8,16 +8,40 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-def _yaml_load(text: str):
+from ..yamlfile import MAX_CONFIG_BYTES, check_yaml_limits
+
+def _yaml_load(text: str, path: Path):
     import yaml
+    # the limits a --config file gets, and no alias at all (a run writes none): a bomb is refused, not expanded
+    check_yaml_limits(text, str(path), max_aliases=0)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader is ~10x faster on 1,000 runs
     return yaml.load(text, Loader=loader)
 
 
+MAX_DIGITS = 18  # an integer longer than this in a run's JSON is no step, count or time (and would overflow floats)
+
+
+def _int(text: str):
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def loads(text):
+    """JSON from a run folder: a huge integer makes the document unreadable (None for a file, one line left out
+    of metrics.jsonl), never an OverflowError later."""
+    return json.loads(text, parse_int=_int)
+
+
 def read_json(path: Path):
+    """A run folder's JSON file (at most MAX_CONFIG_BYTES), or None when missing, too large or unparsable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            return None
+        return loads(data)
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -35,8 +59,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def read_config(run: Path) -> dict:
     """The run's resolved config (flattened), or {} when missing or unreadable."""
+    path = Path(run) / "config.yaml"
     try:
-        cfg = _yaml_load((Path(run) / "config.yaml").read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return {}
+        cfg = _yaml_load(path.read_text(), path)
     except OSError:
         return {}
     except Exception:  # a half-written YAML file: yaml raises several error types
@@ -57,7 +84,9 @@ def read_evals(run: Path) -> list:
 
 def finite(v) -> bool:
     """A number the tables and figures can use: an int or float (not a bool), neither inf nor NaN."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) < 10 ** MAX_DIGITS  # math.isfinite(10 ** 400) raises OverflowError
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def parse_record(line, number: int, bad: list) -> Optional[dict]:
@@ -65,8 +94,8 @@ def parse_record(line, number: int, bad: list) -> Optional[dict]:
     that is not a JSON object or whose step is not a finite number; a value such as ``1e999``, NaN or a
     string where a number belongs) is described in ``bad`` ("line N: ...")."""
     try:
-        rec = json.loads(line)
-    except ValueError:
+        rec = loads(line)
+    except (ValueError, RecursionError):
         bad.append(f"line {number} is not JSON (half-written or corrupt)")
         return None
     if not isinstance(rec, dict):

@@ -59,6 +59,16 @@ def find_runs(root) -> list:
 
 
 
+def safe_summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None) -> dict:
+    """:func:`summarize`, or, for a folder whose files hold values no table can show, a row that says so: one
+    bad run costs its row, never the table."""
+    try:
+        return summarize(run, now, host)
+    except (ValueError, TypeError, OverflowError, RecursionError, AttributeError, KeyError) as e:
+        return {"id": Path(run).name, "name": Path(run).parent.name, "status": "unknown", "kind": "pretrain",
+                "path": str(run), "error": f"unreadable run folder: {type(e).__name__}: {str(e)[:100]}"}
+
+
 def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None) -> dict:
     """One index row for a run folder: flattened config, then summary fields on top."""
     run = Path(run)
@@ -144,7 +154,7 @@ def index(root="logs", where: Optional[dict] = None):
     """
     import pandas as pd
     now, host = time.time(), socket.gethostname()
-    rows = [summarize(p, now, host) for p in find_runs(root)]
+    rows = [safe_summarize(p, now, host) for p in find_runs(root)]
     link_evals(rows)
     df = pd.DataFrame.from_records(rows)
     if df.empty:
@@ -182,7 +192,7 @@ def with_links(run, root) -> tuple[dict, list]:
     """
     run = Path(run)
     target = os.path.realpath(run)
-    rows = [summarize(p) for p in find_runs(root)] if root is not None and Path(root).is_dir() else []
+    rows = [safe_summarize(p) for p in find_runs(root)] if root is not None and Path(root).is_dir() else []
     if not any(os.path.realpath(r["path"]) == target for r in rows):
         rows.append(summarize(run))
     link_evals(rows)

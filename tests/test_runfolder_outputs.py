@@ -1,0 +1,110 @@
+"""No command overwrites or deletes a file it did not write: `simclr compare --out` and `simclr report --out`,
+replayed through the real CLI (in this process) on real run folders."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from runfolder_util import cli, one_error, pretrain_args, tiny_folder
+from simclr import checkpoint as ckpt_lib
+
+_RUNS: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _runs(data_root, tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("runs")
+    data = tiny_folder(tmp / "data", data_root)
+    for lr in (0.5, 0.1):
+        rc, _, err = cli(*pretrain_args(data, tmp / "logs", iters=2, lr=lr))
+        assert rc == 0, err
+    _RUNS[:] = sorted(p for p in (tmp / "logs" / "t").iterdir())
+    yield
+    torch.set_num_threads(n)
+
+
+def copies(tmp_path: Path) -> list:
+    out = []
+    for i, r in enumerate(_RUNS):
+        shutil.copytree(r, tmp_path / f"r{i}")
+        out.append(tmp_path / f"r{i}")
+    return out
+
+
+def test_compare_refuses_to_write_over_a_file_it_did_not_write(tmp_path):
+    """Observation: `simclr compare A B --out FILE` wrote a PNG over any file (A's newest checkpoint)."""
+    a, b = copies(tmp_path)
+    ck = ckpt_lib.list_checkpoints(a)[0]
+    before = ck.read_bytes()
+    rc, _, err = cli("compare", a, b, "--out", ck)
+    one_error(rc, err, str(ck), "--force")
+    assert ck.read_bytes() == before
+    picture = tmp_path / "holiday.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n not ours")
+    rc, _, err = cli("compare", a, b, "--out", picture)
+    one_error(rc, err, "--force")
+    assert picture.read_bytes() == b"\x89PNG\r\n\x1a\n not ours"
+    rc, _, err = cli("compare", a, b, "--out", picture, "--force", "true")  # asked for: overwritten
+    assert rc == 0, err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"simclr report" in picture.read_bytes()[:4096]
+
+
+def test_compare_writes_over_its_own_figure(tmp_path):
+    a, b = copies(tmp_path)
+    for _ in range(2):
+        rc, out, err = cli("compare", a, b)
+        assert rc == 0, err
+    assert (a / "compare.png").is_file()
+
+
+def test_report_out_deletes_only_the_pictures_its_own_manifest_lists(tmp_path):
+    """Observation: `simclr report RUN --out DIR` deleted every *.png already in DIR/report/."""
+    (a, _) = copies(tmp_path)
+    out = tmp_path / "site"
+    (out / "report").mkdir(parents=True)
+    mine = out / "report" / "team-logo.png"
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n logo")
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
+    assert rc == 0, err
+    listed = json.loads((out / "report" / "manifest.json").read_text())["files"]
+    assert listed and "team-logo.png" not in listed
+    assert all((out / "report" / f).is_file() for f in listed)
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")  # again: its own files replaced
+    assert rc == 0, err
+    assert mine.read_bytes() == b"\x89PNG\r\n\x1a\n logo"
+
+
+def test_a_failed_report_leaves_the_previous_reports_pictures(tmp_path, monkeypatch):
+    """Observation: a failed report deleted the previous report's pictures first. The second report fails at
+    its first figure (as a full disk would)."""
+    from simclr.errors import UserError
+    from simclr.report import plots
+    (a, _) = copies(tmp_path)
+    rc, _, err = cli("report", a, "--no_pictures", "true")
+    assert rc == 0, err
+    pictures = {p.name: p.read_bytes() for p in (a / "report").glob("*.png")}
+    assert pictures
+
+    def disk_full(*args, **kwargs):
+        raise UserError("disk full while writing curves.png")
+
+    monkeypatch.setattr(plots, "plot_curves", disk_full)
+    rc, _, err = cli("report", a, "--no_pictures", "true")
+    one_error(rc, err, "disk full")
+    assert {p.name: p.read_bytes() for p in (a / "report").glob("*.png")} == pictures
+
+
+def test_report_refuses_to_write_over_a_page_it_did_not_write(tmp_path):
+    (a, _) = copies(tmp_path)
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "report.html").write_text("<html>the team's own page</html>")
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
+    one_error(rc, err, "report.html", "--force")
+    assert (out / "report.html").read_text() == "<html>the team's own page</html>"
