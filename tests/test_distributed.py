@@ -108,7 +108,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         loss.backward()
         res[f"model{m}{dtype}"] = {"loss": distributed.all_reduce_mean(loss.detach()).item(),
                                    "acc": distributed.all_reduce_mean(acc).item(),
-                                   "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+                                   "grads": {k: p.grad.clone() for k, p in model.named_parameters()
+                                             if p.grad is not None},
                                    "buffers": {k: b.clone() for k, b in model.named_buffers()}}
     for m in (2, 3):
         # the loss contract on fixed projections (what DDP without SyncBN relies on)

@@ -169,7 +169,8 @@ def test_flip_jitter_gray_blur_rates_and_factor_ranges():
 
 def test_no_blur_for_cifar_by_default():
     aug = BatchAugment(32, 2)
-    assert aug.blur_kernel == 0 and not aug.params(torch.full((100,), 32.0), torch.full((100,), 32.0), _gen()).blur.any()
+    sizes = torch.full((100,), 32.0)
+    assert aug.blur_kernel == 0 and not aug.params(sizes, sizes, _gen()).blur.any()
     assert BatchAugment(224, 2).blur_kernel == 23 and BatchAugment(32, 2, blur="on").blur_kernel == 3
 
 

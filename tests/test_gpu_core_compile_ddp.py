@@ -47,7 +47,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         counters.clear()
         loss, _, _ = forward_backward(p, cfg, x)
         res[compile_value + ("" if sync_bn else " plain bn")] = {
-            "loss": loss.item(), "grads": {k: q.grad.clone() for k, q in p.model.named_parameters() if q.grad is not None},
+            "loss": loss.item(),
+            "grads": {k: q.grad.clone() for k, q in p.model.named_parameters() if q.grad is not None},
             "bn": sorted({type(m).__name__ for m in p.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
                           or isinstance(m, GlobalBatchNorm)}),
             "forward": type(p.forward).__name__, "breaks": sum(counters["graph_break"].values())}

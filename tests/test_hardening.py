@@ -83,8 +83,9 @@ def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig
         status = None
         while time.time() < deadline and p.poll() is None:
             found = list(root.glob("e/*/status.json"))
-            if found and json.loads(found[0].read_text()).get("status") == "running" and \
-                    (found[0].parent / "log.txt").exists() and "evaluating" in (found[0].parent / "log.txt").read_text():
+            log = found[0].parent / "log.txt" if found else None
+            if found and json.loads(found[0].read_text()).get("status") == "running" and log.exists() and \
+                    "evaluating" in log.read_text():
                 status = found[0]
                 break
             time.sleep(0.5)

@@ -294,7 +294,8 @@ def test_run_folder_files_are_readable_by_the_team(tmp_path):
         os.umask(old)
     for name in ("status.json", "env.json", "metrics.jsonl"):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
-    assert [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".") and p.name != ".lock"] == []  # no temp file
+    temps = [p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert temps == []  # no temp file
 
 
 def _evals_beside_the_zoo(root: Path) -> None:

@@ -193,8 +193,9 @@ def summary(result: dict) -> str:
     variant = result["details"].get("protocol_variant")
     lines = ["BASELINE: a randomly initialised encoder, not a trained one (pass --encoder_ckpt to evaluate yours)"
              ] if result.get("kind") == "baseline" else []
-    lines += [f"{result['protocol']}{f' ({variant})' if variant else ''}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-             f"({result['n_test']} test images{trained})"]
+    shown = f"{result['protocol']}{f' ({variant})' if variant else ''}"
+    lines += [f"{shown}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"({result['n_test']} test images{trained})"]
     if "unlabeled_top1" in result["details"]:
         lines.append(f"accuracy on the unlabelled rest of the training split: "
                      f"{result['details']['unlabeled_top1']:.2f}%")

@@ -243,7 +243,8 @@ class PretrainConfig(CommonConfig):
     IGNORED_KEYS = PRETRAIN_IGNORED_KEYS
     ALTERNATIVES = (("width", "width_multiplier"),)  # one on the command line replaces the other from the file
 
-    # the encoder's width is pretraining's (an evaluation reads it from the checkpoint; --encoder_width for a random one)
+    # the encoder's width is pretraining's (an evaluation reads it from the checkpoint; --encoder_width for a
+    # random one)
     width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
                         "64 x width_multiplier", **within(0, MAX_WIDTH))
     width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
@@ -323,7 +324,8 @@ class EvalConfig(CommonConfig):
                            "L-BFGS logistic regression, L2 picked on a held-out split), knn",
                            ["linear", "fast-linear", "knn"])
     encoder_ckpt: str = option("", "encoder checkpoint (ours, a run folder = its newest valid one, a .json card, "
-                               "the spec's .pth.tar, or an export); empty = a randomly initialised encoder (a baseline)",
+                               "the spec's .pth.tar, or an export); empty = a randomly initialised encoder "
+                               "(a baseline)",
                                convert=_path)
     encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty (as "
                                "pretraining's --arch: resnet50x2, timm:<name> with --timm_kwargs ...)", convert=_arch)
@@ -368,8 +370,9 @@ class EvalConfig(CommonConfig):
     temperature: float = option(0.1, "temperature of the weighted kNN", check=positive, check_msg="must be > 0")
     knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
                            ["weighted", "majority"])
-    l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1", "fast-linear: L2 strengths tried (comma separated; "
-                          "the penalty is l2/2 * ||W||^2 on standardised features)")
+    l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1",
+                          "fast-linear: L2 strengths tried (comma separated; the penalty is l2/2 * ||W||^2 on "
+                          "standardised features)")
     holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
                             check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
     fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", **within(1, MAX_COUNT))

@@ -251,7 +251,8 @@ class RunDir:
         if not isinstance(old, dict) or not isinstance(old.get("started"), (int, float)):
             return {}
         before = old.get("train_s")
-        if not isinstance(before, (int, float)) or isinstance(before, bool):  # written before train_s existed: its last invocation's span
+        # written before train_s existed: its last invocation's span
+        if not isinstance(before, (int, float)) or isinstance(before, bool):
             updated = old.get("updated")
             before = updated - old["started"] if isinstance(updated, (int, float)) else 0.0
         self._before_s = max(0.0, float(before)) if math.isfinite(before) else 0.0

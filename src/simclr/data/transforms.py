@@ -55,7 +55,8 @@ def simclr_transform(image_size: int, color_dist_s: float = 1.0, scale_lower: fl
         T.ToTensor(),
     ]
     if use_blur(image_size, blur):
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma_range(blur_sigma))], p=0.5))
+        blur_op = T.GaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma_range(blur_sigma))
+        ops.append(T.RandomApply([blur_op], p=0.5))
     ops.append(Clip())
     return T.Compose(ops)
 
@@ -77,7 +78,8 @@ class InputTransform:
 
     def __init__(self, image_size: int):
         self.image_size = int(image_size)
-        self._as_is, self._resized = eval_transform(self.image_size, self.image_size), eval_transform(self.image_size, -1)
+        self._as_is = eval_transform(self.image_size, self.image_size)
+        self._resized = eval_transform(self.image_size, -1)
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image

@@ -179,12 +179,12 @@ def _invocations(run: Path, env: dict) -> list:
 
 def _facts(run: Path, row: dict) -> list:
     status = row["status"]
+    speed = rate(row["images_per_s"]) if isinstance(row.get("images_per_s"), (int, float)) else "-"
     return [("run", str(run)), ("status", status + (f" ({row['error']})" if row.get("error") else "")),
             ("steps", f"{_fmt(row.get('step'))} / {_fmt(row.get('iters'))}"),
             ("last loss", _fmt(row.get("loss"), 4)), ("kNN top-1 (best)", _fmt(row.get("knn"))),
             ("kNN top-1 at random init", _fmt(row.get("knn_init"))),
-            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", rate(row["images_per_s"]) if isinstance(row.get("images_per_s"), (int, float))
-                                            else "-"),
+            ("linear top-1", _fmt(row.get("linear"))), ("images/s (median, recent)", speed),
             ("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["started"])) if row.get("started")
              else "-"),
             ("duration", time.strftime("%H:%M:%S", time.gmtime(row["duration"])) if row.get("duration") else "-")]

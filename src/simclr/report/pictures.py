@@ -63,7 +63,8 @@ def plot_views(cfg: dict, path: Path, n_images: int = 6, n_views: int = 6, seed:
     # labelled images (for STL-10 the unlabeled part would do as well, but its loading is slow)
     pick = maybe_subset(datasets("train", size), n_images, seed=seed)
     size = pick.image_size
-    s, scale, blur = float(cfg.get("color_dist_s", 1.0)), float(cfg.get("scale_lower", 0.08)), str(cfg.get("blur", "auto"))
+    s, scale = float(cfg.get("color_dist_s", 1.0)), float(cfg.get("scale_lower", 0.08))
+    blur = str(cfg.get("blur", "auto"))
     aug = bool(cfg.get("aug", True))
     tf = simclr_transform(size, s, scale, blur)
     show = _display_transform(pick, size)

@@ -121,7 +121,8 @@ def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
     fig, ax = figure(5.5, 3.2)
     a = ax[0, 0]
     if planned is not None:
-        a.plot(np.arange(1, len(planned) + 1), planned, color="0.6", lw=1.5, label=f"planned ({cfg.get('lr_schedule')})")
+        a.plot(np.arange(1, len(planned) + 1), planned, color="0.6", lw=1.5,
+               label=f"planned ({cfg.get('lr_schedule')})")
     if len(s):
         a.plot(s, lr, "o", ms=3, color="C2", label="logged")
     a.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
@@ -327,9 +328,12 @@ def config_diff(configs: Sequence[dict], bookkeeping: bool = False) -> dict:
 def plot_compare(runs: Sequence[Path], labels: Sequence[str], path: Path) -> Path:
     """Loss, contrastive accuracy, kNN top-1, learning rate, throughput and data wait of all runs."""
     fig, ax = figure(13, 6.4, 2, 3)
-    panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1), (ax[0, 1], "contrast_acc", "step", "contrastive acc. (fraction)", 1),
-              (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1), (ax[1, 0], "lr", "step", "learning rate", 1),
-              (ax[1, 1], "images_per_s", "step", "images / s", 1), (ax[1, 2], "data_time_frac", "step", "data wait (% of step time)", 100)]
+    panels = [(ax[0, 0], "loss", "step", "NT-Xent loss", 1),
+              (ax[0, 1], "contrast_acc", "step", "contrastive acc. (fraction)", 1),
+              (ax[0, 2], "knn_top1", "step", "kNN top-1 (%)", 1),
+              (ax[1, 0], "lr", "step", "learning rate", 1),
+              (ax[1, 1], "images_per_s", "step", "images / s", 1),
+              (ax[1, 2], "data_time_frac", "step", "data wait (% of step time)", 100)]
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = read_metrics(run)
         tr, kr = _train_records(recs), _knn_records(recs)

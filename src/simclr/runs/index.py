@@ -163,7 +163,8 @@ def index(root="logs", where: Optional[dict] = None):
         if c not in df.columns:
             df[c] = None
     for c in ("started", "updated"):
-        df[c] = pd.to_datetime(df[c].astype(float), unit="s", utc=True, errors="coerce").dt.tz_convert(_local_tz()).dt.tz_localize(None)
+        utc = pd.to_datetime(df[c].astype(float), unit="s", utc=True, errors="coerce")
+        df[c] = utc.dt.tz_convert(_local_tz()).dt.tz_localize(None)
     df["duration"] = pd.to_timedelta(df["duration"].astype(float).round(), unit="s", errors="coerce")
     for c in ("step", "iters", "batch_size", "loss", "contrast_acc", "knn", "knn_top5", "knn_last", "knn_init",
               "online_linear_top1", "linear", "linear_top5", "eval_top1", "eval_top5", "images_per_s",
