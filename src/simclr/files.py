@@ -176,7 +176,7 @@ def check_own(path: Path, folder: bool = False) -> bool:
     ``lstat``: the link itself is judged, never what it points to."""
     try:
         st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):  # a file where a folder above it should be: creating says so
+    except (FileNotFoundError, NotADirectoryError):  # not there (a file in the way is said where it is written)
         return False
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
