@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import runpy
 import shutil
 import signal
 import subprocess as _subprocess
@@ -90,13 +91,11 @@ def _exit_code(code) -> int:
     return 1
 
 
-def _in_process(argv: list, env: dict, cwd: Path) -> CliResult:
-    """``simclr.cli.main(argv)`` here, with stdout/stderr captured and the process state it may change
-    (environment, working directory, signal handlers, torch threads, dtype and determinism, a process
-    group) put back afterwards. ``OMP_NUM_THREADS`` in ``env`` sets torch's thread count, as it would in a
-    new process."""
-    from simclr import cli
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+def _in_process(main, argv: list, env: dict, cwd: Path) -> CliResult:
+    """``main(argv)`` here, with stdout/stderr captured and the process state it may change (environment,
+    working directory, sys.argv, signal handlers, torch threads, dtype and determinism, a process group) put
+    back afterwards. ``OMP_NUM_THREADS`` in ``env`` sets torch's thread count, as it would in a new process."""
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
@@ -110,13 +109,14 @@ def _in_process(argv: list, env: dict, cwd: Path) -> CliResult:
         os.chdir(cwd)
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                code = cli.main(argv)
+                code = main(argv)
             except SystemExit as e:
                 code = _exit_code(e.code)
             except Exception:  # what the interpreter does with an uncaught exception
                 traceback.print_exc()
                 code = 1
     finally:
+        sys.argv = saved_argv
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
@@ -135,11 +135,21 @@ def run_cli(*args, env=None, timeout=600, cwd=REPO, subprocess=False):
     ``python -m simclr`` process (the way a user runs it), killed after ``timeout`` seconds."""
     argv = [str(a) for a in args]
     if not subprocess:
-        return _in_process(argv, dict(env or {}), Path(cwd))
+        from simclr import cli
+        return _in_process(cli.main, argv, dict(env or {}), Path(cwd))
     e = dict(os.environ)
     e.update(env or {})
     return _subprocess.run([sys.executable, "-m", "simclr", *argv], capture_output=True, text=True,
                            timeout=timeout, env=e, cwd=cwd)
+
+
+def run_script(path, *args, env=None, cwd=REPO) -> CliResult:
+    """``python path args...`` (train.py, an example) run as ``__main__`` in this process, like ``run_cli``."""
+    def main(argv):
+        sys.argv = [str(path), *argv]
+        runpy.run_path(str(path), run_name="__main__")
+        return 0
+    return _in_process(main, [str(a) for a in args], dict(env or {}), Path(cwd))
 
 
 # --------------------------------------------------------------------------------------------
