@@ -183,7 +183,7 @@ def _trained_run(tmp_path_factory, data_root) -> Path:
 def _interrupted(tmp_path_factory, data_root) -> tuple:
     """(run folder, what the command printed) of the session's interrupted run."""
     tmp = tmp_path_factory.mktemp("interrupted")
-    r = run_cli("pretrain", *tiny_args(tmp, iters=4, stop_after=2))
+    r = run_cli("pretrain", *tiny_args(tmp, **TRAINED, stop_after=2))
     assert r.returncode == 0, r.stderr[-3000:]
     return run_folder(tmp / "logs"), r.stdout
 
@@ -202,8 +202,8 @@ def trained_run(_trained_run, tmp_path) -> Path:
 
 @pytest.fixture
 def interrupted_run(_interrupted_run, tmp_path) -> Path:
-    """A run of ``tiny_args(iters=4, stop_after=2)`` stopped at step 2 (status interrupted, one checkpoint),
-    copied to ``tmp_path/logs/t/<id>``: resume it with ``simclr pretrain --resume``."""
+    """The trained run's command with ``--stop_after 2``: stopped at step 2 (status interrupted, checkpoints 1
+    and 2), copied to ``tmp_path/logs/t/<id>``; resumed, it ends as ``trained_run`` did."""
     return copy_run(_interrupted_run, tmp_path)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_cli, tiny_args
+from conftest import TRAINED, run_cli, tiny_args
 from simclr import checkpoint as ckpt_lib
 
 
@@ -50,7 +50,7 @@ def test_resume_that_changes_the_trajectory_is_refused_unless_allowed(interrupte
 
 def test_resume_auto_without_run_dir_continues_the_newest_run_of_the_name(interrupted_run, tmp_path):
     run = interrupted_run
-    r = run_cli("pretrain", *tiny_args(tmp_path, iters=4, resume="auto"))
+    r = run_cli("pretrain", *tiny_args(tmp_path, **dict(TRAINED, resume="auto")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"run folder: {run}" in r.stdout and "finished at step 4" in r.stdout
     assert len(list((tmp_path / "logs" / "t").iterdir())) == 1
