@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pathlib
 import shutil
 from collections import OrderedDict
 from pathlib import Path
