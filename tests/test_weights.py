@@ -28,7 +28,6 @@ from simclr.export import card_path, export_encoder, files_list_path
 from simclr.models import SimCLRModel
 from simclr.weights import load_encoder, load_linear_head
 
-from conftest import tiny_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,16 +462,15 @@ def test_embed_rows_and_file_list(tiny, tmp_path, data_root, capsys):
     assert "image folder not found" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_pretrain_export_embed_end_to_end(tmp_path, data_root):
-    """The trainer's real checkpoint -> export (both formats) -> embed; features agree across formats."""
-    assert cli.main(["pretrain", *tiny_args(tmp_path, iters=2, eval_freq=0)]) == 0
-    ck = next((tmp_path / "logs").rglob("checkpoint-*.pt"))
+def test_pretrain_export_embed_end_to_end(trained_ckpt, tmp_path, data_root):
+    """The trainer's real checkpoint (conftest's session run) -> export (both formats) -> embed; features agree
+    across formats."""
+    ck = trained_ckpt
     st = tmp_path / "enc.safetensors"
     assert cli.main(["export", str(ck), "--format", "safetensors", "--out", str(st)]) == 0
     card = json.loads(card_path(st).read_text())
     assert (card["arch"], card["width"], card["data"], card["step"], card["input_size"]) == \
-        ("resnet18", 8, "cifar10", 2, 32)
+        ("resnet18", 8, "cifar10", 4, 32)
     assert "knn_top1" in card["metrics"]
     imgs, names = _image_dir(tmp_path, data_root)
     f1, f2 = tmp_path / "a.npy", tmp_path / "b.npy"
