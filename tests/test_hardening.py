@@ -235,7 +235,7 @@ def test_garbage_lines_in_metrics_jsonl_are_skipped_and_counted_by_simclr_runs(t
     records = [json.loads(ln) for ln in good.splitlines()]
     last_loss = [r["loss"] for r in records if "loss" in r][-1]
     knn = [r["knn_top1"] for r in records if "knn_top1" in r][-1]
-    garbage = ['{"step": 1e999, "loss": 1.0}',       # the line: inf
+    garbage = ['{"step": 1e999, "loss": 1.0}',       # inf, as a crashed writer once left it
                '{"step": 2, "loss": NaN, "lr": 0.1}', '{"step": "x", "loss": "abc"}', '["loss", 1]', '"loss"',
                '{"step": 2, "knn_top1": Infinity}', '{"step": 1e999}', '{"step": 3, "loss": 0.']  # truncated
     (run / "metrics.jsonl").write_text(good + "\n".join(garbage))

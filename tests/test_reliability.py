@@ -1,5 +1,5 @@
 """Reliability, in-process part: crash-safe checkpoint files, disk full, the divergence guard, safe
-loading, and every bad input of the issue as one ``error:`` line with exit code 2 and nothing written.
+loading, and bad input found once the data is read as one ``error:`` line with exit code 2 and nothing written.
 
 The subprocess fault injections (SIGKILL at random steps, SIGTERM, a corrupt newest checkpoint on
 resume) live in test_reliability_faults.py.
