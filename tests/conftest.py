@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import runpy
 import shutil
 import signal
@@ -19,6 +20,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,9 +95,10 @@ def _exit_code(code) -> int:
 
 def _in_process(main, argv: list, env: dict, cwd: Path) -> CliResult:
     """``main(argv)`` here, with stdout/stderr captured and the process state it may change (environment,
-    working directory, sys.argv, signal handlers, torch threads, dtype and determinism, a process group) put
+    working directory, sys.argv, the random generators, signal handlers, torch threads, dtype and determinism, a process group) put
     back afterwards. ``OMP_NUM_THREADS`` in ``env`` sets torch's thread count, as it would in a new process."""
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()  # a run seeds all three
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
@@ -117,6 +120,9 @@ def _in_process(main, argv: list, env: dict, cwd: Path) -> CliResult:
                 code = 1
     finally:
         sys.argv = saved_argv
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
