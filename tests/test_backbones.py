@@ -22,7 +22,8 @@ from conftest import REPO, run_cli, tiny_args
 from simclr import config as config_lib
 from simclr.errors import ConfigError
 from simclr.models import ResNet, SimCLRModel, build_model, convert_sync_batchnorm
-from simclr.optim import param_groups
+from simclr.loss import nt_xent
+from simclr.optim import build_optimizer, param_groups
 from simclr.options import PretrainConfig
 
 DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"]
@@ -51,13 +52,24 @@ def test_every_depth_trains_at_tiny_width(arch):
     depth = int(arch[6:])
     per_block = 2 if depth < 50 else 3  # convolutions per residual block
     assert blocks * per_block + 2 == depth  # the stem conv and the fc (not built) complete the depth
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     out = m(x)
     assert out["h"].shape == (4, 4 * 8 * (1 if depth < 50 else 4)) and out["z"].shape == (4, 8)
-    out["z"].pow(2).sum().backward()
+    # one real training step: the NT-Xent loss of two views, LARS as in pretraining
+    opt = build_optimizer(m, "lars", 0.5, 1e-6)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    views = torch.cat([x, x.flip(3)])  # (2N, 3, 16, 16): view 1 of every image, then view 2
+    loss = nt_xent(m(views)["z"], 0.5, 2)[0]
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert m.convnet.conv1.weight.grad.abs().sum() > 0  # the gradient reaches the stem
+    opt.step()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p.detach(), before[n])}
+    stuck = {n for n, p in m.named_parameters() if p.requires_grad and p.grad.abs().sum() > 0} - changed
+    assert stuck == set() and "convnet.conv1.weight" in changed and "convnet.layer4.0.conv1.weight" in changed
+    assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
 def _doubled(shape: torch.Size) -> tuple:
@@ -243,7 +255,7 @@ def _hide_timm(tmp_path: Path) -> dict:
 
 def test_without_timm_a_timm_arch_is_one_error_line_and_nothing_else_needs_it(tmp_path):
     env = _hide_timm(tmp_path)
-    r = run_cli("pretrain", *tiny_args(tmp_path, arch="timm:resnet18", width=0), env=env)
+    r = run_cli("pretrain", *tiny_args(tmp_path, arch="timm:resnet18", width=0), env=env, subprocess=True)
     one_error_line(r, "timm:resnet18", "pip install 'simclr[timm]'")
     # every module of the package imports without timm, and none of them imports it
     code = ("import importlib, pkgutil, sys, simclr\n"

@@ -76,6 +76,9 @@ def evil_files(folder: Path, markers: Path) -> dict:
     torch.save({"state_dict": tiny_encoder_payload()["model"], "hparams": argparse.Namespace(arch="resnet18"),
                 "x": WritesFile(markers / "spec-legacy")}, out["spec-legacy-pathlib"],
                _use_new_zipfile_serialization=False)
+    out["spec-zip-pathlib"] = folder / "spec-zip.pth.tar"
+    torch.save({"state_dict": tiny_encoder_payload()["model"], "hparams": argparse.Namespace(arch="resnet18"),
+                "x": WritesFile(markers / "spec-zip")}, out["spec-zip-pathlib"])
     out["head-zip-os.system"] = folder / "head.pth.tar"
     torch.save({"state_dict": {"weight": torch.zeros(10, 64), "bias": torch.zeros(10)},
                 "hparams": RunsShell(markers / "head-zip")}, out["head-zip-os.system"])
@@ -118,7 +121,12 @@ def test_the_evil_files_really_run_code_when_trusted(evil, tmp_path):
     for name, path in files.items():
         with pytest.warns(UserWarning, match="trust_checkpoint"):
             ckpt_lib.read(path, trust=True)
-    assert sorted(p.name for p in markers.iterdir()) == ["head-zip", "ours-zip", "spec-legacy"]
+    assert sorted(p.name for p in markers.iterdir()) == ["head-zip", "ours-zip", "spec-legacy", "spec-zip"]
+    # the explicit flag is how a user loads such an encoder anyway: it works, with a warning
+    (markers / "spec-zip").unlink()
+    with pytest.warns(UserWarning, match="trust_checkpoint"):
+        enc = load_encoder(files["spec-zip-pathlib"], trust=True)
+    assert enc.arch == "resnet18" and (markers / "spec-zip").read_text() == "pwned"
 
 
 @pytest.mark.parametrize("entry", ["checkpoint.read", "weights.load_encoder", "weights.load_linear_head",
@@ -149,8 +157,7 @@ def test_resume_auto_skips_a_checkpoint_with_code(evil, tmp_path):
 
 def test_cli_entry_points_refuse_code(evil, tmp_path, data_root, capsys):
     """eval (encoder and head), export, embed and pretrain --ckpt through the command-line entry point:
-    exit 2, one error line naming the file and the flag, no marker, nothing written. (test_weights runs
-    embed on such a file in a real process.)"""
+    exit 2, one error line naming the file and the flag, no marker, nothing written."""
     files, markers = evil
     enc, head = str(files["ours-zip-os.system"]), str(files["head-zip-os.system"])
     imgs = tiny_folder(tmp_path / "data", data_root)

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from simclr import cli
 from simclr import config as config_lib
 from simclr import options
 from simclr.options import EvalConfig, PretrainConfig
@@ -142,26 +143,41 @@ def test_valid_values_are_accepted_and_round_trip_through_yaml(tmp_path_factory,
 # --------------------------------------------------------------------------------------------
 # the messages users see
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,needles", [
-    (["--temprature", "0.1"], ["unknown option 'temprature'", "did you mean 'temperature'"]),
+BAD_CONFIG = [  # (argv, what the one error line must say)
+    (["--temprature", "0.1"], ["unknown option 'temprature' (on the command line)", "did you mean 'temperature'"]),
+    (["--tempreature", "0.5"], ["unknown option 'tempreature'", "did you mean 'temperature'"]),
     (["--batchsize", "64"], ["did you mean 'batch_size'"]),
+    (["--lr_shedule", "const"], ["unknown option 'lr_shedule'", "did you mean 'lr_schedule'"]),
     (["--lr", "-1"], ["option 'lr' got -1.0", "must be >= 0"]),
-    (["--temperature", "0"], ["option 'temperature' got 0.0", "must be > 0"]),
-    (["--multiplier", "1"], ["option 'multiplier' got 1", "must be within [2, 64]"]),
-    (["--warmup", "2"], ["option 'warmup' got 2.0", "within [0, 1]"]),
     (["--lr", "inf"], ["option 'lr'", "finite"]),
     (["--lr", "nan"], ["option 'lr'", "finite"]),
+    (["--temperature", "0"], ["option 'temperature' got 0.0", "must be > 0"]),
+    (["--temperature", "-1"], ["option 'temperature'", "must be > 0"]),
+    (["--multiplier", "1"], ["option 'multiplier' got 1", "must be within [2, 64]"]),
+    (["--warmup", "2"], ["option 'warmup' got 2.0", "within [0, 1]"]),
+    (["--warmup", "-0.1"], ["option 'warmup' got -0.1", "[0, 1]"]),
     (["--iters", "ten"], ["option 'iters' expects an integer, got 'ten'"]),
+    (["--batch_size", "big"], ["option 'batch_size' expects an integer, got 'big'"]),
     (["--aug", "maybe"], ["option 'aug' expects true or false"]),
     (["--arch", "resnet51"], ["option 'arch' got 'resnet51'", "did you mean"]),
+    (["--opt", "lasr"], ["did you mean 'lars'?"]),
+    (["--opt", "adamw"], ["option 'opt' got 'adamw'", "allowed"]),
     (["--lr"], ["--lr needs a value"]),
     (["lr", "1"], ["unexpected argument 'lr'"]),
-])
-def test_messages_name_the_key_and_the_fix(argv, needles):
-    with pytest.raises(ConfigError) as e:
-        config_lib.parse(PretrainConfig, argv)
+]
+
+
+@pytest.mark.parametrize("argv,needles", BAD_CONFIG, ids=[" ".join(a) for a, _ in BAD_CONFIG])
+def test_bad_config_is_one_error_line_naming_the_key_and_the_fix(tmp_path, capsys, argv, needles):
+    """Through the command's entry point: exit code 2, one `error:` line, no traceback, nothing written."""
+    rc = cli.main(["pretrain", "--root", str(tmp_path / "logs"), "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
-        assert n in str(e.value), (n, str(e.value))
+        assert n in lines[0], (n, lines[0])
+    assert not (tmp_path / "logs").exists()
 
 
 def test_yaml_file_errors(tmp_path):

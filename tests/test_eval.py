@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_args
 from simclr.cli import main as cli_main
+from simclr.cli import spec_main
 from simclr.config import parse
 from simclr.options import EvalConfig
 from simclr.data import balanced_indices, get_dataset
@@ -27,7 +25,6 @@ from simclr.evaluate.run import Features, linear, load_inputs, run_eval
 from simclr.rundir import RunDir
 
 # Small tensors on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy peer.
-SUB_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 _DATASETS: dict = {}
@@ -53,17 +50,9 @@ def _one_thread_and_loaded_data(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def encoder_ckpt(tmp_path_factory, data_root) -> Path:
-    """A tiny ResNet-18 (width 8) pretrained for 4 steps on 256 real CIFAR-10 images."""
-    tmp = tmp_path_factory.mktemp("enc")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert cli_main(["pretrain", *tiny_args(tmp)]) == 0
-    finally:
-        torch.set_num_threads(n)
-    (ckpt,) = sorted((tmp / "logs").glob("t/*/checkpoints/checkpoint-*.pt"))
-    return ckpt
+def encoder_ckpt(trained_ckpt) -> Path:
+    """A tiny ResNet-18 (width 8) pretrained for 4 steps on real CIFAR-10 images (conftest's session run)."""
+    return trained_ckpt
 
 
 def _eval(tmp_path, *args, **over) -> dict:
@@ -235,20 +224,20 @@ def test_eval_json_same_structure_and_cache(tmp_path, encoder_ckpt):
     assert outs["knn"]["top1"] == pytest.approx(ref["top1"])
 
 
-def test_eval_only_reproduces_saved_accuracy_both_formats(tmp_path, encoder_ckpt):
+def test_eval_only_reproduces_saved_accuracy_both_formats(tmp_path, encoder_ckpt, capsys):
     res = _eval(tmp_path, encoder_ckpt=encoder_ckpt, protocol="linear", iters=100, lr=1.0, train_subset=500,
                 test_subset=200)
     head = res["head_ckpt"]
     saved = torch.load(head, weights_only=True)
     assert saved["kind"] == "linear" and saved["metrics"]["top1"] == res["top1"]
-    # the spec's form, through train.py in a subprocess
-    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--problem", "eval", "--eval_only", "true",
-                          "--iters", "1", "--arch", "linear", "--ckpt", head, "--encoder_ckpt", str(encoder_ckpt),
-                          "--test_subset", "200", "--workers", "0", "--root", str(tmp_path / "logs"),
-                          "--verbose", "false"], capture_output=True, text=True, cwd=REPO,
-                         env={**__import__("os").environ, **SUB_ENV}, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert f"top-1 {res['top1']:.2f}%" in out.stdout
+    # the spec's form (what train.py runs)
+    capsys.readouterr()
+    rc = spec_main(["--problem", "eval", "--eval_only", "true", "--iters", "1", "--arch", "linear", "--ckpt", head,
+                    "--encoder_ckpt", str(encoder_ckpt), "--test_subset", "200", "--workers", "0",
+                    "--root", str(tmp_path / "logs"), "--verbose", "false"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"top-1 {res['top1']:.2f}%" in out.out
     # the spec's head layout: state_dict with DDP prefixes + an argparse.Namespace of hparams
     spec = tmp_path / "spec_linear.pth.tar"
     torch.save({"state_dict": {"module.weight": saved["state_dict"]["weight"],

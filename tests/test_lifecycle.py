@@ -7,10 +7,9 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import run_cli, tiny_args
+from conftest import TRAINED, run_cli, tiny_args
 from simclr import checkpoint as ckpt_lib
 
 
@@ -21,10 +20,12 @@ def _run(tmp_path: Path, **over) -> tuple:
     return r, run
 
 
-def test_stop_prints_the_command_that_continues_and_resume_by_folder_finishes_the_same_run(tmp_path):
-    r, run = _run(tmp_path, iters=4, stop_after=2)
-    assert "status: interrupted at step 2" in r.stdout
-    assert f"pretrain --resume {run}" in r.stdout
+def test_stop_prints_the_command_that_continues_and_resume_by_folder_finishes_the_same_run(_interrupted,
+                                                                                         interrupted_run):
+    run = interrupted_run
+    original, stdout = _interrupted  # what `simclr pretrain --iters 4 --stop_after 2` printed
+    assert "status: interrupted at step 2" in stdout
+    assert f"pretrain --resume {original}" in stdout
     # the printed command alone (the run's own config.yaml is the base config)
     r2 = run_cli("pretrain", "--resume", run)
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -33,8 +34,8 @@ def test_stop_prints_the_command_that_continues_and_resume_by_folder_finishes_th
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
 
 
-def test_resume_that_changes_the_trajectory_is_refused_unless_allowed(tmp_path):
-    _, run = _run(tmp_path, iters=4, stop_after=2)
+def test_resume_that_changes_the_trajectory_is_refused_unless_allowed(interrupted_run):
+    run = interrupted_run
     r = run_cli("pretrain", "--resume", run, "--iters", "20", "--lr", "0.1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "iters: 4 -> 20" in r.stderr and "lr: 0.5 -> 0.1" in r.stderr and "--allow_config_change true" in r.stderr
@@ -47,20 +48,19 @@ def test_resume_that_changes_the_trajectory_is_refused_unless_allowed(tmp_path):
     assert "continues with iters=5" in (run / "log.txt").read_text()
 
 
-def test_resume_auto_without_run_dir_continues_the_newest_run_of_the_name(tmp_path):
-    _, run = _run(tmp_path, iters=4, stop_after=2)
-    r = run_cli("pretrain", *tiny_args(tmp_path, iters=4, resume="auto"))
+def test_resume_auto_without_run_dir_continues_the_newest_run_of_the_name(interrupted_run, tmp_path):
+    run = interrupted_run
+    r = run_cli("pretrain", *tiny_args(tmp_path, **dict(TRAINED, resume="auto")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"run folder: {run}" in r.stdout and "finished at step 4" in r.stdout
     assert len(list((tmp_path / "logs" / "t").iterdir())) == 1
 
 
-@pytest.mark.slow  # ~40 s: a run, knn, export, three embeds
-def test_a_run_folder_or_a_card_means_its_newest_valid_checkpoint(tmp_path):
-    _, run = _run(tmp_path, iters=3, save_freq=1, keep_last=3)
-    newest = ckpt_lib.checkpoint_path(run, 3)
+def test_a_run_folder_or_a_card_means_its_newest_valid_checkpoint(trained_run, tmp_path):
+    run = trained_run
+    newest = ckpt_lib.checkpoint_path(run, 4)
     newest.write_bytes(newest.read_bytes()[:100])  # truncated: the one before must be taken
-    want = ckpt_lib.checkpoint_path(run, 2)
+    want = ckpt_lib.checkpoint_path(run, 3)
     r = run_cli("knn", "--encoder_ckpt", run, "--train_subset", "100", "--test_subset", "50", "--device", "cpu",
                 "--root", tmp_path / "ev", "--verbose", "false")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,10 +113,9 @@ def test_logs_to_a_file_are_plain_timestamped_lines_with_progress(tmp_path):
     assert re.match(pattern, steps[1]), steps[1]
 
 
-@pytest.mark.slow  # ~30 s: two invocations with a pause
-def test_the_index_keeps_the_first_start_and_sums_the_training_time_of_every_invocation(tmp_path):
+def test_the_index_keeps_the_first_start_and_sums_the_training_time_of_every_invocation(interrupted_run, tmp_path):
     import time
-    _, run = _run(tmp_path, iters=4, stop_after=2)
+    run = interrupted_run
     first = json.loads((run / "status.json").read_text())
     time.sleep(3)  # a pause between the two invocations: not training time
     r = run_cli("pretrain", "--resume", run)
@@ -139,7 +138,6 @@ def _help(command: str) -> str:
     return r.stdout
 
 
-@pytest.mark.slow  # ~60 s: a subprocess per command
 def test_every_subcommand_lists_only_its_options_each_with_help():
     import re
     from simclr.cli import COMMANDS
@@ -170,9 +168,9 @@ def test_version_and_a_closed_pipe():
     assert p.stdout.startswith("usage: simclr pretrain") and p.stderr == "", p.stderr
 
 
-def test_observation_1_a_checkpoint_resumed_under_another_config_is_refused_and_nothing_rewritten(tmp_path):
-    """The issue's first observation, replayed: a run of --iters 200 resumed from its checkpoint file with
-    configs/tiny_test.yaml (iters 20) used to train "20 steps" and rewrite config.yaml silently."""
+def test_a_checkpoint_resumed_under_another_config_is_refused_and_nothing_rewritten(tmp_path):
+    """A run of --iters 200 resumed from its checkpoint file with configs/tiny_test.yaml (iters 20) used to
+    train "20 steps" and rewrite config.yaml silently."""
     root = tmp_path / "logs"
     r = run_cli("pretrain", "--config", "configs/tiny_test.yaml", "--iters", "200", "--stop_after", "3",
                 "--root", root, "--train_subset", "128", "--batch_size", "32", "--verbose", "false")

@@ -1,5 +1,5 @@
 """Reliability, in-process part: crash-safe checkpoint files, disk full, the divergence guard, safe
-loading, and every bad input of the issue as one ``error:`` line with exit code 2 and nothing written.
+loading, and bad input found once the data is read as one ``error:`` line with exit code 2 and nothing written.
 
 The subprocess fault injections (SIGKILL at random steps, SIGTERM, a corrupt newest checkpoint on
 resume) live in test_reliability_faults.py.
@@ -238,17 +238,7 @@ def test_nan_skip_leaves_weights_and_bn_stats_untouched_and_counts(tmp_path, cap
 # --------------------------------------------------------------------------------------------
 # bad input: one line, exit code 2, nothing written
 # --------------------------------------------------------------------------------------------
-BAD_VALUES = [
-    ({"temprature": 0.5}, ["unknown option 'temprature'", "did you mean 'temperature'"]),
-    ({"lr_shedule": "const"}, ["unknown option 'lr_shedule'", "did you mean 'lr_schedule'"]),
-    ({"lr": -0.1}, ["option 'lr' got -0.1", ">= 0"]),
-    ({"temperature": 0}, ["option 'temperature'", "> 0"]),
-    ({"temperature": -1}, ["option 'temperature'", "> 0"]),
-    ({"multiplier": 1}, ["option 'multiplier' got 1", "within [2, 64]"]),
-    ({"warmup": 1.5}, ["option 'warmup' got 1.5", "[0, 1]"]),
-    ({"warmup": -0.1}, ["option 'warmup' got -0.1", "[0, 1]"]),
-    ({"lr": "nan"}, ["option 'lr'"]),
-    ({"opt": "adamw"}, ["option 'opt' got 'adamw'", "allowed"]),
+BAD_VALUES = [  # found once the data is read or the device looked at (the config's own errors: test_config_parser)
     ({"batch_size": 128}, ["batch_size 128 is larger than the dataset (64 images)"]),
     ({"device": "cuda"}, ["CUDA is not available"]),
 ]

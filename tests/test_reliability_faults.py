@@ -137,7 +137,7 @@ def temp_files(run_dir: Path) -> set:
 
 
 def test_sigkill_mid_save_and_mid_step_with_other_thread_counts_resumes_bit_identical(reference, tmp_path):
-    """The kill -9 campaign of issue 14, where a run once ended ~1e-7 apart: kills while a checkpoint's temp
+    """The kill -9 campaign in which a run once ended ~1e-7 apart: kills while a checkpoint's temp
     file is being written (polled for, so the kill lands inside the save) and at random moments, each next
     process started with another OMP_NUM_THREADS. The thread count was the order dependence found: CPU
     sums split by thread, so a process with another count continues a few ulps apart (1 vs 2 threads:

@@ -1,21 +1,20 @@
-"""Spec parity (issue 12): the spec's six dumped config files, its aliases, sentinels and problems.
+"""Spec parity: the spec's six dumped config files, its aliases, sentinels and problems.
 
 The files below hold exactly the spec's keys and values (its configs/*.yaml as dumped by its exman
 parser, plus the run-describing keys such dumps carry: id, time, status, tmp, config_file,
 model_id: -1, ckpt_iter: -1, number_of_processes, gpu). Each runs for one step on the CPU through
-``python train.py --config FILE`` with only shrinking overrides (steps, subsets, width, nodes).
+train.py (as a script, in this process) with only shrinking overrides (steps, subsets, width, nodes).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from simclr import config as config_lib
 from simclr.data.batch_aug import BatchAugment
@@ -24,7 +23,7 @@ from simclr.models import SimCLRModel
 from simclr.optim import scaled_lr
 from simclr.options import EvalConfig, PretrainConfig
 
-from conftest import REPO, run_cli, tiny_args
+from conftest import REPO, run_cli, run_script, tiny_args
 
 RUN_KEYS = """id: 3549
 time: '2020-07-18T00:55:23'
@@ -282,23 +281,21 @@ def _write(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def _train_py(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=_env(), cwd=REPO)
+def _train_py(*args):
+    """``python train.py ...`` (the spec's entry point), run as a script in this process."""
+    return run_script(REPO / "train.py", *args, env=_env())
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory, data_root) -> dict:
-    """Tiny encoders pretrained for 2 steps: one on CIFAR-10, one on the ImageNet-layout folder (64 px)."""
-    out = {}
-    for data in ("cifar", "imagenet"):
-        tmp = tmp_path_factory.mktemp(f"enc-{data}")
-        extra = ["--image_size", "64"] if data == "imagenet" else []
-        r = run_cli("pretrain", *tiny_args(tmp, data=data, iters=2, batch_size=16, train_subset=64,
-                                           test_subset=40), *extra, env=_env())
-        assert r.returncode == 0, r.stderr[-3000:]
-        (out[data],) = sorted((tmp / "logs").glob("t/*/checkpoints/checkpoint-*.pt"))
-    return out
+def encoders(tmp_path_factory, trained_ckpt, data_root) -> dict:
+    """Tiny encoders: conftest's session run on CIFAR-10, and one pretrained for 2 steps on the
+    ImageNet-layout folder (64 px)."""
+    tmp = tmp_path_factory.mktemp("enc-imagenet")
+    r = run_cli("pretrain", *tiny_args(tmp, data="imagenet", iters=2, batch_size=16, train_subset=64,
+                                       test_subset=40), "--image_size", "64", env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    (imagenet,) = sorted((tmp / "logs").glob("t/*/checkpoints/checkpoint-*.pt"))
+    return {"cifar": trained_ckpt, "imagenet": imagenet}
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,11 +356,28 @@ def test_official_knobs():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in sorted(SPEC_FILES) if "train" in n])
 def test_spec_pretrain_file_runs_one_step(tmp_path, data_root, name):
+    """One step through train.py; the file's values (not the defaults) are what the model, the optimizer
+    and the run were built with, read back from the checkpoint it wrote."""
     path = _write(tmp_path, name)
+    spec = yaml.safe_load(SPEC_FILES[name])
     r = _train_py("--config", path, *PRETRAIN_SHRINK, *_imagenet_size(name), "--root", tmp_path / "logs")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "describe a past run" in r.stderr
-    assert list((tmp_path / "logs").glob("*/*/checkpoints/checkpoint-*.pt")), r.stderr[-2000:]
+    (ck_path,) = (tmp_path / "logs").glob("*/*/checkpoints/checkpoint-*.pt")
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    model, groups = ck["model"], ck["optimizer"]["param_groups"]
+    assert spec["arch"] == "ResNet50"  # bottleneck blocks, 3-4-6-3, width 8 (shrunk) x expansion 4
+    assert "convnet.layer1.0.conv3.weight" in model and "convnet.layer3.5.conv1.weight" in model
+    assert "convnet.layer3.6.conv1.weight" not in model
+    assert ck["image_size"] == (32 if spec["data"] == "cifar" else 64)  # CIFAR's own side; ImageNet shrunk
+    assert tuple(model["convnet.conv1.weight"].shape) == (8, 3, 3, 3)  # <= 96 px: the CIFAR stem (3x3 conv)
+    assert spec["opt"] == "lars" and all("trust_coefficient" in g for g in groups)
+    decay = [g for g in groups if not g["exclude"]]
+    assert [g["weight_decay"] for g in decay] == [spec["weight_decay"]] and all(g["momentum"] == 0.9 for g in groups)
+    for key in ("lr", "temperature", "color_dist_s", "warmup", "scale_lower", "lr_schedule"):
+        assert ck["config"][key] == spec[key], key
+    assert (ck["config"]["data"], ck["config"]["batch_size"], ck["config"]["iters"]) == \
+        ({"cifar": "cifar10"}.get(spec["data"], spec["data"]), 16, 1)  # the overrides: shrinking only
 
 
 def _eval_json(root: Path) -> dict:

@@ -154,8 +154,8 @@ def test_a_tracker_that_is_not_installed_stops_the_job_before_it_starts(tmp_path
     (shim / "__init__.py").write_text(f"raise ImportError('No module named {name!r} (hidden by the test)')\n")
     argv = args(tmp_path, folder) if command == "pretrain" else [
         "--data", "folder", "--data_path", folder, "--root", tmp_path / "logs", "--workers", 0]
-    r = run_cli(command, *argv, "--logger", f"tensorboard,{name}",
-                env={"PYTHONPATH": f"{tmp_path / 'shim'}:{REPO / 'src'}"})
+    r = run_cli(command, *argv, "--logger", f"tensorboard,{name}",  # a new interpreter: the shim hides the package
+                env={"PYTHONPATH": f"{tmp_path / 'shim'}:{REPO / 'src'}"}, subprocess=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --logger ") and f'pip install "simclr[{name}]"' in lines[0]
