@@ -96,7 +96,8 @@ def _exit_code(code) -> int:
 def _in_process(main, argv: list, env: dict, cwd: Path) -> CliResult:
     """``main(argv)`` here, with stdout/stderr captured and the process state it may change (environment,
     working directory, sys.argv, the random generators, signal handlers, torch threads, dtype and determinism, a
-    process group) put back afterwards. ``OMP_NUM_THREADS`` in ``env`` sets torch's thread count, as it would in a new process."""
+    process group) put back afterwards. ``OMP_NUM_THREADS`` in ``env`` sets torch's thread count, as it would in a
+    new process."""
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()  # a run seeds all three
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
