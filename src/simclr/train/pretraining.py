@@ -27,7 +27,7 @@ from .. import config as config_lib
 from .. import distributed
 from .. import trackers
 from ..config import switch_on
-from ..data import get_dataset, maybe_subset
+from ..data import check_same_classes, get_dataset, maybe_subset
 from ..data.loaders import build_loader
 from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
@@ -422,6 +422,7 @@ def monitor(s: Session, at_start: bool = False) -> dict:
         s.knn_sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size,
                                                     cfg.skip_bad_images), n, seed=0)
                            for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
+        check_same_classes(*s.knn_sets)  # labels meet here: one class list for both
     s.log(f"step {s.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
           f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,

@@ -1,0 +1,92 @@
+"""Data identity, replayed on real files: the folder walk does not follow directory links back into the tree,
+and train and test class lists must match wherever labels meet (the pretraining kNN monitor included)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from runfolder_util import CLASSES, cli, one_error, pretrain_args, tiny_folder
+from simclr.data import datasets, get_dataset
+
+_DATA: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _setup(data_root, tmp_path_factory):
+    _DATA[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root, n_train=4, n_test=3)]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def copy_data(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(_DATA[0], tmp_path / "data", symlinks=True))
+
+
+def class_counts(ds) -> dict:
+    """{class name: images}, counted by a plain loop over the targets."""
+    out: dict = {}
+    for t in ds.targets:
+        out[ds.classes[t]] = out.get(ds.classes[t], 0) + 1
+    return out
+
+
+def test_a_symlink_loop_in_a_class_folder_does_not_multiply_the_class(tmp_path):
+    """Observation: a link from a class folder back to itself repeated the class 41 times (once per link level
+    the OS resolves) without a word."""
+    data = copy_data(tmp_path)
+    os.symlink(".", data / "train" / "cat" / "again")            # back into the same folder
+    os.symlink("../..", data / "train" / "dog" / "whole_split")  # out of the class, back into the tree
+    ds = get_dataset("folder", "train", str(data), 32)
+    assert class_counts(ds) == {c: 4 for c in CLASSES}
+    assert len({str(f) for f in ds.files}) == len(ds.files) == 16
+
+
+def test_two_symlink_loops_do_not_make_the_scan_exponential(tmp_path, monkeypatch):
+    """Observation: two links back into a class folder made the scan exponential (2**40 folder reads). The
+    folders read are counted (not timed): the scan must read each real folder once, about 10 here."""
+    data = copy_data(tmp_path)
+    for name in ("l1", "l2"):
+        os.symlink(".", data / "train" / "ship" / name)
+    reads = []
+    real = os.scandir
+
+    def counting(path="."):
+        reads.append(path)
+        if len(reads) > 1000:
+            raise RuntimeError(f"the scan read more than 1000 folders: {reads[-3:]}")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    files, targets, classes, _ = datasets.scan_folder(data / "train")
+    monkeypatch.undo()
+    assert len(files) == 16 and [targets.count(i) for i in range(4)] == [4, 4, 4, 4]
+    assert len(reads) <= 10
+
+
+def test_a_symlinked_image_file_and_a_symlinked_class_folder_are_still_read(tmp_path):
+    """Chosen behaviour: a link to a regular image file is read (datasets made of links to one copy), and a
+    class folder that is itself a link (a subset of classes made of links) is a class; only links to folders
+    inside a class folder are not followed."""
+    data = copy_data(tmp_path)
+    shutil.move(str(data / "train" / "cat"), str(tmp_path / "cat_elsewhere"))
+    os.symlink(tmp_path / "cat_elsewhere", data / "train" / "cat")
+    one = sorted((data / "train" / "dog").iterdir())[0]
+    os.symlink(one, data / "train" / "dog" / "linked.png")
+    ds = get_dataset("folder", "train", str(data), 32)
+    assert class_counts(ds) == {"airplane": 4, "cat": 4, "dog": 5, "ship": 4}
+
+
+def test_pretraining_knn_monitor_refuses_a_test_split_lacking_a_class(tmp_path):
+    """Observation: `simclr knn` refused a test split lacking one class, but pretraining's kNN monitor scored
+    test labels against shifted training labels and logged that as the run's accuracy."""
+    data = copy_data(tmp_path)
+    shutil.rmtree(data / "test" / "cat")
+    rc, out, err = cli(*pretrain_args(data, tmp_path / "logs", iters=1, eval_at_start="true", knn_k=4))
+    line = one_error(rc, err, "classes differ", "cat")
+    assert "kNN top-1" not in out + err, line
