@@ -90,3 +90,29 @@ def test_pretraining_knn_monitor_refuses_a_test_split_lacking_a_class(tmp_path):
     rc, out, err = cli(*pretrain_args(data, tmp_path / "logs", iters=1, eval_at_start="true", knn_k=4))
     line = one_error(rc, err, "classes differ", "cat")
     assert "kNN top-1" not in out + err, line
+
+
+def test_images_overwritten_in_place_are_read_again_not_served_from_the_cache(tmp_path, monkeypatch, data_root):
+    """Observation: the decoded-image cache was keyed by the file list and the split folder's mtime, so images
+    rewritten in place (same names, new pixels) were trained and evaluated on their OLD pixels."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("SIMCLR_CACHE", str(tmp_path / "cache"))
+    split = tmp_path / "root" / "cifar10" / "train"
+    for c in CLASSES[:2]:
+        (split / c).mkdir(parents=True)
+        for f in sorted((data_root / "cifar10" / "train" / c).iterdir())[:3]:
+            shutil.copy(f, split / c / f.name)
+    first = get_dataset("cifar10", "train", root=tmp_path / "root").images.copy()
+    assert list((tmp_path / "cache").rglob("*.npz")), "the first read must fill the cache"
+    victim = sorted((split / CLASSES[0]).iterdir())[0]
+    folder_mtime = split.stat().st_mtime_ns
+    Image.fromarray(255 - np.asarray(Image.open(victim).convert("RGB"))).save(victim, format="PNG")
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    os.utime(split, ns=(folder_mtime, folder_mtime))  # the folder itself looks unchanged, as on most filesystems
+    again = get_dataset("cifar10", "train", root=tmp_path / "root").images
+    expected = np.asarray(Image.open(victim).convert("RGB"))
+    assert (again[0] == expected).all() and not (first[0] == expected).all()
+    assert (again[1:] == first[1:]).all()

@@ -85,6 +85,7 @@ class LabeledImages:
     """Interface: ``len``, ``load(i) -> PIL RGB image``, ``targets``, ``classes``, ``image_size``, ``name``."""
 
     name: str = ""
+    fingerprint: str = ""  # files_fingerprint of a --data folder / ImageNet split (arrays: their cache key)
     classes: list
     targets: list
     image_size: int
@@ -186,6 +187,16 @@ def scan_folder(root: Path) -> tuple[list, list, list, list]:
     return files, targets, classes, sorted(skipped)
 
 
+def files_fingerprint(files: Sequence) -> str:
+    """A split's identity: the hash of its sorted (path, size, mtime_ns) list. An image rewritten in place
+    (same name, new pixels) changes its size or mtime, so caches keyed by this are rebuilt."""
+    h = hashlib.sha1()
+    for f in sorted(map(str, files)):
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _decode(path) -> np.ndarray:
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
@@ -236,7 +247,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
     Returns (images, targets, classes, unreadable files skipped)."""
     files, targets, classes, special = scan_folder(root)
-    key = hashlib.sha1(("\n".join(str(f) for f in files) + str(root.stat().st_mtime)).encode()).hexdigest()[:16]
+    key = files_fingerprint(files)
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
@@ -382,6 +393,7 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
+        ds.fingerprint = files_fingerprint(files)
     else:
         raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size
