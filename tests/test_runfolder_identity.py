@@ -116,3 +116,39 @@ def test_images_overwritten_in_place_are_read_again_not_served_from_the_cache(tm
     expected = np.asarray(Image.open(victim).convert("RGB"))
     assert (again[0] == expected).all() and not (first[0] == expected).all()
     assert (again[1:] == first[1:]).all()
+
+
+def _one_run(data: Path, tmp_path: Path, **over) -> Path:
+    rc, out, err = cli(*pretrain_args(data, tmp_path / "logs", **over))
+    assert rc == 0, err
+    (run,) = [p for p in (tmp_path / "logs" / "t").iterdir() if p.is_dir()]
+    return run
+
+
+def _rewrite(image: Path) -> None:
+    """New pixels under the same name, with a later mtime."""
+    import numpy as np
+    from PIL import Image
+    Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(image, format="PNG")
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+
+@pytest.mark.parametrize("change", ["class_folder_vanished", "image_rewritten_in_place"])
+def test_a_resume_on_other_images_is_refused_unless_allowed(tmp_path, change):
+    """Observation: a resume after a class folder vanished (or images were rewritten) continued on other images,
+    another trajectory, without a word. Now one line; --allow_config_change continues with a warning."""
+    data = copy_data(tmp_path)
+    run = _one_run(data, tmp_path, iters=4, stop_after=2, batch_size=8)
+    if change == "class_folder_vanished":
+        shutil.rmtree(data / "train" / "ship")
+        shutil.rmtree(data / "test" / "ship")  # from both: the monitor's class lists still match
+    else:
+        _rewrite(sorted((data / "train" / "cat").iterdir())[0])
+    args = pretrain_args(data, tmp_path / "logs", iters=4, batch_size=8)
+    rc, out, err = cli(*args, "--resume", run)
+    one_error(rc, err, "training images changed", "--allow_config_change")
+    assert max(p.name for p in (run / "checkpoints").glob("checkpoint-*.pt")) == "checkpoint-00000002.pt"
+    rc, out, err = cli(*args, "--resume", run, "--allow_config_change", "true")
+    assert rc == 0, err
+    assert "training images changed" in err + out

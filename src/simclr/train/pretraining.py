@@ -133,6 +133,7 @@ class Session:
     step: int = 0
     nan_skips: int = 0
     saved_step: int = -1          # the step whose checkpoint is on disk already (never rewritten in place)
+    data_fingerprint: str = ""    # the pretraining split's files_fingerprint ("" for binary CIFAR/STL files)
     metrics: dict = field(default_factory=dict)
 
 
@@ -263,6 +264,19 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
+def check_data_fingerprint(ck: dict, fingerprint: str, path: Path, allow: bool, log: Log) -> None:
+    """Refuse to continue on other images than the checkpoint's (a class folder gone, images rewritten):
+    that is another trajectory. ``--allow_config_change`` continues with a warning."""
+    saved = ck.get("data_fingerprint") or ""
+    if not saved or not fingerprint or saved == fingerprint:
+        return
+    what = f"the training images changed since {path} was saved (data fingerprint {saved} -> {fingerprint}: " \
+           f"files added, removed or rewritten)"
+    if not allow:
+        raise UserError(f"{what}; restore them, or pass --allow_config_change true to continue on these")
+    log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
+
+
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     try:
@@ -305,8 +319,12 @@ def setup(cfg: PretrainConfig) -> Session:
     images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
     # grows while reading when workers == 0
     bad_images = getattr(images, "bad_images", None) or []
+    fingerprint = images.fingerprint
+    if ck is not None:
+        check_data_fingerprint(ck, fingerprint, resume_from, cfg.allow_config_change, log)
     images = maybe_subset(images, cfg.train_subset, seed=0)
     s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
+    s.data_fingerprint = fingerprint
     if ck is not None:
         restore(s, ck, resume_from)
     distributed.check_same(s.step, "the step to resume from")
@@ -319,7 +337,7 @@ def setup(cfg: PretrainConfig) -> Session:
             append_line(run.path / "config_history.jsonl", json.dumps(
                 {"time": time.time(), "step": s.step, "changes": ck["config_changes"]}, default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")  # its location is its identity: not recorded
-        run.record_environment(environment(str(device)))
+        run.record_environment(dict(environment(str(device)), data_fingerprint=fingerprint))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
@@ -340,7 +358,7 @@ def save(s: Session) -> Optional[Path]:
     payload = {"kind": "pretrain", "step": s.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
-               "metrics": s.metrics, "nan_skips": s.nan_skips}
+               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": p.model.width, "timm_kwargs": p.model.timm_kwargs, "data": cfg.data,
