@@ -16,6 +16,7 @@ line, and :func:`is_broken` tells the entry point to leave without tearing the g
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -138,6 +139,21 @@ def check_same(value, what: str) -> None:
     if any(v != values[0] for v in values):
         raise UserError(f"the processes disagree on {what}: {values} (by rank); with several nodes the run "
                         f"folder and checkpoints must be on storage that every node sees at the same path")
+
+
+def check_same_config(values: dict, what: str = "the resolved config") -> None:
+    """Fail on every rank, naming the differing keys, unless all ranks hold the same ``values`` (a typo in one
+    node's command line would otherwise train "successfully" with rank 0's values recorded). A collective."""
+    if not is_enabled():
+        return
+    digest = hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()
+    digests = all_gather_object(digest)
+    if len(set(digests)) == 1:
+        return
+    every = all_gather_object(values)
+    keys = sorted({k for v in every for k in v if len({repr(other.get(k)) for other in every}) > 1})
+    shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(every)) for k in keys[:5])
+    raise UserError(f"the processes disagree on {what}: {shown}; start every process with the same options")
 
 
 def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:

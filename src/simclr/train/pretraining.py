@@ -323,6 +323,9 @@ def setup(cfg: PretrainConfig) -> Session:
     if ck is not None:
         check_data_fingerprint(ck, fingerprint, resume_from, cfg.allow_config_change, log)
     images = maybe_subset(images, cfg.train_subset, seed=0)
+    # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
+    # trained "successfully" with rank 0's value recorded)
+    distributed.check_same_config(dict(config_lib.to_dict(cfg), data_fingerprint=fingerprint))
     s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
     s.data_fingerprint = fingerprint
     if ck is not None:
