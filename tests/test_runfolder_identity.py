@@ -174,3 +174,24 @@ def test_two_processes_with_different_lr_refuse_naming_the_key_on_every_rank(tmp
         line = one_error(p.returncode, err, "disagree", "lr: rank 0 0.5, rank 1 0.05")
         assert "width" not in line and "temperature" not in line, line
     assert not list((tmp_path / "logs").rglob("checkpoint-*.pt"))
+
+
+def test_a_master_port_that_never_answers_fails_within_the_timeout_with_one_line(tmp_path):
+    """Observation: a MASTER_PORT where another TCP service listens blocked the rendezvous forever
+    (SIMCLR_DIST_TIMEOUT not applied). A real process: the hang is the point; 120 s bounds the test, not asserted."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # accepts connections, never says a word
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(silent.getsockname()[1]), WORLD_SIZE="2", RANK="1",
+                   LOCAL_RANK="1", SIMCLR_DIST_TIMEOUT="3", OMP_NUM_THREADS="1")
+        try:
+            r = subprocess.run([sys.executable, "-m", "simclr", *pretrain_args(_DATA[0], tmp_path / "logs")],
+                               env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the rendezvous with a silent MASTER_PORT did not give up")
+    one_error(r.returncode, r.stderr, "could not join the process group", "within 3 s", "no answer")
+    assert not (tmp_path / "logs").exists()

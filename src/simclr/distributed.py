@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,28 @@ def env_ranks() -> tuple[int, int, int] | None:
     return None
 
 
+def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
+    """The TCP store of ``url`` within ``timeout``. torch's client waits forever for the handshake of a port
+    that accepts and never answers (another service on MASTER_PORT), whatever timeout it is given: the
+    connection runs in a daemon thread, and a store that has not answered in time is an error."""
+    out: list = []
+
+    def connect():
+        try:
+            out.append(next(dist.rendezvous(url, rank, world, timeout=timeout))[0])
+        except Exception as e:  # handed to the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=connect, daemon=True, name="simclr-rendezvous")
+    t.start()
+    t.join(timeout.total_seconds() + 5)
+    if not out:
+        raise RuntimeError(f"no answer from the store at {url} (is MASTER_PORT another service?)")
+    if isinstance(out[0], Exception):
+        raise out[0]
+    return out[0]
+
+
 def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -69,7 +92,7 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address needs brackets in a URL
-        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port}", rank, world, timeout=timeout))
+        store = _rendezvous(f"tcp://{host}:{port}", rank, world, timeout)
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
         # attempt, the new processes read the dead ones' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
