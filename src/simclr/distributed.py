@@ -16,7 +16,9 @@ line, and :func:`is_broken` tells the entry point to leave without tearing the g
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,28 @@ def env_ranks() -> tuple[int, int, int] | None:
     return None
 
 
+def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
+    """The TCP store of ``url`` within ``timeout``. torch's client waits forever for the handshake of a port
+    that accepts and never answers (another service on MASTER_PORT), whatever timeout it is given: the
+    connection runs in a daemon thread, and a store that has not answered in time is an error."""
+    out: list = []
+
+    def connect():
+        try:
+            out.append(next(dist.rendezvous(url, rank, world, timeout=timeout))[0])
+        except Exception as e:  # handed to the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=connect, daemon=True, name="simclr-rendezvous")
+    t.start()
+    t.join(timeout.total_seconds() + 5)
+    if not out:
+        raise RuntimeError(f"no answer from the store at {url} (is MASTER_PORT another service?)")
+    if isinstance(out[0], Exception):
+        raise out[0]
+    return out[0]
+
+
 def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -68,7 +92,7 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address needs brackets in a URL
-        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port}", rank, world, timeout=timeout))
+        store = _rendezvous(f"tcp://{host}:{port}", rank, world, timeout)
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
         # attempt, the new processes read the dead ones' addresses and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -138,6 +162,21 @@ def check_same(value, what: str) -> None:
     if any(v != values[0] for v in values):
         raise UserError(f"the processes disagree on {what}: {values} (by rank); with several nodes the run "
                         f"folder and checkpoints must be on storage that every node sees at the same path")
+
+
+def check_same_config(values: dict, what: str = "the resolved config") -> None:
+    """Fail on every rank, naming the differing keys, unless all ranks hold the same ``values`` (a typo in one
+    node's command line would otherwise train "successfully" with rank 0's values recorded). A collective."""
+    if not is_enabled():
+        return
+    digest = hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()
+    digests = all_gather_object(digest)
+    if len(set(digests)) == 1:
+        return
+    every = all_gather_object(values)
+    keys = sorted({k for v in every for k in v if len({repr(other.get(k)) for other in every}) > 1})
+    shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(every)) for k in keys[:5])
+    raise UserError(f"the processes disagree on {what}: {shown}; start every process with the same options")
 
 
 def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:

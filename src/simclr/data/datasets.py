@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 
 from ..errors import DataError
 from ..files import atomic_write
@@ -85,6 +85,7 @@ class LabeledImages:
     """Interface: ``len``, ``load(i) -> PIL RGB image``, ``targets``, ``classes``, ``image_size``, ``name``."""
 
     name: str = ""
+    fingerprint: str = ""  # files_fingerprint of a --data folder / ImageNet split (arrays: their cache key)
     classes: list
     targets: list
     image_size: int
@@ -146,13 +147,25 @@ class Subset(LabeledImages):
         return self.base.load(self.indices[i])
 
 
+def _walk_class(folder: str, is_image) -> list:
+    """Image paths under one class folder, sorted. Directory symlinks inside it are not followed (a link
+    back up the tree would repeat the class, two links would make the walk exponential); a symlinked FILE
+    is kept when it points at a regular file (``is_image`` checks)."""
+    found = []  # torchvision's order: folders sorted by path, files by name
+    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=False)):
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(os.path.join(dirpath, f))]
+    return found
+
+
 def scan_folder(root: Path) -> tuple[list, list, list, list]:
     """``root/<class>/<image>`` -> (files, targets, classes, skipped), classes sorted (torchvision's order);
     ``skipped``: entries named like images that are not regular files (a FIFO, socket, device or broken
-    link named x.jpg would block the reader forever or fail), left out and counted as unreadable."""
+    link named x.jpg would block the reader forever or fail), left out and counted as unreadable.
+    A class folder may itself be a symlink (a subset made of links); links to folders inside it are not
+    followed (see :func:`_walk_class`)."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    try:  # torchvision's own scan (ImageFolder's class order and file walk)
+    try:  # torchvision's own class list (ImageFolder's class order)
         classes, class_to_idx = find_classes(str(root))
     except FileNotFoundError:
         classes, class_to_idx = [], {}
@@ -166,12 +179,22 @@ def scan_folder(root: Path) -> tuple[list, list, list, list]:
         skipped.append(p)
         return False
 
-    found = make_dataset(str(root), class_to_idx, is_valid_file=is_image, allow_empty=True) if classes else []
+    found = [(p, class_to_idx[c]) for c in classes for p in _walk_class(os.path.join(str(root), c), is_image)]
     files, targets = [Path(p) for p, _ in found], [t for _, t in found]
     if not files:
         raise DataError(f"image folder {root} holds no images: expected {root}/<class>/<image>.jpg "
                         f"(extensions: {', '.join(IMG_EXTENSIONS)})")
     return files, targets, classes, sorted(skipped)
+
+
+def files_fingerprint(files: Sequence) -> str:
+    """A split's identity: the hash of its sorted (path, size, mtime_ns) list. An image rewritten in place
+    (same name, new pixels) changes its size or mtime, so caches keyed by this are rebuilt."""
+    h = hashlib.sha1()
+    for f in sorted(map(str, files)):
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _decode(path) -> np.ndarray:
@@ -224,7 +247,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
     Returns (images, targets, classes, unreadable files skipped)."""
     files, targets, classes, special = scan_folder(root)
-    key = hashlib.sha1(("\n".join(str(f) for f in files) + str(root.stat().st_mtime)).encode()).hexdigest()[:16]
+    key = files_fingerprint(files)
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
@@ -370,12 +393,23 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
+        ds.fingerprint = files_fingerprint(files)
     else:
         raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size
     if len(ds) == 0:
         raise DataError(f"dataset {data} ({split}) is empty")
     return ds
+
+
+def check_same_classes(train: LabeledImages, test: LabeledImages) -> None:
+    """Refuse a train/test pair whose class lists differ: labels are indices into each split's own sorted list,
+    so a test split lacking one class would be scored against shifted training labels."""
+    if list(test.classes) != list(train.classes):
+        missing = sorted(set(train.classes) ^ set(test.classes))
+        raise DataError(f"the test split's classes differ from the training split's ({len(test.classes)} vs "
+                        f"{len(train.classes)}; not in both: {', '.join(map(str, missing[:5])) or 'order'}); "
+                        f"both need the same class folders")
 
 
 def balanced_indices(targets: Sequence[int], n: int, seed: int = 0) -> list:

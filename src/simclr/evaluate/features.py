@@ -140,6 +140,7 @@ def dataset_fingerprint(images: LabeledImages) -> str:
     files = getattr(base, "files", None)
     if files is not None:
         h.update("\n".join(map(str, files)).encode())
+    h.update(getattr(base, "fingerprint", "").encode())  # sizes and mtimes: an image rewritten in place
     arr = getattr(images, "images", None)
     if arr is not None:  # cheap content sample of in-memory arrays
         h.update(np.ascontiguousarray(arr[:: max(1, len(arr) // 64)]).tobytes())

@@ -17,7 +17,7 @@ import torch
 
 from .. import config as config_lib
 from ..checkpoint import resolve, unpin
-from ..data import balanced_indices, get_dataset
+from ..data import balanced_indices, check_same_classes, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..progress import hms, say
@@ -138,9 +138,7 @@ def _load_splits(cfg: EvalConfig, image_size: int) -> tuple:
     labelled = [i for i, t in enumerate(full.targets) if t >= 0]
     if len(labelled) < len(full):
         full = full.subset(labelled)
-    if list(test.classes) != list(full.classes):
-        raise DataError(f"the test split's classes differ from the training split's "
-                        f"({len(test.classes)} vs {len(full.classes)}); both need the same class folders")
+    check_same_classes(full, test)
     if cfg.train_subset and cfg.train_subset < len(full):  # the pool (e.g. a small CPU run)
         full = full.subset(balanced_indices(full.targets, cfg.train_subset, 0))
     unlabeled = None

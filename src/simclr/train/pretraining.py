@@ -27,7 +27,7 @@ from .. import config as config_lib
 from .. import distributed
 from .. import trackers
 from ..config import switch_on
-from ..data import get_dataset, maybe_subset
+from ..data import check_same_classes, get_dataset, maybe_subset
 from ..data.loaders import build_loader
 from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
@@ -133,6 +133,7 @@ class Session:
     step: int = 0
     nan_skips: int = 0
     saved_step: int = -1          # the step whose checkpoint is on disk already (never rewritten in place)
+    data_fingerprint: str = ""    # the pretraining split's files_fingerprint ("" for binary CIFAR/STL files)
     metrics: dict = field(default_factory=dict)
 
 
@@ -263,6 +264,19 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
+def check_data_fingerprint(ck: dict, fingerprint: str, path: Path, allow: bool, log: Log) -> None:
+    """Refuse to continue on other images than the checkpoint's (a class folder gone, images rewritten):
+    that is another trajectory. ``--allow_config_change`` continues with a warning."""
+    saved = ck.get("data_fingerprint") or ""
+    if not saved or not fingerprint or saved == fingerprint:
+        return
+    what = f"the training images changed since {path} was saved (data fingerprint {saved} -> {fingerprint}: " \
+           f"files added, removed or rewritten)"
+    if not allow:
+        raise UserError(f"{what}; restore them, or pass --allow_config_change true to continue on these")
+    log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
+
+
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     try:
@@ -305,8 +319,15 @@ def setup(cfg: PretrainConfig) -> Session:
     images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
     # grows while reading when workers == 0
     bad_images = getattr(images, "bad_images", None) or []
+    fingerprint = images.fingerprint
+    if ck is not None:
+        check_data_fingerprint(ck, fingerprint, resume_from, cfg.allow_config_change, log)
     images = maybe_subset(images, cfg.train_subset, seed=0)
+    # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
+    # trained "successfully" with rank 0's value recorded)
+    distributed.check_same_config(dict(config_lib.to_dict(cfg), data_fingerprint=fingerprint))
     s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
+    s.data_fingerprint = fingerprint
     if ck is not None:
         restore(s, ck, resume_from)
     distributed.check_same(s.step, "the step to resume from")
@@ -319,7 +340,7 @@ def setup(cfg: PretrainConfig) -> Session:
             append_line(run.path / "config_history.jsonl", json.dumps(
                 {"time": time.time(), "step": s.step, "changes": ck["config_changes"]}, default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")  # its location is its identity: not recorded
-        run.record_environment(environment(str(device)))
+        run.record_environment(dict(environment(str(device)), data_fingerprint=fingerprint))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
@@ -340,7 +361,7 @@ def save(s: Session) -> Optional[Path]:
     payload = {"kind": "pretrain", "step": s.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
-               "metrics": s.metrics, "nan_skips": s.nan_skips}
+               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": p.model.width, "timm_kwargs": p.model.timm_kwargs, "data": cfg.data,
@@ -422,6 +443,7 @@ def monitor(s: Session, at_start: bool = False) -> dict:
         s.knn_sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size,
                                                     cfg.skip_bad_images), n, seed=0)
                            for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
+        check_same_classes(*s.knn_sets)  # labels meet here: one class list for both
     s.log(f"step {s.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
           f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,
