@@ -1,0 +1,51 @@
+"""Values from outside are refused where they enter: one ``error:`` line at parse time, nothing written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from runfolder_util import cli, one_error
+
+
+def _pretrain(tmp_path: Path, *extra) -> tuple:
+    # a data folder that does not exist: an option accepted at parse time fails later on a message about the data
+    return cli("pretrain", "--data", "folder", "--data_path", tmp_path / "nodata", "--root", tmp_path / "runs",
+               "--device", "cpu", "--iters", 1, "--batch_size", 2, *extra)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("seed", "1e23", "seed"),
+    ("seed", "1" * 24, "seed"),
+    ("seed", "-2", "seed"),
+    ("seed", str(2 ** 32), "seed"),
+    ("color_dist_s", "1e308", "color_dist_s"),
+    ("blur_sigma", "inf,inf", "blur_sigma"),
+    ("blur_sigma", "0.1,nan", "blur_sigma"),
+    ("width", str(2 ** 70), "width"),
+    ("name", "a\x00b", "name"),
+    ("name", "a\x1b[31mb", "name"),
+    ("name", "a\nb", "name"),
+])
+def test_pretrain_option_values_refused_at_parse_time(tmp_path, key, value, needle):
+    rc, out, err = _pretrain(tmp_path, f"--{key}", value)
+    line = one_error(rc, err, f"'{needle}'")
+    assert "\x00" not in line and "\x1b" not in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key,value", [("l2_grid", "1e400"), ("l2_grid", "0.1,inf"), ("data_split_seed", "-1"),
+                                       ("data_split_seed", str(2 ** 32)), ("seed", "1e23")])
+def test_eval_option_values_refused_at_parse_time(tmp_path, key, value):
+    rc, out, err = cli("eval", "--data", "folder", "--data_path", tmp_path / "nodata", "--root", tmp_path / "runs",
+                       "--encoder_ckpt", tmp_path / "missing.pt", "--protocol", "fast-linear", "--device", "cpu",
+                       f"--{key}={value}")
+    one_error(rc, err, f"'{key}'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seed_bounds_accepted(tmp_path):
+    """The ends of the seed range are valid values: the error is then about the missing data, not the seed."""
+    for seed in ("-1", "0", str(2 ** 32 - 1)):
+        rc, out, err = _pretrain(tmp_path, "--seed", seed)
+        line = one_error(rc, err, "not found")
+        assert "'seed'" not in line, line
