@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from runfolder_util import cli, one_error
+from runfolder_util import cli, one_error, pretrain_args, tiny_folder
 
 
 def _pretrain(tmp_path: Path, *extra) -> tuple:
@@ -49,3 +49,43 @@ def test_seed_bounds_accepted(tmp_path):
         rc, out, err = _pretrain(tmp_path, "--seed", seed)
         line = one_error(rc, err, "not found")
         assert "'seed'" not in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# names from data and users are drawn as plain text (no matplotlib mathtext)
+# ------------------------------------------------------------------------------------------------
+MATH = "$\\foo$"  # invalid mathtext: matplotlib raises on it unless it is drawn as plain text
+
+
+@pytest.fixture(scope="module")
+def dollar_runs(tmp_path_factory, data_root) -> list:
+    """Two tiny runs named with a '$' pair, on a dataset whose one class folder is called ``$\\foo$``."""
+    base = tmp_path_factory.mktemp("dollar")
+    data = tiny_folder(base / "data", data_root, n_train=8, n_test=5)
+    for split in ("train", "test"):
+        (data / split / "cat").rename(data / split / MATH)
+    runs = []
+    for i, lr in enumerate((0.5, 0.25)):
+        rc, out, err = cli(*pretrain_args(data, base / "runs", name=f"r{i}{MATH}", lr=lr, eval_freq=2))
+        assert rc == 0, err
+        (run,) = [p.parent for p in (base / "runs").glob(f"r{i}*/*/status.json")]
+        runs.append(run)
+    return runs
+
+
+def test_report_draws_a_dollar_class_name_as_text(dollar_runs, tmp_path):
+    rc, out, err = cli("report", dollar_runs[0], "--out", tmp_path / "rep", "--device", "cpu", "--queries", 2,
+                       "--gallery", 32, "--embed", 20)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    pngs = sorted((tmp_path / "rep").rglob("*.png"))
+    assert len(pngs) >= 3, pngs
+    assert "foo" in (next((tmp_path / "rep").rglob("*.html"))).read_text()
+
+
+def test_compare_draws_dollar_run_names_as_text(dollar_runs, tmp_path):
+    rc, out, err = cli("compare", *dollar_runs, "--out", tmp_path / "cmp.png")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
