@@ -89,3 +89,29 @@ def test_compare_draws_dollar_run_names_as_text(dollar_runs, tmp_path):
     assert "Traceback" not in err
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+# ------------------------------------------------------------------------------------------------
+# messages suggest only what the command accepts
+# ------------------------------------------------------------------------------------------------
+def _broken(tmp_path, data_root, split: str) -> Path:
+    data = tiny_folder(tmp_path / "data", data_root, n_train=4, n_test=3)
+    (data / split / "cat" / "broken.png").write_bytes(b"not an image at all")
+    return data
+
+
+def test_eval_bad_image_message_suggests_no_option_eval_refuses(tmp_path, data_root):
+    data = _broken(tmp_path, data_root, "test")
+    rc, out, err = cli("knn", "--data", "folder", "--data_path", data, "--encoder_arch", "resnet18",
+                       "--encoder_width", 8, "--image_size", 32, "--device", "cpu", "--workers", 0,
+                       "--root", tmp_path / "runs", "--cache_features", "false", "--k", 3)
+    line = one_error(rc, err, "broken.png", "Remove or replace the file")
+    assert "skip_bad_images" not in line, line
+    rc, out, err = cli("knn", "--data", "folder", "--data_path", data, "--skip_bad_images", "true")
+    one_error(rc, err, "skip_bad_images")  # the option the old message named: knn refuses it
+
+
+def test_pretrain_bad_image_message_still_names_its_option(tmp_path, data_root):
+    data = _broken(tmp_path, data_root, "train")
+    rc, out, err = cli(*pretrain_args(data, tmp_path / "runs"))
+    one_error(rc, err, "broken.png", "--skip_bad_images true")

@@ -114,7 +114,7 @@ class FileImages(LabeledImages):
     """Images read from files on demand (ImageNet, any image folder)."""
 
     def __init__(self, files: list, targets: Sequence[int], classes: list, name: str, image_size: int,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: Optional[bool] = None):
         self.files, self.targets, self.classes, self.name = files, list(targets), classes, name
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
@@ -127,8 +127,8 @@ class FileImages(LabeledImages):
                 return open_rgb(self.files[k])
             except Exception as e:  # PIL raises many types for broken files
                 if not self.skip_bad_images:
-                    raise DataError(f"cannot read image {self.files[k]}: {e}. Remove or replace the file, "
-                                    f"or pass --skip_bad_images true to skip unreadable files.") from None
+                    raise DataError(f"cannot read image {self.files[k]}: {e}. "
+                                    f"{bad_image_fix(self.skip_bad_images)}") from None
                 self.bad_images.append(str(self.files[k]))
         raise DataError("no readable image in the dataset")
 
@@ -186,10 +186,18 @@ def _try_decode(path):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _bad_image_error(path, reason: str, n_bad: int) -> DataError:
+def bad_image_fix(skip_bad_images: Optional[bool]) -> str:
+    """How to get past an unreadable image. ``skip_bad_images`` None: the command has no --skip_bad_images
+    (evaluation, the kNN sets), so the message never suggests an option it would refuse."""
+    if skip_bad_images is None:
+        return "Remove or replace the file."
+    return ("Remove or replace the file, or pass --skip_bad_images true to skip unreadable files (they are "
+            "counted in the log).")
+
+
+def _bad_image_error(path, reason: str, n_bad: int, skip_bad_images: Optional[bool]) -> DataError:
     more = f" ({n_bad} unreadable files in all)" if n_bad > 1 else ""
-    return DataError(f"cannot read image {path}: {reason}{more}. Remove or replace the file, or pass "
-                     f"--skip_bad_images true to skip unreadable files (they are counted in the log).")
+    return DataError(f"cannot read image {path}: {reason}{more}. {bad_image_fix(skip_bad_images)}")
 
 
 # Folders with up to this many files have every file's header checked before training starts, so a
@@ -207,7 +215,7 @@ def _header_problem(path) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[list, list, list]:
+def check_headers(files: list, targets: list, skip_bad_images: Optional[bool]) -> tuple[list, list, list]:
     """Drop (with skip_bad_images) or refuse files that are not images. Returns (files, targets, bad)."""
     if len(files) > HEADER_CHECK_MAX:
         return files, targets, []
@@ -215,12 +223,13 @@ def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[li
         problems = list(ex.map(_header_problem, files, chunksize=64))
     bad = [(f, why) for f, why in zip(files, problems) if why]
     if bad and not skip_bad_images:
-        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad), skip_bad_images)
     keep = [i for i, why in enumerate(problems) if not why]
     return [files[i] for i in keep], [targets[i] for i in keep], [str(f) for f, _ in bad]
 
 
-def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tuple[np.ndarray, list, list, list]:
+def folder_to_array(root: Path, name: str,
+                    skip_bad_images: Optional[bool] = None) -> tuple[np.ndarray, list, list, list]:
     """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
     Returns (images, targets, classes, unreadable files skipped)."""
     files, targets, classes, special = scan_folder(root)
@@ -238,7 +247,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
         decoded = list(ex.map(_try_decode, files, chunksize=256))
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]
     if bad and not skip_bad_images:
-        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad), skip_bad_images)
     bad += [(f, "not a regular file") for f in special]
     arrays = [a for a, _ in decoded if a is not None]
     targets = [t for t, (a, _) in zip(targets, decoded) if a is not None]
@@ -269,7 +278,7 @@ def _missing(name: str, looked: list, extra: str = "") -> DataError:
                      f"{extra}.")
 
 
-def _cifar(name: str, train: bool, skip_bad_images: bool = False, root: Optional[Path] = None) -> ArrayImages:
+def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> ArrayImages:
     root = Path(root) if root else data_root()
     split = "train" if train else "test"
     folder = root / name / split
@@ -336,8 +345,11 @@ def _split_folder(base: Path, train: bool) -> Path:
 
 
 def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
-                skip_bad_images: bool = False, root: Optional[Path] = None) -> LabeledImages:
+                skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> LabeledImages:
     """split: 'pretrain' (what SimCLR trains on), 'train' (labelled train split), 'test'.
+
+    ``skip_bad_images``: True skips unreadable files; False refuses them, naming the option; None (a command
+    without that option) refuses them without naming it.
 
     ``root``: the folder holding CIFAR / STL-10 (default: ``DATA_ROOT``), for callers that know where a
     run read its images (the report) without changing the process environment.
