@@ -115,3 +115,13 @@ def test_pretrain_bad_image_message_still_names_its_option(tmp_path, data_root):
     data = _broken(tmp_path, data_root, "train")
     rc, out, err = cli(*pretrain_args(data, tmp_path / "runs"))
     one_error(rc, err, "broken.png", "--skip_bad_images true")
+
+
+# ------------------------------------------------------------------------------------------------
+# a resume whose optimizer does not fit the checkpoint's: one line
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [("--opt", "adam"), ("--lars_exclude", "spec")])
+def test_resume_with_another_optimizer_is_one_line(interrupted_run, extra):
+    rc, out, err = cli("pretrain", "--resume", interrupted_run, "--allow_config_change", "true", *extra,
+                       "--device", "cpu", "--workers", 0)
+    one_error(rc, err, "optimizer")
