@@ -125,3 +125,24 @@ def test_resume_with_another_optimizer_is_one_line(interrupted_run, extra):
     rc, out, err = cli("pretrain", "--resume", interrupted_run, "--allow_config_change", "true", *extra,
                        "--device", "cpu", "--workers", 0)
     one_error(rc, err, "optimizer")
+
+
+# ------------------------------------------------------------------------------------------------
+# the optional cache degrades to one warning
+# ------------------------------------------------------------------------------------------------
+def test_an_unwritable_cache_is_one_warning_and_the_evaluation_finishes(tmp_path, data_root, monkeypatch,
+                                                                        trained_ckpt):
+    data = tiny_folder(tmp_path / "data", data_root, n_train=4, n_test=3)
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("a file where the cache folder goes")
+    monkeypatch.setenv("SIMCLR_CACHE", str(blocker))
+    rc, out, err = cli("knn", "--data", "folder", "--data_path", data, "--encoder_ckpt", trained_ckpt,
+                       "--image_size", 32, "--device", "cpu", "--workers", 0,
+                       "--root", tmp_path / "runs", "--cache_features", "true", "--k", 3)
+    assert rc == 0, err
+    assert "Traceback" not in err and "error:" not in err, err
+    warnings = [ln for ln in err.splitlines() if "warning: cannot write the cache" in ln]
+    assert len(warnings) == 1, err
+    assert "--root" not in warnings[0]
+    assert (tmp_path / "runs").exists() and list((tmp_path / "runs").rglob("status.json"))
+    assert blocker.read_text() == "a file where the cache folder goes"

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import cache_write
 from ..names import DATASETS
 from ..progress import say
 from .images import open_rgb
@@ -76,9 +76,8 @@ def _remove_empty(dirs: list) -> None:
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """The optional cache's folder (made by :func:`cache_write` when something is first written)."""
+    return Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
 
 
 class LabeledImages:
@@ -260,7 +259,7 @@ def folder_to_array(root: Path, name: str,
     images = np.stack(arrays)
     if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
         return images, targets, classes, [str(f) for f, _ in bad]
-    atomic_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
+    cache_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
     return images, targets, classes, []
 
 
