@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_lib
-from .config import nonneg, option, positive
+from .config import nonneg, option, positive, seed_range
 from .errors import ConfigError
 from .files import atomic_write, git_state
 
@@ -72,7 +72,7 @@ class BenchConfig:
     interpolation: str = option("auto", "crop resampling of the fast path", ["auto", "bilinear", "bicubic"])
     data_only: bool = option(False, "time the input pipelines alone (no model): images/s that each path can deliver")
     json: str = option("", "also write the results to this JSON file")
-    seed: int = option(0, "random seed of the model and the data order")
+    seed: int = option(0, "random seed of the model and the data order", **seed_range(draw=False))
     threads: int = option(0, "CPU threads of the main process (0 = torch's default)", check=nonneg,
                           check_msg="must be >= 0")
     repeat: int = option(1, "run the paths this many times, alternating, and report each path's median run (for "

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import math
 import typing
+import unicodedata
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -34,6 +35,9 @@ COMMAND_LINE = "on the command line"
 MAX_SHOWN = 60  # characters of a bad value quoted in an error message (a YAML alias bomb stays short)
 TRUE = ("1", "true", "yes", "y", "on")
 FALSE = ("0", "false", "no", "n", "off")
+INT_MIN, INT_MAX = -2 ** 63, 2 ** 63 - 1  # every integer option fits an int64 (torch, numpy, JSON readers)
+FLOAT_MAX = 1e12  # every float option is finite and this small: products of two stay finite in float32
+SEED_MAX = 2 ** 32 - 1  # numpy's seeds; -1 (draw one) where an option says so
 
 
 class ShowHelp(Exception):
@@ -78,6 +82,34 @@ def auto_switch(default: str = "auto", help: str = ""):
 def switch_on(value: str, auto: bool) -> bool:
     """An :func:`auto_switch` value: ``auto`` -> ``auto`` (the device's default), else what was given."""
     return auto if value == "auto" else value == "true"
+
+
+def seed_range(draw: bool) -> dict:
+    """The range check of a seed option: 0..2**32-1, and -1 (draw one) where ``draw``."""
+    lo = -1 if draw else 0
+    return dict(check=lambda x: lo <= x <= SEED_MAX, check_msg=f"a seed must be within [{lo}, {SEED_MAX}]")
+
+
+def finite_numbers(key: str, text: str) -> list:
+    """'0.1,2.0' (also spaces, brackets) -> [0.1, 2.0]: a text option holding numbers, each finite like every
+    float option."""
+    parts = [p for p in str(text).strip("()[] ").replace(",", " ").split() if p]
+    try:
+        out = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"option '{key}' expects comma-separated numbers, got {shown(text)}") from None
+    if any(not math.isfinite(x) or abs(x) > FLOAT_MAX for x in out):
+        raise ConfigError(f"option '{key}' expects finite numbers within ±{FLOAT_MAX:g}, got {shown(text)}")
+    return out
+
+
+def _text(key: str, value: Any) -> str:
+    """A text value: control characters (NUL, escape, newline) are refused, never written to a name or path."""
+    text = str(value)
+    bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(f"option '{key}' contains the control character {bad!r}; give printable text only")
+    return text
 
 
 def positive(x) -> bool:
@@ -131,20 +163,10 @@ def coerce(key: str, typ, value: Any):
     if typ is int:
         if isinstance(value, bool):
             raise ConfigError(f"option '{key}' expects an integer, got {shown(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            try:  # 1e3 style integers
-                fv = float(str(value))
-                if fv.is_integer():
-                    return int(fv)
-            except (ValueError, OverflowError):
-                pass
-            raise ConfigError(f"option '{key}' expects an integer, got {shown(value)}") from None
+        out = _integer(key, value)
+        if not INT_MIN <= out <= INT_MAX:
+            raise ConfigError(f"option '{key}' expects an integer within ±2**63, got {shown(value)}")
+        return out
     if typ is float:
         if isinstance(value, bool):
             raise ConfigError(f"option '{key}' expects a number, got {shown(value)}")
@@ -152,21 +174,38 @@ def coerce(key: str, typ, value: Any):
             out = float(value)
         except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"option '{key}' expects a number, got {shown(value)}") from None
-        if not math.isfinite(out):
-            raise ConfigError(f"option '{key}' expects a finite number, got {shown(value)}")
+        if not math.isfinite(out) or abs(out) > FLOAT_MAX:
+            raise ConfigError(f"option '{key}' expects a finite number within ±{FLOAT_MAX:g}, got {shown(value)}")
         return out
     if typ is str:
         if value is None:
             return ""
         if isinstance(value, (dict, list)):
             raise ConfigError(f"option '{key}' expects a string, got {shown(value)}")
-        return str(value)
+        return _text(key, value)
     if typ is list:
         items = value if isinstance(value, list) else [value]
         if any(isinstance(v, (dict, list)) for v in items):
             raise ConfigError(f"option '{key}' expects a list of strings, got {shown(value)}")
-        return ["" if v is None else str(v) for v in items]
+        return ["" if v is None else _text(key, v) for v in items]
     raise ConfigError(f"option '{key}' has an unsupported type {typ}")  # pragma: no cover
+
+
+def _integer(key: str, value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        try:  # 1e3 style integers
+            fv = float(str(value))
+            if fv.is_integer():
+                return int(fv)
+        except (ValueError, OverflowError):
+            pass
+        raise ConfigError(f"option '{key}' expects an integer, got {shown(value)}") from None
 
 
 def suggest(key: str, valid: Sequence[str]) -> str:

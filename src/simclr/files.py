@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import stat
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
@@ -133,6 +134,27 @@ def atomic_write(path: Path, content: Content, *, before_replace: Callable[[Path
         if err is not None:
             raise err from None
         raise
+
+
+_CACHE_WARNED: set = set()
+
+
+def cache_write(path: Path, content: Content) -> bool:
+    """``atomic_write`` into an optional cache ($SIMCLR_CACHE): a cache that cannot be written (full, read-only,
+    a file where its folder goes) is one warning per process, never an error - the work is done without it.
+    Returns whether the file was written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, content)
+        return True
+    except (OSError, UserError) as e:
+        if path.parent not in _CACHE_WARNED:
+            _CACHE_WARNED.add(path.parent)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            print(f"warning: cannot write the cache {path.parent} ({why}); continuing without it (set "
+                  f"SIMCLR_CACHE to a writable folder to keep it)", file=sys.stderr, flush=True)
+        return False
 
 
 class GitState(NamedTuple):

@@ -9,6 +9,7 @@ importing torch. The modules that build things take them from here: :mod:`simclr
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .errors import ConfigError
@@ -113,4 +114,7 @@ def blur_sigma_range(v) -> tuple[float, float]:
         parts = [p for p in str(v).strip("()[] ").replace(",", " ").split() if p]
     if len(parts) != 2:
         raise ValueError(f"expected two numbers 'lo,hi', got {v!r}")
-    return float(parts[0]), float(parts[1])
+    lo, hi = float(parts[0]), float(parts[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"expected two finite numbers 'lo,hi', got {v!r}")
+    return lo, hi

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import auto_switch, fields, nonneg, option, positive, type_of
+from .config import auto_switch, fields, finite_numbers, nonneg, option, positive, seed_range, type_of
 from .errors import ConfigError
 from .names import (BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs, is_timm,
                     resolve_width, split_arch)
@@ -140,6 +140,11 @@ def _sigma_ok(v) -> bool:
     return 0 < lo <= hi
 
 
+def _grid_ok(v) -> bool:
+    grid = finite_numbers("l2_grid", v)
+    return bool(grid) and all(g >= 0 for g in grid)
+
+
 def _path(v):
     return "" if isinstance(v, str) and v.lower() == "none" else v
 
@@ -180,7 +185,7 @@ class CommonConfig:
     aug: bool = option(True, "apply random augmentations")
     scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
                              check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
-    seed: int = option(-1, "random seed; -1 draws one and records it in the run folder")
+    seed: int = option(-1, "random seed; -1 draws one and records it in the run folder", **seed_range(draw=True))
     workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",))
     device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
@@ -360,7 +365,7 @@ class EvalConfig(CommonConfig):
     encoder_lr: float = option(-1.0, "learning rate of the encoder when fine-tuning (-1 = lr)")
     train_size: int = option(-1, "labelled training images, drawn class-balanced with data_split_seed "
                              "(-1 = all; e.g. 500 = 1% of CIFAR-10)")
-    data_split_seed: int = option(42, "seed of the train_size draw")
+    data_split_seed: int = option(42, "seed of the train_size draw", **seed_range(draw=False))
     acc_on_unlabeled: bool = option(False, "also report accuracy on the training images left out by train_size")
     eval_only: bool = option(False, "evaluate a saved head (--ckpt) on the encoder without training")
     ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 or -1, the spec's "
@@ -372,7 +377,8 @@ class EvalConfig(CommonConfig):
                            ["weighted", "majority"])
     l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1",
                           "fast-linear: L2 strengths tried (comma separated; the penalty is l2/2 * ||W||^2 on "
-                          "standardised features)")
+                          "standardised features)", check=lambda v: _grid_ok(v),
+                          check_msg="must be one or more finite numbers >= 0")
     holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
                             check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
     fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", **within(1, MAX_COUNT))

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.datasets.folder import find_classes
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import cache_write
 from ..names import DATASETS
 from ..progress import say
 from .images import open_rgb
@@ -76,9 +76,8 @@ def _remove_empty(dirs: list) -> None:
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """The optional cache's folder (made by :func:`cache_write` when something is first written)."""
+    return Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
 
 
 class LabeledImages:
@@ -115,7 +114,7 @@ class FileImages(LabeledImages):
     """Images read from files on demand (ImageNet, any image folder)."""
 
     def __init__(self, files: list, targets: Sequence[int], classes: list, name: str, image_size: int,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: Optional[bool] = None):
         self.files, self.targets, self.classes, self.name = files, list(targets), classes, name
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
@@ -128,8 +127,8 @@ class FileImages(LabeledImages):
                 return open_rgb(self.files[k])
             except Exception as e:  # PIL raises many types for broken files
                 if not self.skip_bad_images:
-                    raise DataError(f"cannot read image {self.files[k]}: {e}. Remove or replace the file, "
-                                    f"or pass --skip_bad_images true to skip unreadable files.") from None
+                    raise DataError(f"cannot read image {self.files[k]}: {e}. "
+                                    f"{bad_image_fix(self.skip_bad_images)}") from None
                 self.bad_images.append(str(self.files[k]))
         raise DataError("no readable image in the dataset")
 
@@ -209,10 +208,18 @@ def _try_decode(path):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _bad_image_error(path, reason: str, n_bad: int) -> DataError:
+def bad_image_fix(skip_bad_images: Optional[bool]) -> str:
+    """How to get past an unreadable image. ``skip_bad_images`` None: the command has no --skip_bad_images
+    (evaluation, the kNN sets), so the message never suggests an option it would refuse."""
+    if skip_bad_images is None:
+        return "Remove or replace the file."
+    return ("Remove or replace the file, or pass --skip_bad_images true to skip unreadable files (they are "
+            "counted in the log).")
+
+
+def _bad_image_error(path, reason: str, n_bad: int, skip_bad_images: Optional[bool]) -> DataError:
     more = f" ({n_bad} unreadable files in all)" if n_bad > 1 else ""
-    return DataError(f"cannot read image {path}: {reason}{more}. Remove or replace the file, or pass "
-                     f"--skip_bad_images true to skip unreadable files (they are counted in the log).")
+    return DataError(f"cannot read image {path}: {reason}{more}. {bad_image_fix(skip_bad_images)}")
 
 
 # Folders with up to this many files have every file's header checked before training starts, so a
@@ -230,7 +237,7 @@ def _header_problem(path) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[list, list, list]:
+def check_headers(files: list, targets: list, skip_bad_images: Optional[bool]) -> tuple[list, list, list]:
     """Drop (with skip_bad_images) or refuse files that are not images. Returns (files, targets, bad)."""
     if len(files) > HEADER_CHECK_MAX:
         return files, targets, []
@@ -238,12 +245,13 @@ def check_headers(files: list, targets: list, skip_bad_images: bool) -> tuple[li
         problems = list(ex.map(_header_problem, files, chunksize=64))
     bad = [(f, why) for f, why in zip(files, problems) if why]
     if bad and not skip_bad_images:
-        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad), skip_bad_images)
     keep = [i for i, why in enumerate(problems) if not why]
     return [files[i] for i in keep], [targets[i] for i in keep], [str(f) for f, _ in bad]
 
 
-def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tuple[np.ndarray, list, list, list]:
+def folder_to_array(root: Path, name: str,
+                    skip_bad_images: Optional[bool] = None) -> tuple[np.ndarray, list, list, list]:
     """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
     Returns (images, targets, classes, unreadable files skipped)."""
     files, targets, classes, special = scan_folder(root)
@@ -261,7 +269,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
         decoded = list(ex.map(_try_decode, files, chunksize=256))
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]
     if bad and not skip_bad_images:
-        raise _bad_image_error(bad[0][0], bad[0][1], len(bad))
+        raise _bad_image_error(bad[0][0], bad[0][1], len(bad), skip_bad_images)
     bad += [(f, "not a regular file") for f in special]
     arrays = [a for a, _ in decoded if a is not None]
     targets = [t for t, (a, _) in zip(targets, decoded) if a is not None]
@@ -274,7 +282,7 @@ def folder_to_array(root: Path, name: str, skip_bad_images: bool = False) -> tup
     images = np.stack(arrays)
     if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
         return images, targets, classes, [str(f) for f, _ in bad]
-    atomic_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
+    cache_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
     return images, targets, classes, []
 
 
@@ -292,7 +300,7 @@ def _missing(name: str, looked: list, extra: str = "") -> DataError:
                      f"{extra}.")
 
 
-def _cifar(name: str, train: bool, skip_bad_images: bool = False, root: Optional[Path] = None) -> ArrayImages:
+def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> ArrayImages:
     root = Path(root) if root else data_root()
     split = "train" if train else "test"
     folder = root / name / split
@@ -359,8 +367,11 @@ def _split_folder(base: Path, train: bool) -> Path:
 
 
 def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
-                skip_bad_images: bool = False, root: Optional[Path] = None) -> LabeledImages:
+                skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> LabeledImages:
     """split: 'pretrain' (what SimCLR trains on), 'train' (labelled train split), 'test'.
+
+    ``skip_bad_images``: True skips unreadable files; False refuses them, naming the option; None (a command
+    without that option) refuses them without naming it.
 
     ``root``: the folder holding CIFAR / STL-10 (default: ``DATA_ROOT``), for callers that know where a
     run read its images (the report) without changing the process environment.

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .batch_aug import BatchAugment, center_view
+from .datasets import bad_image_fix
 from .images import open_rgb
 from .transforms import OFFICIAL_BLUR_SIGMA
 from .sampler import StepBatches, sample_seed, step_loader
@@ -94,7 +95,7 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 
 def decode_batch(items: list, device: torch.device, files: Optional[list] = None, indices: Optional[list] = None,
-                 skip_bad: bool = False, bad: Optional[list] = None) -> list:
+                 skip_bad: Optional[bool] = None, bad: Optional[list] = None) -> list:
     """Raw items -> list of (3, H, W) uint8 on ``device``. JPEGs are decoded in one batched
     ``decode_jpeg`` call on the device (nvJPEG on CUDA); anything else, or a batch the device
     decoder rejects, is decoded image by image on the CPU by the package's one decoder (:mod:`.images`)."""
@@ -149,8 +150,7 @@ def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
             name = files[indices[k]] if files is not None and indices is not None else f"item {k}"
             if not skip_bad:
                 why = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"cannot decode image {name}: {why}. Remove or replace the file, or pass "
-                                f"--skip_bad_images true to skip unreadable files.") from None
+                raise DataError(f"cannot decode image {name}: {why}. {bad_image_fix(skip_bad)}") from None
             if bad is not None:
                 bad.append(str(name))
     good = [t for t in out if t is not None]
@@ -278,7 +278,7 @@ class FastLoader:
     def _file_batches(self, start: int, end: int):
         loader = step_loader(_RawItems(self.images, self.files), self.steps.sampler(start, end, seeds=False),
                              self.workers, collate_fn=_collate)
-        skip = getattr(self.images, "skip_bad_images", False)
+        skip = getattr(self.images, "skip_bad_images", None)
         bad = getattr(self.images, "bad_images", None)
         for s, (data, offsets, shapes, idx) in zip(range(start, end), loader):
             dec = decode_batch(split_items(data, offsets, shapes), self.device, self.files, idx.tolist(), skip, bad)

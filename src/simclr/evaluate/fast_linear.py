@@ -108,11 +108,9 @@ def fast_linear_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, l2_g
 
 
 def parse_grid(text: str) -> list:
+    from ..config import finite_numbers
     from ..errors import ConfigError
-    try:
-        grid = [float(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"option 'l2_grid' expects comma-separated numbers, got {text!r}") from None
+    grid = finite_numbers("l2_grid", text)
     if not grid or any(g < 0 for g in grid):
         raise ConfigError(f"option 'l2_grid' expects one or more numbers >= 0, got {text!r}")
     return grid

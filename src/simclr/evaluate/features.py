@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import read
 from ..data.datasets import LabeledImages
 from ..errors import CheckpointError
-from ..files import atomic_write
+from ..files import cache_write
 from ..data.transforms import eval_transform
 
 
@@ -177,7 +177,6 @@ class FeatureCache:
             except (CheckpointError, KeyError):  # a truncated (or older-format) cache file: recompute it
                 path.unlink(missing_ok=True)
         f, y = compute()
-        self.folder.mkdir(parents=True, exist_ok=True)
         features, labels = f.cpu(), y.cpu()
-        atomic_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh))
+        cache_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh))
         return f, y

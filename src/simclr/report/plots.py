@@ -40,7 +40,11 @@ PNG_MARK = "simclr report"  # in every PNG we write (its Software field): how a 
 
 
 def save(fig, path: Path, tight: bool = True) -> Path:
-    """Write ``fig`` as a PNG at ``path``; a reader never sees half a picture."""
+    """Write ``fig`` as a PNG at ``path``; a reader never sees half a picture. Every text is drawn as plain text:
+    class names, run names and config values come from users (a class folder ``$\\foo$`` is no mathtext)."""
+    from matplotlib.text import Text
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     if tight:
         fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, metadata={"Software": PNG_MARK}))

@@ -277,13 +277,25 @@ def check_data_fingerprint(ck: dict, fingerprint: str, path: Path, allow: bool, 
     log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
 
 
+OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer: its state cannot be resumed
+
+
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     try:
         p.model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    p.optimizer.load_state_dict(ck["optimizer"])
+    changed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in ck.get("config_changes", {}).items()
+               if k in OPTIMIZER_KEYS]
+    if changed:  # torch loads another optimizer's state silently, then fails in step() (KeyError 'step')
+        raise UserError(f"checkpoint {path} holds the optimizer state of another optimizer ({', '.join(changed)}); "
+                        f"it cannot be carried over: resume with the run's own --opt and --lars_exclude")
+    try:
+        p.optimizer.load_state_dict(ck["optimizer"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path}: its optimizer state does not fit this run's optimizer ({e}); resume "
+                        f"with the run's own --opt and --lars_exclude") from None
     if p.probe is not None:
         if ck.get("probe"):
             p.probe.load_state_dict(ck["probe"])
