@@ -309,7 +309,7 @@ def test_a_folder_under_the_next_checkpoints_name_is_one_error_and_loses_nothing
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()}
     r = run_cli("pretrain", "--resume", run, "--iters", "6", "--allow_config_change", "true", "--keep_last", "1")
     msg = one_error_line(r)
-    assert f"cannot write {in_the_way}: a folder of that name is in the way; move it aside" in msg
+    assert str(in_the_way) in msg and "a folder" in msg and "move it aside" in msg
     assert (in_the_way / "notes.txt").read_text() == "the user's"
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()} == before
     assert json.loads((run / "status.json").read_text())["status"] == "failed"
