@@ -259,9 +259,9 @@ gpu: 0
 
 IMAGENETTE = Path(os.environ["DATA_ROOT"]) / "imagenette-mini"
 # shrinking only: one step, a few images, a narrow network, one node, the CPU
-SHRINK = ["--iters", "1", "--width", "8", "--train_subset", "64", "--test_subset", "40", "--workers", "0",
-          "--device", "cpu", "--seed", "0"]
-PRETRAIN_SHRINK = SHRINK + ["--batch_size", "16", "--world_size", "1", "--verbose", "false"]
+SHRINK = ["--iters", "1", "--train_subset", "64", "--test_subset", "40", "--workers", "0", "--device", "cpu",
+          "--seed", "0"]
+PRETRAIN_SHRINK = SHRINK + ["--width", "8", "--batch_size", "16", "--world_size", "1", "--verbose", "false"]
 
 
 def _env() -> dict:
