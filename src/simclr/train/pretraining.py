@@ -277,6 +277,9 @@ def check_data_fingerprint(ck: dict, fingerprint: str, path: Path, allow: bool, 
     log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
 
 
+# options each process may hold its own value of (where it is, what it prints or writes: only rank 0 writes)
+PER_PROCESS = ("node_rank", "device", "workers", "verbose", "root", "run_dir", "dist_address", "logger", "mlflow_uri")
+
 OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer: its state cannot be resumed
 
 
@@ -337,7 +340,8 @@ def setup(cfg: PretrainConfig) -> Session:
     images = maybe_subset(images, cfg.train_subset, seed=0)
     # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
     # trained "successfully" with rank 0's value recorded)
-    distributed.check_same_config(dict(config_lib.to_dict(cfg), data_fingerprint=fingerprint))
+    shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
+    distributed.check_same_config(dict(shared, data_fingerprint=fingerprint))
     s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
     s.data_fingerprint = fingerprint
     if ck is not None:
