@@ -10,6 +10,7 @@ from PIL import Image
 
 from simclr import bench
 from simclr.cli import main
+from simclr.runtime import out_of_memory
 
 TINY = ["--arch", "resnet18", "--width", "8", "--batch_size", "16", "--steps", "1", "--warmup", "1",
         "--train_subset", "64", "--device", "cpu", "--workers", "0"]
@@ -56,9 +57,12 @@ def test_a_failing_fast_path_is_an_error_string_and_the_reference_still_runs(tmp
     assert by["reference"]["status"] == "ok" and by["reference"]["images_per_s"] > 0
     # a failed path is not repeated; the reference is
     assert len(res["all_runs"]["fast"]) == 1 and len(res["all_runs"]["reference"]) == 2
-    # a RuntimeError naming "out of memory" (what older torch and the CPU allocator raise) is an OOM too
-    assert bench.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory"))
-    assert not bench.is_oom(RuntimeError("shape mismatch"))
+    # what older torch, the CPU allocator (its real message) and numpy raise are OOMs too
+    assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                      "allocate memory: you tried to allocate 1073741824 bytes. Error code 12"))
+    assert out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_bench_reads_the_image_folder_it_is_given(tmp_path, capsys):

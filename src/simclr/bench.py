@@ -185,18 +185,14 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     }
 
 
-def is_oom(e: BaseException) -> bool:
-    """An out-of-memory failure of the device (or the host allocator)."""
-    import torch
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
-
 def guarded_run(path: str, args, images, device: torch.device) -> dict:
     """``run_path``, with a failure recorded instead of raised: ``status`` "ok", "oom" or "error" (and
     ``error``, the first line of the message), so one path running out of memory does not lose the other's
     numbers. Bad input (a UserError) is not a path's failure: it propagates as the CLI's ``error:`` line."""
     import torch
+
     from .errors import UserError
+    from .runtime import out_of_memory
     failure = None
     try:
         return {**run_path(path, args, images, device), "status": "ok"}
@@ -204,7 +200,8 @@ def guarded_run(path: str, args, images, device: torch.device) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of one path is recorded; Ctrl-C still stops
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        failure = {"path": path, "status": "oom" if is_oom(e) else "error", "error": f"{type(e).__name__}: {first}"}
+        failure = {"path": path, "status": "oom" if out_of_memory(e) else "error",
+                   "error": f"{type(e).__name__}: {first}"}
     # outside the except block: the traceback (and the path's model and batches in its frames) is gone
     gc.collect()
     if device.type == "cuda":

@@ -467,6 +467,33 @@ def model_state(model: torch.nn.Module) -> dict:
     return unwrap_state_dict(m.state_dict())
 
 
+def load_weights(module: torch.nn.Module, state: dict, what: str, fix: str) -> None:
+    """``module.load_state_dict(state)``, or one :class:`CheckpointError`: ``what`` (the file and its part),
+    how the weights differ (the first tensor of another shape, with both shapes; counts of missing and
+    unexpected ones) and ``fix``. torch's own message lists every tensor on a line of its own."""
+    own = module.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} holds no weights ({describe(state)}); {fix}")
+    reshaped = [k for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    problems = []
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} tensors of another shape (first: {k} is {list(state[k].shape)} there, "
+                        f"{list(own[k].shape)} here)")
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if not problems:
+        try:
+            module.load_state_dict(state)
+            return
+        except (RuntimeError, TypeError, ValueError) as e:
+            problems.append(str(e).strip().splitlines()[-1].strip())
+    raise CheckpointError(f"{what} does not fit this model: {'; '.join(problems)}; {fix}")
+
+
 def describe(ckpt: Any) -> str:
     if isinstance(ckpt, dict):
         return f"dict with keys {sorted(map(str, ckpt))[:8]}"

@@ -24,6 +24,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+# what the allocators say when memory runs out: torch.OutOfMemoryError (CUDA), a RuntimeError from the CPU
+# allocator (its type is no subclass of it) or MPS, Python's MemoryError (a numpy buffer)
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says an allocation failed for want of memory (any device)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(e, (oom, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
+
+
 def tune_backends(device: torch.device, deterministic: bool) -> None:
     """On CUDA, let cuDNN time its convolution algorithms and keep the fastest (what ``simclr bench`` measures);
     not with ``--deterministic`` (the fastest may be a non-deterministic one). Nothing elsewhere."""

@@ -16,11 +16,12 @@ from typing import Callable, Optional
 import torch
 
 from .. import config as config_lib
-from ..checkpoint import resolve, unpin
+from ..checkpoint import load_weights, resolve, unpin
 from ..data import balanced_indices, check_same_classes, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..progress import hms, say
+from ..runtime import out_of_memory
 from ..options import EvalConfig
 from ..rundir import RunDir, check_kind, check_run_folder, environment
 from ..trackers import require
@@ -88,7 +89,9 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
             layer = saved["encode_layer"]
     encoder, encoder_hash = _load_encoder(cfg, device, layer, log)
     if head_state is not None and head_state["encoder"] is not None:
-        encoder.model.load_state_dict(head_state["encoder"])  # a fine-tuned result
+        origin = saved.get("encoder_ckpt") or "its encoder"  # a fine-tuned result
+        load_weights(encoder.model, head_state["encoder"], f"{cfg.ckpt} (its fine-tuned encoder)",
+                     f"pass the encoder it was fine-tuned from as --encoder_ckpt ({origin})")
         encoder_hash = ""  # its features are not those of the encoder file: no cache
     train_encoder = cfg.finetune and not cfg.eval_only
     for p in encoder.parameters():  # parameters fixed by design (bn2's bias) stay fixed
@@ -417,15 +420,28 @@ def run_eval(cfg: EvalConfig) -> dict:
         run.trackers.results(result, cfg.iters, "eval.json")
         run.set_status("finished", top1=result["top1"], top5=result["top5"])
         return result
-    except BaseException as e:
+    except BaseException as raised:
+        e = out_of_memory_error(cfg, inp, raised) if out_of_memory(raised) else raised
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:
             run.set_status(status, error=f"{type(e).__name__}: {e}")
         except (OSError, UserError):
             pass
+        if e is not raised:
+            raise e from None
         raise
     finally:
         run.close()
+
+
+def out_of_memory_error(cfg: EvalConfig, inp: Inputs, e: BaseException) -> UserError:
+    """An allocation that failed for want of memory, as one line naming the batch sizes that set it."""
+    train = f"--batch_size {cfg.batch_size} (training the head{', and the encoder' if cfg.finetune else ''})"
+    key = "precompute_emb_bs" if cfg.precompute_emb_bs > 0 else "test_bs"
+    extract = f"--{key} {getattr(cfg, key)} (feature extraction)"
+    lower = extract if run_kind(cfg) == "knn" else f"{extract} or {train}"
+    return UserError(f"out of memory on {inp.device} evaluating {inp.encoder.name} at {inp.image_size}px: "
+                     f"lower {lower}")
 
 
 def _relative(path, run: Path):

@@ -27,7 +27,7 @@ from .. import config as config_lib
 from .. import distributed
 from .. import trackers
 from ..config import switch_on
-from ..data import check_same_classes, get_dataset, maybe_subset
+from ..data import check_same_classes, get_dataset, maybe_subset, native_size
 from ..data.loaders import build_loader
 from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
@@ -37,10 +37,11 @@ from ..loss import nt_xent
 from ..models import SimCLRModel, build_model, convert_sync_batchnorm
 from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
+from ..names import is_timm, resolve_width
 from ..progress import Progress, hms, rate, say
 from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run_dir, is_run, newest_run
-from ..runtime import (autocast_dtype, cuda_rng_state, resolve_device, rng_state, seed_everything, set_rng_state,
-                       tune_backends)
+from ..runtime import (autocast_dtype, cuda_rng_state, out_of_memory, resolve_device, rng_state, seed_everything,
+                       set_rng_state, tune_backends)
 from .probe import Probe, build_probe
 
 
@@ -54,7 +55,8 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
     try:
         s = setup(cfg)
         return loop(s, should_stop)
-    except BaseException as e:
+    except BaseException as raised:
+        e = out_of_memory_error(cfg, s, raised) if out_of_memory(raised) else raised
         failure = distributed.peer_failure(e, s.dist.rank if s else 0)
         if s is not None and s.run is not None:  # SystemExit: a second signal exits without saving
             status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -70,9 +72,28 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
             e.run_dir = str(s.run.path)  # the entry point says how to continue
         if failure is not None:
             raise failure from None
+        if e is not raised:
+            raise e from None
         raise
     finally:
         distributed.cleanup()
+
+
+def out_of_memory_error(cfg: PretrainConfig, s: Optional[Session], e: BaseException) -> UserError:
+    """An allocation that failed for want of memory, as one line: what was asked of the device and the three
+    ways to ask less (the activations grow with the batch, and with the model's width and depth)."""
+    device = s.parts.device if s is not None and s.parts is not None else cfg.device
+    if is_timm(cfg.arch):
+        model = cfg.arch
+    else:
+        arch, width = resolve_width(cfg.arch, cfg.width, cfg.width_multiplier)
+        model = f"{arch} width {width}"
+    chunks = (f"raise --grad_cache_chunks (now {cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else
+              "pass --grad_cache_chunks K (the same gradient in K chunks of the batch, about 1/K of the activations)")
+    size = native_size(cfg.data, cfg.image_size)
+    return UserError(f"out of memory on {device}: --batch_size {cfg.batch_size} x {cfg.multiplier} views of {size}px "
+                     f"through {model} does not fit; {chunks}, lower --batch_size, or train a smaller model "
+                     f"(--arch, --width)")
 
 
 def random_init_knn(cfg: PretrainConfig) -> float:
@@ -285,10 +306,8 @@ OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer:
 
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
-    try:
-        p.model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    ckpt_lib.load_weights(p.model, ck["model"], f"checkpoint {path}",
+                          "resume with the run's own --arch, --width and projection options")
     changed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in ck.get("config_changes", {}).items()
                if k in OPTIMIZER_KEYS]
     if changed:  # torch loads another optimizer's state silently, then fails in step() (KeyError 'step')
