@@ -154,9 +154,10 @@ def test_a_resume_on_other_images_is_refused_unless_allowed(tmp_path, change):
     assert "training images changed" in err + out
 
 
-def test_two_processes_with_different_lr_refuse_naming_the_key_on_every_rank(tmp_path):
-    """Observation: two processes with different --lr (a typo on one node) trained "successfully" and config.yaml
-    recorded rank 0's value. Real processes (the point is two ranks): each says which key differs, nothing runs."""
+def test_two_processes_with_different_lr_and_width_refuse_naming_the_keys_on_every_rank(tmp_path):
+    """Observations: two processes with different --lr (a typo on one node) trained "successfully" and config.yaml
+    recorded rank 0's value; with different --width rank 1 died in a DDP traceback. Real processes (the point is
+    two ranks): each says which keys differ, before any model is built; nothing runs."""
     import socket
     import subprocess
     import sys
@@ -166,13 +167,14 @@ def test_two_processes_with_different_lr_refuse_naming_the_key_on_every_rank(tmp
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
                SIMCLR_DIST_TIMEOUT="120")
-    procs = [subprocess.Popen([sys.executable, "-m", "simclr", *pretrain_args(_DATA[0], tmp_path / "logs", lr=lr)],
+    procs = [subprocess.Popen([sys.executable, "-m", "simclr",
+                               *pretrain_args(_DATA[0], tmp_path / "logs", lr=lr, width=width)],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r, lr in ((0, 0.5), (1, 0.05))]
+                              stderr=subprocess.PIPE, text=True) for r, lr, width in ((0, 0.5, 8), (1, 0.05, 16))]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
-        line = one_error(p.returncode, err, "disagree", "lr: rank 0 0.5, rank 1 0.05")
-        assert "width" not in line and "temperature" not in line, line
+        line = one_error(p.returncode, err, "disagree", "lr: rank 0 0.5, rank 1 0.05", "width: rank 0 8, rank 1 16")
+        assert "temperature" not in line and "DistributedDataParallel" not in err, line
     assert not list((tmp_path / "logs").rglob("checkpoint-*.pt"))
 
 

@@ -43,7 +43,8 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """First SIGTERM/SIGINT: ask the job to stop after the current step and save (``requested`` turns True).
-    A second one exits at once with 128+signal. With ``at_once`` (evaluation) the first one raises
+    A second one exits at once with 128+signal. With ``at_once`` (evaluation, and pretraining until
+    :meth:`graceful`: its set-up — data scan, rendezvous, model — has nothing to save) the first one raises
     :class:`Interrupted`. Installed explicitly, so it works even where the shell started us with SIGINT ignored
     (a background job), and only by the entry point, only in the main thread."""
 
@@ -61,6 +62,10 @@ class StopSignals:
 
     def __call__(self) -> bool:
         return self.requested
+
+    def graceful(self) -> None:
+        """From now on the first signal asks for a stop after the current step (the training loop has begun)."""
+        self.at_once = False
 
     def _handle(self, signum, frame):
         if self.at_once:
@@ -156,8 +161,8 @@ def pretrain_main(argv: Sequence[str]) -> int:
         return 0
     from .train import pretrain
     try:
-        with StopSignals() as stop:
-            result = pretrain(cfg, should_stop=stop)
+        with StopSignals(at_once=True) as stop:
+            result = pretrain(cfg, should_stop=stop, started=stop.graceful)
     finally:
         if distributed.is_broken():  # a peer died: the interpreter's teardown of the group could hang
             atexit.register(_hard_exit)

@@ -48,12 +48,16 @@ from .probe import Probe, build_probe
 # --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: False) -> dict:
+def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: False,
+             started: Callable[[], None] = lambda: None) -> dict:
     """Set up and run ``cfg``; returns the final metrics, step, status and run folder. ``should_stop`` is asked
-    after every step (the entry point answers it from SIGTERM/SIGINT); the run then saves and stops."""
+    after every step (the entry point answers it from SIGTERM/SIGINT); the run then saves and stops.
+    ``started`` is called once the set-up is done, as the loop begins (the entry point: from here on a signal
+    waits for the step; before, it stops at once)."""
     s = None
     try:
         s = setup(cfg)
+        started()
         return loop(s, should_stop)
     except BaseException as raised:
         e = out_of_memory_error(cfg, s, raised) if out_of_memory(raised) else raised
