@@ -54,8 +54,8 @@ def _shared_data_decoded_once():
         key = (where, name, skip_bad_images)
         if key not in memo:
             memo[key] = real(root, name, skip_bad_images)
-        images, targets, classes, bad = memo[key]
-        return images, list(targets), list(classes), list(bad)
+        got = memo[key]
+        return got._replace(targets=list(got.targets), classes=list(got.classes), bad=list(got.bad))
 
     datasets.folder_to_array = once
     yield

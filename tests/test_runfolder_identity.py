@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runfolder_util import CLASSES, cli, one_error, pretrain_args, tiny_folder
+from runfolder_util import CLASSES, cli, knn_args, one_error, pretrain_args, tiny_folder
 from simclr.data import datasets, get_dataset
 
 _DATA: list = []
@@ -90,6 +90,21 @@ def test_pretraining_knn_monitor_refuses_a_test_split_lacking_a_class(tmp_path):
     rc, out, err = cli(*pretrain_args(data, tmp_path / "logs", iters=1, eval_at_start="true", knn_k=4))
     line = one_error(rc, err, "classes differ", "cat")
     assert "kNN top-1" not in out + err, line
+    assert not (tmp_path / "logs").exists()  # refused in the set-up, before any run folder
+
+
+@pytest.mark.parametrize("command", ["pretrain", "knn"])
+def test_an_empty_test_split_is_refused_before_any_run_folder(tmp_path, trained_ckpt, command):
+    """Observation: pretraining found an empty test split (class folders, no images) only at its kNN monitor,
+    after the run folder was made (nothing should be written). Now both commands refuse it before any folder."""
+    data = copy_data(tmp_path)
+    for f in [p for p in (data / "test").rglob("*") if p.is_file()]:
+        f.unlink()
+    args = pretrain_args(data, tmp_path / "logs", iters=2) if command == "pretrain" else \
+        knn_args(data, tmp_path / "logs", trained_ckpt)
+    rc, out, err = cli(*args)
+    one_error(rc, err, f"{data / 'test'} holds no images")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_images_overwritten_in_place_are_read_again_not_served_from_the_cache(tmp_path, monkeypatch, data_root):
@@ -197,3 +212,52 @@ def test_a_master_port_that_never_answers_fails_within_the_timeout_with_one_line
             pytest.fail("the rendezvous with a silent MASTER_PORT did not give up")
     one_error(r.returncode, r.stderr, "could not join the process group", "within 3 s", "no answer")
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("change", ["image_rewritten_in_place", "data_copied"])
+def test_a_cifar_resume_on_other_images_is_refused_and_says_what_changed(tmp_path, monkeypatch, change):
+    """CIFAR (an array dataset under DATA_ROOT) carries a fingerprint in its checkpoints as folders do: a resume
+    on rewritten images is refused; on a copy of the same images (new mtimes) the line says only that."""
+    root = tmp_path / "root"
+    shutil.copytree(_DATA[0], root / "cifar10")
+    monkeypatch.setenv("DATA_ROOT", str(root))
+    folder_args = pretrain_args(Path("unused"), tmp_path / "logs", iters=4, batch_size=8)
+    args = ["cifar10" if a == "folder" else a for a in folder_args]  # --data cifar10 ...
+    del args[args.index("--data_path"):args.index("--data_path") + 2]  # ... read from DATA_ROOT
+    rc, out, err = cli(*args, "--stop_after", 2)
+    assert rc == 0, err
+    (run,) = [p for p in (tmp_path / "logs" / "t").iterdir() if p.is_dir()]
+    assert torch.load(run / "checkpoints" / "checkpoint-00000002.pt", weights_only=False)["data_fingerprint"]
+    if change == "image_rewritten_in_place":
+        _rewrite(sorted((root / "cifar10" / "train" / "cat").iterdir())[0])
+        needle = "files added, removed or rewritten"
+    else:
+        shutil.copytree(root, tmp_path / "copy")  # copytree keeps mtimes: touch every file, as a plain cp does
+        for f in (p for p in (tmp_path / "copy").rglob("*") if p.is_file()):
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10 ** 9))
+        monkeypatch.setenv("DATA_ROOT", str(tmp_path / "copy"))
+        needle = "the same file names and sizes"
+    rc, out, err = cli(*args, "--resume", run)
+    one_error(rc, err, "training images changed", needle, "--allow_config_change")
+    rc, out, err = cli(*args, "--resume", run, "--allow_config_change", "true")
+    assert rc == 0, err
+
+
+def test_stl10_pretraining_images_carry_a_fingerprint_of_all_their_parts(tmp_path):
+    """STL-10's pretraining split is train + unlabeled: rewriting an unlabeled image changes its fingerprint;
+    a copy elsewhere (new paths, new mtimes) keeps its listing, what ranks compare."""
+    stl = tmp_path / "root" / "stl10"
+    shutil.copytree(_DATA[0] / "train", stl / "train")
+    shutil.copytree(_DATA[0] / "test", stl / "test")
+    (stl / "unlabeled").mkdir()
+    for i, f in enumerate(sorted((_DATA[0] / "train" / "cat").iterdir())):
+        shutil.copy(f, stl / "unlabeled" / f"u{i}{f.suffix}")
+    first = get_dataset("stl10", "pretrain", root=tmp_path / "root")
+    assert first.fingerprint and first.listing and len(first) == 4 * 4 + 4
+    shutil.copytree(tmp_path / "root", tmp_path / "copy")
+    for f in (p for p in (tmp_path / "copy").rglob("*") if p.is_file()):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10 ** 9))
+    copy = get_dataset("stl10", "pretrain", root=tmp_path / "copy")
+    assert copy.listing == first.listing and copy.fingerprint != first.fingerprint
+    _rewrite(stl / "unlabeled" / sorted(os.listdir(stl / "unlabeled"))[0])
+    assert get_dataset("stl10", "pretrain", root=tmp_path / "root").fingerprint != first.fingerprint

@@ -18,7 +18,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -84,7 +84,8 @@ class LabeledImages:
     """Interface: ``len``, ``load(i) -> PIL RGB image``, ``targets``, ``classes``, ``image_size``, ``name``."""
 
     name: str = ""
-    fingerprint: str = ""  # files_fingerprint of a --data folder / ImageNet split (arrays: their cache key)
+    fingerprint: str = ""  # files_identity of the files the split was read from (image folder or binary batches)
+    listing: str = ""
     classes: list
     targets: list
     image_size: int
@@ -186,14 +187,19 @@ def scan_folder(root: Path) -> tuple[list, list, list, list]:
     return files, targets, classes, sorted(skipped)
 
 
-def files_fingerprint(files: Sequence) -> str:
-    """A split's identity: the hash of its sorted (path, size, mtime_ns) list. An image rewritten in place
-    (same name, new pixels) changes its size or mtime, so caches keyed by this are rebuilt."""
-    h = hashlib.sha1()
+def files_identity(files: Sequence, root) -> tuple[str, str]:
+    """A split's identity, from one pass over its files: (fingerprint, listing).
+
+    ``fingerprint`` hashes the sorted (path, size, mtime_ns) list: an image rewritten in place (same name, new
+    pixels) changes its size or mtime, so caches keyed by it are rebuilt and a resume notices. ``listing``
+    hashes the sorted (path below ``root``, size) list: the same images wherever they lie and whenever they
+    were copied, what the ranks of a run compare (each node may read its own copy)."""
+    full, rel = hashlib.sha1(), hashlib.sha1()
     for f in sorted(map(str, files)):
         st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        full.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        rel.update(f"{os.path.relpath(f, root)}\0{st.st_size}\n".encode())
+    return full.hexdigest()[:16], rel.hexdigest()[:16]
 
 
 def _decode(path) -> np.ndarray:
@@ -250,17 +256,24 @@ def check_headers(files: list, targets: list, skip_bad_images: Optional[bool]) -
     return [files[i] for i in keep], [targets[i] for i in keep], [str(f) for f, _ in bad]
 
 
-def folder_to_array(root: Path, name: str,
-                    skip_bad_images: Optional[bool] = None) -> tuple[np.ndarray, list, list, list]:
-    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content.
-    Returns (images, targets, classes, unreadable files skipped)."""
+class FolderArray(NamedTuple):
+    images: np.ndarray
+    targets: list
+    classes: list
+    bad: list          # unreadable files skipped
+    fingerprint: str   # files_identity of the folder's images: the cache key ...
+    listing: str       # ... and where and when they lie left out
+
+
+def folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool] = None) -> FolderArray:
+    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content."""
     files, targets, classes, special = scan_folder(root)
-    key = files_fingerprint(files)
+    key, listing = files_identity(files, root)
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
             with np.load(cached) as z:
-                return z["images"], list(z["targets"]), classes, special
+                return FolderArray(z["images"], list(z["targets"]), classes, special, key, listing)
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
     if len(files) >= 5000:  # a minute or more: say so before, once per folder (the array is cached)
@@ -281,9 +294,9 @@ def folder_to_array(root: Path, name: str,
                         f"mixed sizes")
     images = np.stack(arrays)
     if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
-        return images, targets, classes, [str(f) for f, _ in bad]
+        return FolderArray(images, targets, classes, [str(f) for f, _ in bad], key, listing)
     cache_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
-    return images, targets, classes, []
+    return FolderArray(images, targets, classes, [], key, listing)
 
 
 def _leftovers(root: Path, new_dirs: list) -> list:
@@ -305,9 +318,9 @@ def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root:
     split = "train" if train else "test"
     folder = root / name / split
     if folder.is_dir():
-        images, targets, classes, bad = folder_to_array(folder, f"{name}-{split}", skip_bad_images)
-        ds = ArrayImages(images, targets, classes, name, 32)
-        ds.bad_images = bad
+        got = folder_to_array(folder, f"{name}-{split}", skip_bad_images)
+        ds = ArrayImages(got.images, got.targets, got.classes, name, 32)
+        ds.bad_images, ds.fingerprint, ds.listing = got.bad, got.fingerprint, got.listing
         return ds
     from torchvision import datasets as tvd
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -321,13 +334,20 @@ def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root:
             _remove_empty([*_leftovers(root, new_dirs), *new_dirs])
             raise _missing(name, [folder, root / cls.base_folder],
                            f"; downloading failed too ({type(e).__name__}: offline?)") from None
-    return ArrayImages(np.asarray(ds.data), ds.targets, list(ds.classes), name, 32)
+    out = ArrayImages(np.asarray(ds.data), ds.targets, list(ds.classes), name, 32)
+    out.fingerprint, out.listing = files_identity(_files_under(root / cls.base_folder), root)
+    return out
+
+
+def _files_under(folder: Path) -> list:
+    """Every regular file under ``folder`` (the binary batches a torchvision dataset reads)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
     root = Path(root) if root else data_root()
     parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
-    arrays, targets, classes = [], [], None
+    arrays, targets, classes, identities = [], [], None, []
     for part in parts:
         folder = root / "stl10" / part
         if folder.is_dir():
@@ -335,10 +355,13 @@ def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
                 files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
                 arrays.append(np.stack([_decode(f) for f in files]))
                 targets += [-1] * len(files)
+                identities.append(files_identity(files, root))
             else:
-                a, t, classes, _ = folder_to_array(folder, f"stl10-{part}")
-                arrays.append(a)
-                targets += t
+                got = folder_to_array(folder, f"stl10-{part}")
+                arrays.append(got.images)
+                targets += got.targets
+                classes = got.classes
+                identities.append((got.fingerprint, got.listing))
             continue
         from torchvision import datasets as tvd
         try:
@@ -354,7 +377,10 @@ def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
         arrays.append(np.asarray(ds.data).transpose(0, 2, 3, 1))
         targets += [int(t) for t in ds.labels]
         classes = list(ds.classes)
-    return ArrayImages(np.concatenate(arrays), targets, classes or [], "stl10", 96)
+        identities.append(files_identity(_files_under(root / ds.base_folder), root))
+    out = ArrayImages(np.concatenate(arrays), targets, classes or [], "stl10", 96)
+    out.fingerprint, out.listing = (hashlib.sha1("|".join(ids).encode()).hexdigest()[:16] for ids in zip(*identities))
+    return out
 
 
 def _split_folder(base: Path, train: bool) -> Path:
@@ -404,7 +430,7 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
-        ds.fingerprint = files_fingerprint(files)
+        ds.fingerprint, ds.listing = files_identity(files, folder)
     else:
         raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size

@@ -154,11 +154,12 @@ class Session:
     images: object                # the pretraining images (after --train_subset)
     bad_images: list              # unreadable files skipped with --skip_bad_images
     run: Optional[RunDir] = None  # the run folder (main process only)
-    knn_sets: Optional[tuple] = None
+    knn_sets: tuple = ()          # the kNN monitor's (train, test) images
     step: int = 0
     nan_skips: int = 0
     saved_step: int = -1          # the step whose checkpoint is on disk already (never rewritten in place)
-    data_fingerprint: str = ""    # the pretraining split's files_fingerprint ("" for binary CIFAR/STL files)
+    data_fingerprint: str = ""    # the pretraining split's files_identity: paths, sizes, mtimes ...
+    data_listing: str = ""        # ... and paths below the data root, sizes
     metrics: dict = field(default_factory=dict)
 
 
@@ -289,14 +290,17 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
-def check_data_fingerprint(ck: dict, fingerprint: str, path: Path, allow: bool, log: Log) -> None:
+def check_data_fingerprint(ck: dict, images, path: Path, allow: bool, log: Log) -> None:
     """Refuse to continue on other images than the checkpoint's (a class folder gone, images rewritten):
     that is another trajectory. ``--allow_config_change`` continues with a warning."""
-    saved = ck.get("data_fingerprint") or ""
+    saved, fingerprint = ck.get("data_fingerprint") or "", images.fingerprint
     if not saved or not fingerprint or saved == fingerprint:
         return
-    what = f"the training images changed since {path} was saved (data fingerprint {saved} -> {fingerprint}: " \
-           f"files added, removed or rewritten)"
+    if ck.get("data_listing") and ck["data_listing"] == images.listing:
+        how = "the same file names and sizes, other paths or modification times: moved, copied or rewritten"
+    else:
+        how = "files added, removed or rewritten"
+    what = f"the training images changed since {path} was saved (data fingerprint {saved} -> {fingerprint}: {how})"
     if not allow:
         raise UserError(f"{what}; restore them, or pass --allow_config_change true to continue on these")
     log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
@@ -357,16 +361,19 @@ def setup(cfg: PretrainConfig) -> Session:
     images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
     # grows while reading when workers == 0
     bad_images = getattr(images, "bad_images", None) or []
-    fingerprint = images.fingerprint
+    fingerprint, listing = images.fingerprint, images.listing  # of the whole split (a subset is drawn from it)
     if ck is not None:
-        check_data_fingerprint(ck, fingerprint, resume_from, cfg.allow_config_change, log)
+        check_data_fingerprint(ck, images, resume_from, cfg.allow_config_change, log)
     images = maybe_subset(images, cfg.train_subset, seed=0)
     # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
     # trained "successfully" with rank 0's value recorded)
     shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
-    distributed.check_same_config(dict(shared, data_fingerprint=fingerprint))
+    # the listing, not the fingerprint: each node may read its own copy of the images (other paths, mtimes)
+    distributed.check_same_config(dict(shared, data_listing=listing))
+    monitor_sets = knn_sets(cfg)
     s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
-    s.data_fingerprint = fingerprint
+    s.knn_sets = monitor_sets
+    s.data_fingerprint, s.data_listing = fingerprint, listing
     if ck is not None:
         restore(s, ck, resume_from)
     distributed.check_same(s.step, "the step to resume from")
@@ -400,7 +407,8 @@ def save(s: Session) -> Optional[Path]:
     payload = {"kind": "pretrain", "step": s.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
-               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint}
+               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint,
+               "data_listing": s.data_listing}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": p.model.width, "timm_kwargs": p.model.timm_kwargs, "data": cfg.data,
@@ -475,14 +483,19 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
           f"elapsed {hms(elapsed)} eta {hms(eta)}")
 
 
+def knn_sets(cfg: PretrainConfig) -> tuple:
+    """The kNN monitor's labelled (train, test) images: the same training images as pretraining when a subset
+    is asked for. Read in the set-up, so that a missing or empty split, or one lacking a class, is refused before
+    the run folder exists rather than at the first evaluation."""
+    sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size, cfg.skip_bad_images), n,
+                              seed=0) for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
+    check_same_classes(*sets)  # labels meet here: one class list for both
+    return sets
+
+
 def monitor(s: Session, at_start: bool = False) -> dict:
     """The kNN monitor on every rank (each embeds its share); the main process records it."""
     cfg, p = s.cfg, s.parts
-    if s.knn_sets is None:  # the same training images as pretraining when a subset is asked for
-        s.knn_sets = tuple(maybe_subset(get_dataset(cfg.data, split, cfg.data_path, cfg.image_size,
-                                                    cfg.skip_bad_images), n, seed=0)
-                           for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)))
-        check_same_classes(*s.knn_sets)  # labels meet here: one class list for both
     s.log(f"step {s.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
           f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,
