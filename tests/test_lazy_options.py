@@ -67,7 +67,7 @@ def test_dist_dp_through_the_command_line_spawns_per_gpu_and_notes_a_single_proc
                                                                                         capsys):
     gpus, spawned = node
     trained = []
-    monkeypatch.setattr("simclr.train.pretrain", lambda cfg, should_stop=None: trained.append(cfg) or {})
+    monkeypatch.setattr("simclr.train.pretrain", lambda cfg, should_stop=None, started=None: trained.append(cfg) or {})
     argv = ["pretrain", *tiny_args(tmp_path), "--device", "auto", "--dist", "dp"]
     gpus(2)
     assert cli.main(argv) == 0
