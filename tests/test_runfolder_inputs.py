@@ -43,6 +43,28 @@ def test_eval_option_values_refused_at_parse_time(tmp_path, key, value):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("env,needle", [
+    (dict(RANK="0", WORLD_SIZE="2", SIMCLR_DIST_TIMEOUT="5m"), "SIMCLR_DIST_TIMEOUT='5m'"),
+    (dict(RANK="0", WORLD_SIZE="2", SIMCLR_DIST_TIMEOUT="0"), "SIMCLR_DIST_TIMEOUT='0'"),
+    (dict(RANK="0", WORLD_SIZE="2", MASTER_PORT="http"), "MASTER_PORT='http'"),
+    (dict(RANK="0", WORLD_SIZE="2", MASTER_PORT="99999"), "MASTER_PORT='99999'"),
+    (dict(RANK="0", WORLD_SIZE="two"), "WORLD_SIZE='two'"),
+    (dict(RANK="2", WORLD_SIZE="2"), "RANK=2"),
+    (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="-1"), "LOCAL_RANK='-1'"),
+    (dict(SLURM_PROCID="x", SLURM_NTASKS="4"), "SLURM_PROCID='x'"),
+    (dict(SIMCLR_PROCS_PER_NODE="all"), "SIMCLR_PROCS_PER_NODE='all'"),
+])
+def test_environment_variables_refused_where_they_enter(tmp_path, data_root, monkeypatch, env, needle):
+    """A launcher's or job script's value read with a bare int() was a ValueError traceback (at import time for
+    SIMCLR_DIST_TIMEOUT) or a port torch choked on: now one line naming the variable, before any run folder."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    data = tiny_folder(tmp_path / "data", data_root, n_train=4, n_test=2)
+    rc, _, err = cli(*pretrain_args(data, tmp_path / "runs", batch_size=4, iters=1, dist="ddp"))
+    one_error(rc, err, needle, "environment variable")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_seed_bounds_accepted(tmp_path):
     """The ends of the seed range are valid values: the error is then about the missing data, not the seed."""
     for seed in ("-1", "0", str(2 ** 32 - 1)):

@@ -24,10 +24,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .envvars import env_int, is_set
+from .errors import ConfigError, UserError
 
-# A dead peer makes the survivors fail at their next collective after this long instead of hanging.
-DEFAULT_TIMEOUT_S = int(os.environ.get("SIMCLR_DIST_TIMEOUT", "300"))
+# A dead peer makes the survivors fail at their next collective after this long instead of hanging
+# (SIMCLR_DIST_TIMEOUT overrides it; read when a process group starts, see collective_timeout_s()).
+DEFAULT_TIMEOUT_S = 300
+
+
+def collective_timeout_s() -> int:
+    return env_int("SIMCLR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
 
 
 @dataclass
@@ -46,12 +52,19 @@ class DistInfo:
 
 
 def env_ranks() -> tuple[int, int, int] | None:
-    e = os.environ
-    if "WORLD_SIZE" in e and "RANK" in e:
-        return int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
-        return int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0))
-    return None
+    """(rank, world size, local rank) that a launcher (torchrun, the spec's form, srun) put in the environment;
+    None for a single process. Each value is checked where it enters (one line naming the variable)."""
+    if is_set("WORLD_SIZE") and is_set("RANK"):
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif is_set("SLURM_PROCID") and is_set("SLURM_NTASKS") and env_int("SLURM_NTASKS", 1) > 1:
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    else:
+        return None
+    rank, world, local = env_int(names[0], 0), env_int(names[1], 1), env_int(names[2], 0)
+    if rank >= world:
+        raise ConfigError(f"environment variables {names[0]}={rank} and {names[1]}={world}: a rank must be below "
+                          f"the world size; check the launcher's settings")
+    return rank, world, local
 
 
 def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
@@ -78,14 +91,14 @@ def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
 
 def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), env_int("LOCAL_RANK", 0))
     ranks = env_ranks()
     if ranks is None or ranks[1] <= 1:
         return DistInfo()
     rank, world, local = ranks
-    timeout_s = timeout_s or int(os.environ.get("SIMCLR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout_s = timeout_s or collective_timeout_s()
     # into the rendezvous URL, not os.environ: the environment belongs to whoever started the process
-    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    addr, port = os.environ.get("MASTER_ADDR", "").strip() or "127.0.0.1", env_int("MASTER_PORT", 29500)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
@@ -95,7 +108,7 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
         store = _rendezvous(f"tcp://{host}:{port}", rank, world, timeout)
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
         # attempt, the new processes read the dead ones' addresses and fail to connect
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = env_int("TORCHELASTIC_RESTART_COUNT", 0)
         dist.init_process_group(backend, store=dist.PrefixStore(f"simclr/attempt_{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:
@@ -232,7 +245,7 @@ def peer_failure(e: BaseException, rank: int, where: str = "") -> UserError | No
     _broken = True
     first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
     return UserError(f"rank {rank}: another training process stopped or stopped responding "
-                     f"(timeout {int(os.environ.get('SIMCLR_DIST_TIMEOUT', DEFAULT_TIMEOUT_S))} s): {first[:300]}. "
+                     f"(timeout {collective_timeout_s()} s): {first[:300]}. "
                      f"The last checkpoint is intact{where}; resume with --resume auto --run_dir <run folder>")
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .distributed import check_batch, env_ranks
+from .envvars import env_int, is_set
 from .errors import UserError
 
 # Processes per node in the spec's launch form; default: the number of visible GPUs (1 without GPUs).
@@ -26,11 +27,8 @@ PROCS_ENV = "SIMCLR_PROCS_PER_NODE"
 
 
 def procs_per_node(device: str) -> int:
-    if os.environ.get(PROCS_ENV):
-        n = int(os.environ[PROCS_ENV])
-        if n < 1:
-            raise UserError(f"{PROCS_ENV}={n} must be >= 1")
-        return n
+    if is_set(PROCS_ENV):
+        return env_int(PROCS_ENV, 1)
     if device == "cpu" or not torch.cuda.is_available():
         return 1
     return torch.cuda.device_count()
@@ -38,7 +36,7 @@ def procs_per_node(device: str) -> int:
 
 def dp_note(cfg) -> str:
     """The ``note:`` line of a ``--dist dp`` run that is one process, saying why; '' for any other run."""
-    if cfg.dist != "dp" or env_ranks() is not None or os.environ.get(PROCS_ENV):
+    if cfg.dist != "dp" or env_ranks() is not None or is_set(PROCS_ENV):
         return ""
     if cfg.device == "cpu":
         why = "--device cpu"
