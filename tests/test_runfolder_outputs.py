@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runfolder_util import cli, one_error, pretrain_args, tiny_folder
+from runfolder_util import cli, one_error, pretrain_args, tiny_folder, tree_digest
 from simclr import checkpoint as ckpt_lib
 
 _RUNS: list = []
@@ -108,3 +108,60 @@ def test_report_refuses_to_write_over_a_page_it_did_not_write(tmp_path):
     rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
     one_error(rc, err, "report.html", "--force")
     assert (out / "report.html").read_text() == "<html>the team's own page</html>"
+
+
+def test_export_refuses_to_write_over_a_file_no_export_wrote(tmp_path):
+    """`simclr export A --out B/checkpoints/<B's newest>` replaced another run's checkpoint with an encoder (and
+    its card went over any file named <out>.json)."""
+    a, b = copies(tmp_path)
+    target = ckpt_lib.list_checkpoints(b)[0]
+    before = tree_digest(b)
+    rc, _, err = cli("export", a, "--out", target)
+    one_error(rc, err, str(target), "did not write", "--force")
+    assert tree_digest(b) == before
+    out = tmp_path / "enc.pth"
+    notes = tmp_path / "enc.pth.json"  # a user's file where the card goes
+    notes.write_text('{"my": "notes"}')
+    rc, _, err = cli("export", a, "--out", out)
+    one_error(rc, err, str(notes), "--force")
+    assert notes.read_text() == '{"my": "notes"}' and not out.exists()
+    notes.unlink()
+    for _ in range(2):  # an earlier export (its card vouches for its bytes) is ours to replace
+        rc, _, err = cli("export", a, "--out", out)
+        assert rc == 0, err
+    out.write_bytes(out.read_bytes() + b"edited")  # ... until someone changed it
+    one_error(*cli("export", a, "--out", out)[::2], "--force")
+    rc, _, err = cli("export", a, "--out", target, "--force", "true")  # asked for: overwritten
+    assert rc == 0, err
+    assert "conv1.weight" in torch.load(target, weights_only=True)
+
+
+def test_embed_refuses_to_write_over_files_no_embed_wrote(tmp_path, data_root):
+    """`simclr embed --out FILE.npy` wrote over any .npy (and its .files.txt) of the user's."""
+    import numpy as np
+    a, _ = copies(tmp_path)
+    images = tiny_folder(tmp_path / "data", data_root, n_train=2, n_test=2) / "test"
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.arange(6.0).reshape(3, 2))
+    before = mine.read_bytes()
+    args = ["embed", "--encoder_ckpt", a, "--images", images, "--device", "cpu"]
+    one_error(*cli(*args, "--out", mine)[::2], str(mine), "--force")
+    assert mine.read_bytes() == before and not (tmp_path / "mine.files.txt").exists()
+    (tmp_path / "list.files.txt").write_text("my list\n")  # a list of the user's where the names go
+    one_error(*cli(*args, "--out", tmp_path / "list.npy")[::2], "list.files.txt", "--force")
+    assert (tmp_path / "list.files.txt").read_text() == "my list\n" and not (tmp_path / "list.npy").exists()
+    for _ in range(2):  # an earlier embed's pair is its own to replace
+        rc, _, err = cli(*args, "--out", tmp_path / "f.npy")
+        assert rc == 0, err
+    assert np.load(tmp_path / "f.npy").shape[0] == len((tmp_path / "f.files.txt").read_text().splitlines()) == 8
+    rc, _, err = cli(*args, "--out", mine, "--force", "true")
+    assert rc == 0, err
+    assert np.load(mine).shape[0] == 8
+
+
+def test_bench_json_refuses_a_file_it_did_not_write_before_any_work(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('{"mine": 1}')
+    one_error(*cli("bench", "--data", "folder", "--data_path", tmp_path / "nowhere", "--json", results)[::2],
+              str(results), "--json", "--force")
+    assert results.read_text() == '{"mine": 1}'

@@ -202,3 +202,30 @@ def test_a_checkpoint_being_read_is_not_pruned_under_the_reader(tmp_path, monkey
     assert pruned and newest.exists(), "the checkpoint being read must survive the trainer's prune"
     ckpt_lib.prune(a, 1)  # once read, the next save's prune removes it
     assert steps(a) == [3]
+
+
+def test_a_run_dir_that_holds_files_of_its_own_is_refused_for_every_kind_of_run(tmp_path):
+    """`--run_dir` naming an existing folder that is no run (a project, the runs' name folder) wrote config.yaml,
+    env.json, log.txt ... over and among its files: a user's env.json was replaced, their log.txt appended to."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine\n")
+    (project / "env.json").write_text('{"conda": "mine"}')
+    (project / "log.txt").write_text("my log\n")
+    before = tree_digest(project)
+    rc, _, err = pretrain(tmp_path / "logs", run_dir=project)
+    one_error(rc, err, str(project), "notes.txt", "--run_dir")
+    a = one_run(tmp_path, iters=2)
+    rc, _, err = cli(*knn_args(_DATA[0], tmp_path / "logs", a, run_dir=project))
+    one_error(rc, err, "notes.txt", "--run_dir")
+    assert tree_digest(project) == before and sorted(p.name for p in project.iterdir()) == [
+        "env.json", "log.txt", "notes.txt"]
+    names = tmp_path / "logs" / "t"  # the name folder holding run a
+    rc, _, err = pretrain(tmp_path / "logs", run_dir=names)
+    one_error(rc, err, a.name)
+    assert [p.name for p in names.iterdir()] == [a.name]
+    empty = tmp_path / "empty"  # a new or empty folder is what --run_dir is for
+    empty.mkdir()
+    rc, _, err = pretrain(tmp_path / "logs", run_dir=empty, iters=2)
+    assert rc == 0, err
+    assert steps(empty) == [2, 1]

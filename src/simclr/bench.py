@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING
 from . import config as config_lib
 from .config import nonneg, option, positive, seed_range
 from .errors import ConfigError
-from .files import atomic_write, git_state
+from .files import atomic_write, claim_output, git_state
 
 if TYPE_CHECKING:  # imported where used: --help and a bad option answer without torch
     import torch
 
 PATHS = ("fast", "reference")  # the order they run in
+
+BENCH_MARK = b'"command": "simclr bench'  # the first key of every --json file bench writes
 
 
 @dataclass
@@ -72,6 +74,7 @@ class BenchConfig:
     interpolation: str = option("auto", "crop resampling of the fast path", ["auto", "bilinear", "bicubic"])
     data_only: bool = option(False, "time the input pipelines alone (no model): images/s that each path can deliver")
     json: str = option("", "also write the results to this JSON file")
+    force: bool = option(False, "overwrite --json even when it is a file simclr bench did not write")
     seed: int = option(0, "random seed of the model and the data order", **seed_range(draw=False))
     threads: int = option(0, "CPU threads of the main process (0 = torch's default)", check=nonneg,
                           check_msg="must be >= 0")
@@ -239,6 +242,8 @@ def main(argv) -> int:
     # the fast path first: it is the one being measured, and the reference (fp32, NCHW, no compile) is the one
     # that runs out of memory at large batches
     paths = sorted(set(args.path_list()), key=PATHS.index)
+    if args.json:  # before any work: never over a file another program (or the user) wrote
+        claim_output(Path(args.json), BENCH_MARK, "bench", args.force, "--json")
     from .data import get_dataset, maybe_subset
     from .runtime import resolve_device
     device = resolve_device(args.device)

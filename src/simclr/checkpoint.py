@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .errors import CheckpointError
-from .files import DiskFullError, atomic_write, check_own, is_temp, sha256_file
+from .files import DiskFullError, atomic_write, check_own, is_temp, read_small_json, sha256_file
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
@@ -157,10 +157,7 @@ def read_card(path) -> dict:
     for card in _card_paths(path):
         if card == path or not card.is_file():
             continue
-        try:
-            meta = json.loads(card.read_text())
-        except (OSError, ValueError):
-            continue
+        meta = read_small_json(card, MAX_CARD_BYTES, follow_links=True)  # a released file may be a link; never huge
         if isinstance(meta, dict) and meta.get("file", path.name) == path.name:
             return dict(meta, card_path=str(card))
     return {}

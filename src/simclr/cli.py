@@ -232,7 +232,7 @@ def export_main(argv: Sequence[str]) -> int:
     a, _ = config_lib.parse(ExportConfig, argv)
     from .export import card_path, export_encoder
     from .names import is_timm
-    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head)
+    card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head, a.force)
     out = Path(a.out)
     what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
     print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
@@ -256,11 +256,12 @@ def embed_main(argv: Sequence[str]) -> int:
     a, _ = config_lib.parse(EmbedConfig, argv)
     import numpy as np
 
-    from .export import embed_images, files_list_path
+    from .export import claim_embedding, embed_images, files_list_path
     from .files import atomic_write
     from .runtime import resolve_device
     from .weights import load_encoder
     out = Path(a.out)
+    claim_embedding(out, a.force)
     device = resolve_device(a.device)
     enc = load_encoder(a.encoder_ckpt, trust=a.trust_checkpoint, device=device)
     if a.layer not in ("h", "z") and int(a.layer[1:]) > enc.model.projection.layers:

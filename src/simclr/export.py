@@ -25,7 +25,7 @@ from .checkpoint import resolve, write_with_card
 from .data.datasets import IMG_EXTENSIONS
 from .data.images import open_rgb
 from .errors import ConfigError, DataError, UserError
-from .files import sha256_file
+from .files import claim_output, read_small_json, sha256_file
 from .models import is_timm
 from .models.timm_trunk import create_call
 from .names import DATA_ALIASES
@@ -101,14 +101,32 @@ def _refuse_overwriting_input(ckpt: Path, out: Path) -> None:
                         f"own; choose another file name")
 
 
-def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False) -> dict:
-    """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card."""
+def _export_card(path: Path):
+    """The model card an export wrote at ``path`` (a checkpoint's card has no ``source``/``head_included``), or
+    None."""
+    card = read_small_json(path, 1 << 20)
+    return card if isinstance(card, dict) and {"source", "head_included", "sha256"} <= card.keys() else None
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is an earlier export: the export card beside it vouches for these bytes."""
+    card = _export_card(card_path(path))
+    return card is not None and card["sha256"] == sha256_file(path)
+
+
+def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, include_head: bool = False,
+                   force: bool = False) -> dict:
+    """Write the encoder of ``ckpt`` to ``out`` (atomically) and its model card; returns the card. An ``out`` (or
+    card) already there that no export wrote (another run's checkpoint, a user's file) is refused unless
+    ``force``."""
     if fmt not in FORMATS:
         raise ConfigError(f"option 'format' got {fmt!r}; allowed: {', '.join(FORMATS)}")
     ckpt, out = resolve(ckpt), Path(out)
     _refuse_overwriting_input(ckpt, out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'encoder.pth'}")
+    claim_output(out, _is_export, "export", force)
+    claim_output(card_path(out), lambda p: _export_card(p) is not None, "export", force)
     enc = load_encoder(ckpt, trust=trust)
     fmt = _format(fmt, enc)
     sd = torchvision_state(enc, include_head)
@@ -228,3 +246,23 @@ def embed_images(enc: Encoder, root, batch_size: int = 256, workers: int = 0, la
 def files_list_path(out: Path) -> Path:
     """``features.npy`` -> ``features.files.txt``."""
     return out.with_suffix(".files.txt")
+
+
+def _is_embedding(npy: Path, names: Path) -> bool:
+    """Whether ``npy`` and ``names`` are an earlier embed's pair: a 2-D array with one row per listed file."""
+    if any(p.is_symlink() or not p.is_file() for p in (npy, names)):
+        return False
+    try:
+        shape = getattr(np.load(npy, mmap_mode="r", allow_pickle=False), "shape", ())  # an .npz has none
+        with open(names, "rb") as f:
+            lines = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return False
+    return len(shape) == 2 and shape[0] == lines
+
+
+def claim_embedding(out: Path, force: bool = False) -> None:
+    """Refuse (one line naming --force) to write ``out`` or its file list over files no embed wrote."""
+    names = files_list_path(out)
+    for path in (out, names):
+        claim_output(path, lambda _: _is_embedding(out, names), "embed", force)

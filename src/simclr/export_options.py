@@ -31,6 +31,7 @@ class ExportConfig:
                                        "needs strict=False)")
     trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
                                            "you trust)")
+    force: bool = option(False, "overwrite --out (and its card) even when no export wrote it")
 
     def check(self) -> None:
         if not self.out:
@@ -56,6 +57,7 @@ class EmbedConfig:
     skip_bad_images: bool = option(False, "skip unreadable images (left out of both files) instead of failing")
     trust_checkpoint: bool = option(False, "allow full unpickling of a checkpoint that needs it (only for files "
                                            "you trust)")
+    force: bool = option(False, "overwrite --out and its .files.txt even when no embed wrote them")
 
     def check(self) -> None:
         for key in ("encoder_ckpt", "images", "out"):

@@ -263,27 +263,50 @@ def written_by(path: Path, mark: bytes) -> bool:
         os.close(fd)
 
 
-def claim_output(path: Path, mark: bytes, command: str, force: bool = False) -> None:
+def claim_output(path: Path, ours, command: str, force: bool = False, option: str = "--out") -> None:
     """Refuse (one line naming --force) to write ``path`` when something is there that ``command`` did not
-    write (no ``mark`` in it): a checkpoint, a user's picture, a folder, a link."""
+    write: a checkpoint, a user's picture or data, a folder, a link. ``ours`` tells an earlier output of the
+    command: the mark (bytes) its writer puts in the first bytes, or a test of the regular file."""
     path = Path(path)
-    if not os.path.lexists(path) or force and not path.is_dir() or written_by(path, mark):
+    if not os.path.lexists(path) or force and not path.is_dir():
+        return
+    if not path.is_symlink() and path.is_file() and (written_by(path, ours) if isinstance(ours, bytes)
+                                                      else ours(path)):
         return
     what = "a folder" if path.is_dir() and not path.is_symlink() else \
         "a symlink" if path.is_symlink() else "a file that simclr " + command + " did not write"
-    raise UserError(f"{path} exists and is {what}; refusing to overwrite it. Choose another --out"
-                    + ("" if path.is_dir() else ", or pass --force true to overwrite it"))
+    raise UserError(f"{path} exists and is {what}; refusing to overwrite it. Choose another {option}"
+                    + ("" if path.is_dir() and not path.is_symlink() else ", or pass --force true to overwrite it"))
+
+
+def read_small_json(path: Path, limit: int = MARK_BYTES, follow_links: bool = False):
+    """A small JSON file (at most ``limit`` bytes, a regular file, never through a symlink unless
+    ``follow_links``), or None."""
+    import json
+    nofollow = 0 if follow_links else os.O_NOFOLLOW
+    try:
+        fd = os.open(path, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def read_manifest(folder: Path, name: str = "manifest.json") -> list:
     """The file names a command's earlier run listed as its own outputs in ``folder`` (none: [])."""
-    import json
-    try:
-        fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read(MARK_BYTES))
-    except (OSError, ValueError):
-        return []
+    data = read_small_json(Path(folder) / name)
     files = data.get("files") if isinstance(data, dict) else None
     return [f for f in files if isinstance(f, str) and f and Path(f).name == f] if isinstance(files, list) else []
 

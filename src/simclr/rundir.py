@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError
-from .files import append_line, atomic_write, check_own, git_state, open_own
+from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -76,8 +76,8 @@ def find_run_dir(ckpt: Path) -> Optional[Path]:
 # --- what a run folder is ------------------------------------------------------------------------
 # The files and folders a run writes or reads at the top of its folder; each must be a regular file (or
 # folder) of its own, never a symlink or a special file (checked with lstat, opened with O_NOFOLLOW).
-RUN_FILES = (".lock", "status.json", "config.yaml", "env.json", "metrics.jsonl", "log.txt", "config_history.jsonl",
-             "eval.json", "trackers.json")
+RUN_FILES = (".lock", "status.json", "config.yaml", "env.json", "invocations.jsonl", "metrics.jsonl", "log.txt",
+             "config_history.jsonl", "eval.json", "trackers.json")
 RUN_FOLDERS = ("checkpoints", "tb", "wandb", "mlruns")
 KINDS = ("pretrain", "eval", "knn")
 
@@ -142,21 +142,7 @@ MAX_RUN_JSON = 1 << 20
 
 def _read_small_json(path: Path):
     """A run-folder JSON file (at most MAX_RUN_JSON bytes, never through a symlink), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_RUN_JSON + 1)
-    except OSError:
-        return None
-    if len(data) > MAX_RUN_JSON:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
+    return read_small_json(path, MAX_RUN_JSON)
 
 
 def check_kind(path: Path, kind: str) -> None:
@@ -165,6 +151,22 @@ def check_kind(path: Path, kind: str) -> None:
     if found and found != kind:
         raise UserError(f"{path} is a {found} run folder; this {kind} run would overwrite its config.yaml and "
                         f"status.json. Give another --run_dir (or none: a new folder is made)")
+
+
+def check_not_foreign(path: Path) -> None:
+    """Refuse to make a run of an existing folder that is no run and holds files of its own (a project, a data
+    folder, the home folder): the run would write config.yaml, env.json, log.txt ... over or among them. A new or
+    empty folder is fine, and so is one holding only what a run writes (a run killed before its config.yaml)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or is_run(path):
+        return
+    own = set(RUN_FILES) | set(RUN_FOLDERS)
+    foreign = sorted(n for n in os.listdir(path) if n not in own and not is_temp(path / n))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"{path} is no run folder and holds files of its own ({foreign[0]}{more}); a run would write "
+                        f"config.yaml, log.txt, env.json ... among them. Give a new or empty --run_dir (or none: a "
+                        f"new folder is made under --root)")
 
 
 def _json_text(obj) -> str:
@@ -197,6 +199,7 @@ class RunDir:
         self.kind = kind
         check_run_folder(self.path)
         check_kind(self.path, kind)
+        check_not_foreign(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)

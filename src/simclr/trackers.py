@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from urllib.parse import urlparse
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, read_small_json
 from .options import parse_loggers
 
 # logger -> (module to import, the pip install that brings it)
@@ -225,10 +225,7 @@ class Trackers:
                 self.warn(f"warning: could not write {self.run / IDS_FILE} ({e}); a resume will start new tracker runs")
 
     def _read_ids(self) -> dict:
-        try:
-            ids = json.loads((self.run / IDS_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        ids = read_small_json(self.run / IDS_FILE)
         return ids if isinstance(ids, dict) else {}
 
     def _call(self, name: str, fn: Callable[[], None], starting: bool = False) -> None:
