@@ -113,6 +113,20 @@ def test_compare_draws_dollar_run_names_as_text(dollar_runs, tmp_path):
 
 
 
+def test_a_class_folder_name_with_escape_sequences_is_printed_escaped(tmp_path, trained_ckpt, data_root):
+    """A class folder named with a terminal escape sequence and a carriage return went raw into the error line:
+    the user's terminal was recoloured and the start of the line overwritten."""
+    data = tiny_folder(tmp_path / "data", data_root, n_train=4, n_test=2)
+    odd = data / "train" / "x\x1b[31mred\rcat"  # only in the training split: the error names it
+    odd.mkdir()
+    for f in sorted((data / "train" / "cat").iterdir()):
+        (odd / f.name).write_bytes(f.read_bytes())
+    rc, _, err = cli("knn", "--data", "folder", "--data_path", data, "--image_size", 32, "--encoder_ckpt",
+                     trained_ckpt, "--device", "cpu", "--root", tmp_path / "runs", "--cache_features", "false")
+    line = one_error(rc, err, "classes differ", "x\\x1b[31mred\\x0dcat")
+    assert "\x1b" not in err and "\r" not in err, line
+
+
 # ------------------------------------------------------------------------------------------------
 # messages suggest only what the command accepts
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Sequence
 from . import __version__
 from . import config as config_lib
 from .errors import ConfigError, UserError
+from .progress import printable
 
 COMMANDS = {
     "pretrain": ("simclr.cli:pretrain_main", "SimCLR pretraining (YAML config + --key value overrides)"),
@@ -84,7 +85,7 @@ class StopSignals:
 
 def _notes(notes) -> None:
     for n in notes:
-        print(n, file=sys.stderr)
+        print(printable(n), file=sys.stderr)
 
 
 def _with_run_config(argv: Sequence[str]) -> tuple[list, dict]:
@@ -277,7 +278,7 @@ def embed_main(argv: Sequence[str]) -> int:
     print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "
           f"{enc.input_size}px); file names in row order: {files_list_path(out)}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
+        print(printable(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}"), file=sys.stderr)
     return 0
 
 
@@ -305,7 +306,7 @@ def spec_main(argv: Sequence[str]) -> int:
         path, overrides, _ = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
         problem = overrides.get("problem") or (config_lib.load_yaml(path).get("problem") if path else None)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     from .options import EVAL_PROBLEMS, PROBLEMS
     if problem not in (None, *PROBLEMS):
@@ -349,7 +350,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
             print(str(h), flush=True)
             return 0
     except UserError as e:
-        print(f"error: {_clean(str(e))}", file=sys.stderr)
+        print(f"error: {printable(_clean(str(e)))}", file=sys.stderr)
         if getattr(e, "run_dir", ""):  # a run that stopped on an error can be continued once it is fixed
             print(f"the run folder is {e.run_dir}; after fixing the cause continue with: "
                   f"{resume_command(e.run_dir)}", file=sys.stderr)

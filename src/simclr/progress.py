@@ -27,9 +27,20 @@ def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+# Control characters a file, folder or class name (or an environment variable) can carry into a message: an
+# escape sequence would recolour, move or clear the user's terminal, a carriage return hide the line it is in
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: control characters shown as ``\\xNN``; line breaks and tabs kept."""
+    return str(text).translate(_CONTROL)
+
+
 def say(msg: str, file: Optional[TextIO] = None) -> None:
     """One message: above the bars on a terminal, else a timestamped line."""
     f = file or sys.stderr
+    msg = printable(msg)
     if on_terminal(f):
         from tqdm import tqdm
         tqdm.write(msg, file=f)

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
+from .progress import printable
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -146,11 +147,13 @@ def _read_small_json(path: Path):
 
 
 def check_kind(path: Path, kind: str) -> None:
-    """Refuse to write a run of ``kind`` into ``path`` when another kind of run lives there already."""
+    """Refuse to write a run of ``kind`` into ``path`` when another kind of run lives there already, or files
+    that are no run's (:func:`check_not_foreign`)."""
     found = folder_kind(path)
     if found and found != kind:
         raise UserError(f"{path} is a {found} run folder; this {kind} run would overwrite its config.yaml and "
                         f"status.json. Give another --run_dir (or none: a new folder is made)")
+    check_not_foreign(path)
 
 
 def check_not_foreign(path: Path) -> None:
@@ -199,7 +202,6 @@ class RunDir:
         self.kind = kind
         check_run_folder(self.path)
         check_kind(self.path, kind)
-        check_not_foreign(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
@@ -309,7 +311,7 @@ class RunDir:
         self.trackers = Trackers(self.path, logger, config, project, mlflow_uri, warn or self.warn)
 
     def warn(self, msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        print(printable(msg), file=sys.stderr, flush=True)
         self.log(msg)
 
     # --- writers ------------------------------------------------------------------------
