@@ -127,6 +127,18 @@ def test_a_class_folder_name_with_escape_sequences_is_printed_escaped(tmp_path, 
     assert "\x1b" not in err and "\r" not in err, line
 
 
+def test_a_run_name_with_escape_sequences_is_shown_escaped_in_the_runs_table(trained_run, tmp_path):
+    """A run's name (its config.yaml, edited or written elsewhere) went raw into the table: ESC [2J cleared the
+    terminal it was printed on."""
+    config = trained_run / "config.yaml"
+    text = config.read_text()
+    assert "\nname: t\n" in text
+    config.write_text(text.replace("\nname: t\n", '\nname: "n\\e[2Jame"\n'))
+    rc, out, err = cli("runs", "--root", tmp_path / "logs")
+    assert rc == 0, err
+    assert "n\\x1b[2Jame" in out and "\x1b" not in out, out
+
+
 # ------------------------------------------------------------------------------------------------
 # messages suggest only what the command accepts
 # ------------------------------------------------------------------------------------------------

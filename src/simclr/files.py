@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 from .errors import UserError
+from .progress import printable
 
 Content = Union[bytes, str, Callable]
 
@@ -152,8 +153,8 @@ def cache_write(path: Path, content: Content) -> bool:
         if path.parent not in _CACHE_WARNED:
             _CACHE_WARNED.add(path.parent)
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            print(f"warning: cannot write the cache {path.parent} ({why}); continuing without it (set "
-                  f"SIMCLR_CACHE to a writable folder to keep it)", file=sys.stderr, flush=True)
+            print(printable(f"warning: cannot write the cache {path.parent} ({why}); continuing without it (set "
+                            f"SIMCLR_CACHE to a writable folder to keep it)"), file=sys.stderr, flush=True)
         return False
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .. import config as config_lib
 from ..config import option
 from ..errors import ConfigError, UserError
-from ..progress import rate
+from ..progress import printable, rate
 from .index import filter_rows, index, suggest_column
 from .status import STATUSES
 
@@ -113,8 +113,8 @@ def runs_main(argv) -> int:
         print(f"no runs under {root}")
         return 0
     for _, row in df[df["metrics_skipped"].fillna(0) > 0].iterrows() if "metrics_skipped" in df else ():
-        print(f"warning: {row['path']}/metrics.jsonl: skipped {int(row['metrics_skipped'])} unreadable line(s) or "
-              f"value(s), e.g. {row['metrics_problem']}", file=sys.stderr, flush=True)
+        print(printable(f"warning: {row['path']}/metrics.jsonl: skipped {int(row['metrics_skipped'])} unreadable "
+                        f"line(s) or value(s), e.g. {row['metrics_problem']}"), file=sys.stderr, flush=True)
     if where:
         df = filter_rows(df, where)
     key = args.sort or "started"
@@ -131,6 +131,6 @@ def runs_main(argv) -> int:
             plain += [k for k in (("step", "iters") if c == "steps" else (c,)) if k not in plain]
         text = machine_format(df[plain], args.format)
     else:
-        text = format_table(df, columns)
+        text = printable(format_table(df, columns))  # run and class names from folder names, as text
     print(text, flush=True)  # a closed pipe (`simclr runs | head`) is the entry point's to handle
     return 0
