@@ -2,6 +2,7 @@
 and train and test class lists must match wherever labels meet (the pretraining kNN monitor included)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -261,3 +262,24 @@ def test_stl10_pretraining_images_carry_a_fingerprint_of_all_their_parts(tmp_pat
     assert copy.listing == first.listing and copy.fingerprint != first.fingerprint
     _rewrite(stl / "unlabeled" / sorted(os.listdir(stl / "unlabeled"))[0])
     assert get_dataset("stl10", "pretrain", root=tmp_path / "root").fingerprint != first.fingerprint
+
+
+def test_an_evaluation_records_the_identity_of_the_files_it_read(tmp_path, trained_ckpt):
+    """Every run records its data's fingerprint: an evaluation's env.json and eval.json say which files (paths,
+    sizes, modification times) each split was, so two results can be told apart by the data they saw."""
+    data = copy_data(tmp_path)
+
+    def recorded(name: str) -> dict:
+        rc, _, err = cli(*knn_args(data, tmp_path / "logs", trained_ckpt, name=name))
+        assert rc == 0, err
+        (run,) = (tmp_path / "logs" / name).iterdir()
+        env = json.loads((run / "env.json").read_text())["data_fingerprint"]
+        assert json.loads((run / "eval.json").read_text())["data"]["fingerprint"] == env
+        return env
+
+    first = recorded("a")
+    assert all(isinstance(first[s], str) and len(first[s]) == 16 for s in ("train", "test")), first
+    image = sorted((data / "test" / CLASSES[0]).iterdir())[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # one test image rewritten in place
+    second = recorded("b")
+    assert second["train"] == first["train"] and second["test"] != first["test"]

@@ -379,7 +379,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     log.run = run
     try:
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")
-        run.record_environment(environment(str(inp.device)))
+        data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
+                    for split, ds in (("train", inp.train), ("test", inp.test))}
+        run.record_environment(dict(environment(str(inp.device)), data_fingerprint=data_ids))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
@@ -408,7 +410,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                         "random_init": not cfg.encoder_ckpt},
             "data": {"name": cfg.data, "path": cfg.data_path, "image_size": inp.image_size,
                      "train_size": cfg.train_size, "data_split_seed": cfg.data_split_seed,
-                     "augmentation": inp.aug, "n_augs_train": cfg.n_augs_train, "n_augs_test": cfg.n_augs_test},
+                     "augmentation": inp.aug, "n_augs_train": cfg.n_augs_train, "n_augs_test": cfg.n_augs_test,
+                     "fingerprint": data_ids},
             "details": dict(res["details"], protocol_variant=protocol_variant(cfg, inp.aug), problem=cfg.problem),
             "head_ckpt": res["head_ckpt"], "compare": compare,
             "feature_cache_hits": feats.cache.hits, "seconds": time.time() - t0, "device": str(inp.device),
