@@ -229,3 +229,33 @@ def test_a_run_dir_that_holds_files_of_its_own_is_refused_for_every_kind_of_run(
     rc, _, err = pretrain(tmp_path / "logs", run_dir=empty, iters=2)
     assert rc == 0, err
     assert steps(empty) == [2, 1]
+
+
+def test_a_hard_link_snapshot_resumed_never_changes_the_original(tmp_path):
+    """A run copied with `cp -al` (hard links) and resumed appended its metrics, log and invocations to the
+    original's files, which are the same inodes."""
+    a = one_run(tmp_path, iters=4, stop_after=2)
+    b = tmp_path / "snapshot" / "b"
+    shutil.copytree(a, b, copy_function=os.link)
+    assert os.stat(b / "log.txt").st_nlink == 2
+    before = tree_digest(a)
+    rc, _, err = pretrain(tmp_path / "logs", resume=b)
+    assert rc == 0, err
+    assert tree_digest(a) == before
+    assert steps(b) == [4, 3] and len((b / "metrics.jsonl").read_text()) > len((a / "metrics.jsonl").read_text())
+
+
+def test_prune_leaves_files_that_only_look_like_checkpoints(tmp_path):
+    """Pruning deleted a user's keep-checkpoint-00000001.pt (the name pattern was not anchored) and any
+    checkpoint-*.json without a .pt beside it, whoever wrote it."""
+    a = one_run(tmp_path, iters=4, stop_after=2)
+    ck = a / "checkpoints"
+    shutil.copy(ck / "checkpoint-00000001.pt", ck / "keep-checkpoint-00000001.pt")
+    (ck / "checkpoint-summary.json").write_text('{"mine": 1}')
+    (ck / "checkpoint-00000099.json").write_text('{"mine": 2}')
+    rc, _, err = pretrain(tmp_path / "logs", resume=a)
+    assert rc == 0, err
+    assert steps(a) == [4, 3]
+    assert (ck / "keep-checkpoint-00000001.pt").is_file()
+    assert (ck / "checkpoint-summary.json").read_text() == '{"mine": 1}'
+    assert (ck / "checkpoint-00000099.json").read_text() == '{"mine": 2}'

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from runfolder_util import cli, pretrain_args, tiny_folder
+from runfolder_util import cli, knn_args, pretrain_args, tiny_folder
 
 _RUN: list = []
 
@@ -62,3 +62,19 @@ def test_an_alias_bomb_config_yaml_in_a_run_folder_is_not_expanded(tmp_path):
     rc, out, err = cli("runs", "--root", root)
     assert rc == 0, err
     assert good.name in out and bomb.name in out
+
+
+@pytest.mark.parametrize("per_class", [{"cat": "x", "dog": 50.0}, {"cat": None, "dog": 50.0}])
+def test_a_hand_edited_per_class_in_eval_json_is_drawn_without_what_is_no_number(tmp_path, trained_ckpt,
+                                                                                 data_root, per_class):
+    """`simclr report EVAL_RUN` on an eval.json whose per_class held a string or null was a ValueError/TypeError
+    traceback from the plot."""
+    data = tiny_folder(tmp_path / "data", data_root, n_train=4, n_test=2)
+    rc, _, err = cli(*knn_args(data, tmp_path / "logs", trained_ckpt))
+    assert rc == 0, err
+    (run,) = (tmp_path / "logs" / "t").iterdir()
+    ev = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(dict(ev, per_class=per_class)))
+    rc, _, err = cli("report", run, "--out", tmp_path / "rep", "--no_pictures", "true")
+    assert rc == 0 and "Traceback" not in err, err
+    assert (tmp_path / "rep" / "report.html").is_file()

@@ -34,7 +34,8 @@ from .files import DiskFullError, atomic_write, check_own, is_temp, read_small_j
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
-CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
+CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt\Z")  # the whole name: keep-checkpoint-1.pt is a user's file
+CARD_RE = re.compile(r"^checkpoint-\d+\.json\Z")
 
 # torch's legacy (pre-1.6, non-zip) format starts with its pickled magic number.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -455,8 +456,14 @@ def prune(run_dir: Path, keep_last: int) -> None:
             continue
         if is_temp(p) and p.name.startswith(".checkpoint-"):
             p.unlink(missing_ok=True)
-        elif p.suffix == ".json" and p.name.startswith("checkpoint-") and not p.with_suffix(".pt").exists():
+        elif CARD_RE.match(p.name) and not p.with_suffix(".pt").exists() and _is_our_card(p):
             p.unlink(missing_ok=True)
+
+
+def _is_our_card(path: Path) -> bool:
+    """Whether ``path`` is a card a save wrote (checksum and our format), not a user's JSON under such a name."""
+    card = read_small_json(path, MAX_CARD_BYTES)
+    return isinstance(card, dict) and card.get("format") == FORMAT and isinstance(card.get("sha256"), str)
 
 
 def model_state(model: torch.nn.Module) -> dict:

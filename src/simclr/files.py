@@ -228,9 +228,23 @@ def open_own(path: Path, flags: int, mode: int = 0o666) -> int:
         if e.errno == errno.ELOOP:  # a symlink put there since the check
             raise _not_ours(path, "a symlink") from None
         raise write_error(path, e) or UserError(f"cannot open {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _not_ours(path, "a special file (pipe, socket or device)")
+    if st.st_nlink > 1 and flags & (os.O_WRONLY | os.O_RDWR):
+        # a hard link (a `cp -al` snapshot of the run, or a link to a file elsewhere) shares these bytes with
+        # another name: appending would change that file too. The run takes a copy of its own first.
+        os.close(fd)
+        tmp = temp_path(path)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise write_error(path, e) or UserError(f"cannot copy {path} apart from its hard link: "
+                                                    f"{e.strerror}") from None
+        return open_own(path, flags, mode)
     return fd
 
 

@@ -253,9 +253,16 @@ def plot_eval(ev: dict, path: Path) -> Optional[Path]:
     return save(fig, path) if fig is not None else None
 
 
+def _finite(v) -> bool:
+    """A number a plot can draw (not a string, a bool, null, NaN or a 400-digit integer)."""
+    return isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1e9
+
+
 def eval_figure(ev: dict):
     cm = confusion_matrix(ev)
-    per = ev.get("per_class") if isinstance(ev.get("per_class"), dict) else None
+    per = ev.get("per_class") if isinstance(ev.get("per_class"), dict) else {}
+    # an eval.json edited by hand (or another program's) may hold anything: only finite numbers are drawn
+    per = {str(k): float(v) for k, v in per.items() if _finite(v)} or None
     if cm is None and not per:
         return None
     names = ev.get("classes") if isinstance(ev.get("classes"), list) else (list(per) if per else None)
