@@ -165,3 +165,26 @@ def test_bench_json_refuses_a_file_it_did_not_write_before_any_work(tmp_path):
     one_error(*cli("bench", "--data", "folder", "--data_path", tmp_path / "nowhere", "--json", results)[::2],
               str(results), "--json", "--force")
     assert results.read_text() == '{"mine": 1}'
+
+
+def test_report_refuses_pictures_of_its_names_it_did_not_write_and_a_manifest_cannot_make_it_delete(tmp_path):
+    """`simclr report RUN --out DIR` wrote over a user's DIR/report/curves.png (and listed it as its own); a
+    manifest.json edited to list notes.txt made the next report delete it."""
+    (a, _) = copies(tmp_path)
+    out = tmp_path / "site"
+    (out / "report").mkdir(parents=True)
+    theirs = out / "report" / "curves.png"
+    theirs.write_bytes(b"\x89PNG\r\n\x1a\n their curves")
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
+    one_error(rc, err, "curves.png", "--force")
+    assert theirs.read_bytes() == b"\x89PNG\r\n\x1a\n their curves" and not (out / "report.html").exists()
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true", "--force", "true")  # asked for
+    assert rc == 0, err
+    notes = out / "report" / "notes.txt"
+    notes.write_text("mine")
+    manifest = out / "report" / "manifest.json"
+    listed = json.loads(manifest.read_text())["files"]
+    manifest.write_text(json.dumps({"files": listed + ["notes.txt"]}))
+    rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
+    assert rc == 0, err
+    assert notes.read_text() == "mine"

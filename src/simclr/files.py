@@ -326,14 +326,15 @@ def read_manifest(folder: Path, name: str = "manifest.json") -> list:
     return [f for f in files if isinstance(f, str) and f and Path(f).name == f] if isinstance(files, list) else []
 
 
-def replace_outputs(folder: Path, written: list, name: str = "manifest.json") -> None:
+def replace_outputs(folder: Path, written: list, mark: bytes, name: str = "manifest.json") -> None:
     """After a command wrote ``written`` (names) into ``folder``: delete what its previous run listed and this one
-    did not write again (only those, only regular files), then list ``written`` as its outputs. Called last, so
-    a command that fails leaves the previous outputs in place."""
+    did not write again (only those, only regular files that carry the command's ``mark``: a manifest edited by
+    hand cannot make it delete a user's file), then list ``written`` as its outputs. Called last, so a command
+    that fails leaves the previous outputs in place."""
     import json
     folder = Path(folder)
     for old in set(read_manifest(folder, name)) - set(written):
         p = folder / old
-        if p.is_file() and not p.is_symlink():
+        if p.is_file() and not p.is_symlink() and written_by(p, mark):
             p.unlink(missing_ok=True)
     atomic_write(folder / name, json.dumps({"files": sorted(written)}, indent=1))

@@ -33,7 +33,7 @@ class ReportOptions:
     data_root: str = option("", "folder holding the datasets (default: $DATA_ROOT, else the one the run read)")
     root: str = option("", "folder of runs searched for evaluations of this run's checkpoints, shown beside its own "
                            "(default: $SIMCLR_LOGS or ./logs)")
-    force: bool = option(False, "overwrite a report.html in --out that simclr report did not write")
+    force: bool = option(False, "overwrite a report.html and pictures in --out that simclr report did not write")
 
 
 @dataclass

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import DataError, UserError
-from ..files import atomic_write, claim_output, replace_outputs
+from ..files import atomic_write, claim_output, replace_outputs, written_by
 from ..progress import rate, say
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
@@ -122,6 +123,10 @@ def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Dat
         figs.add("Nearest-neighbour retrieval", None, None, f"skipped: {e}")
 
 
+# the names the report draws its pictures under (a user's other files in report/ are never touched)
+PICTURE_NAMES = re.compile(r"^(curves|lr|accuracy|speed|views|retrieval|embedding|(confusion|per_class)\d*)\.png\Z")
+
+
 def _eval_figure(figs: _Figures, ev: dict, pic_dir: Path, i: Optional[int], folded: bool = False) -> None:
     """The confusion matrix of one evaluation, and/or its per-class accuracy; named and captioned for
     what is drawn (an eval.json of an older version holds per-class accuracy only)."""
@@ -215,6 +220,12 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
         raise UserError(f"cannot write the report into {out}: {e.strerror}; pass --out DIR") from None
     page = out / "report.html"
     claim_output(page, HTML_MARK.encode(), "report", force)
+    foreign = sorted(p.name for p in pic_dir.iterdir() if PICTURE_NAMES.match(p.name)
+                     and not written_by(p, plots.PNG_MARK.encode()))
+    if foreign and not force:  # the report's pictures have fixed names: it would write over these
+        raise UserError(f"{pic_dir} holds pictures simclr report did not write ({foreign[0]}"
+                        f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); the report would overwrite "
+                        f"them. Choose another --out, or pass --force true to overwrite them")
 
     t0 = time.perf_counter()
     cfg, records = read_config(run), read_metrics(run)
@@ -247,5 +258,5 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     atomic_write(page, html)
     # last, so a report that fails leaves the previous one whole: remove the earlier report's pictures that this
     # one did not draw again (only those its manifest lists: nothing else in the folder is ours to delete)
-    replace_outputs(pic_dir, [Path(f["src"]).name for f in figs.items if f["src"]])
+    replace_outputs(pic_dir, [Path(f["src"]).name for f in figs.items if f["src"]], plots.PNG_MARK.encode())
     return page
