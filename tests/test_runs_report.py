@@ -106,7 +106,8 @@ def test_report_on_a_real_run(real_run, saved_figures):
         "per_class": {"airplane": 70.0, "automobile": 65.0, "bird": 48.0},
         "confusion": [[7, 2, 1], [3, 6, 1], [2, 3, 5]], "encoder": {"path": "x.pt", "sha256": "ab" * 32}}))
     (run / "report").mkdir()
-    (run / "report" / "stale.png").write_bytes(b"old")  # from an earlier report (its manifest): must not survive
+    # an earlier report's picture (its PNG mark, listed in its manifest): must not survive
+    (run / "report" / "stale.png").write_bytes(b"\x89PNG\r\n\x1a\n tEXtSoftware\0simclr report")
     (run / "report" / "manifest.json").write_text(json.dumps({"files": ["stale.png"]}))
     page = report.write_report(run, gallery=100, n_embed=100, n_queries=4, log=lambda m: None)
     assert page == run / "report.html"
