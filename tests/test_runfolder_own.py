@@ -259,3 +259,15 @@ def test_prune_leaves_files_that_only_look_like_checkpoints(tmp_path):
     assert (ck / "keep-checkpoint-00000001.pt").is_file()
     assert (ck / "checkpoint-summary.json").read_text() == '{"mine": 1}'
     assert (ck / "checkpoint-00000099.json").read_text() == '{"mine": 2}'
+
+
+def test_a_run_folder_inside_its_own_data_is_refused(tmp_path, trained_ckpt):
+    """`--run_dir DATA/train/myrun` trained, and the run folder became a class `myrun` of the data: the report's
+    pictures its images, the next resume and kNN refused for classes that differ."""
+    data = Path(shutil.copytree(_DATA[0], tmp_path / "data"))
+    before = tree_digest(data)
+    rc, _, err = cli(*pretrain_args(data, tmp_path / "logs", run_dir=data / "train" / "myrun", iters=2))
+    one_error(rc, err, "inside the data folder", "--run_dir")
+    rc, _, err = cli(*knn_args(data, data / "runs", trained_ckpt))  # --root inside the data, for an evaluation
+    one_error(rc, err, "inside the data folder", "--root")
+    assert tree_digest(data) == before and sorted(p.name for p in data.iterdir()) == ["test", "train"]

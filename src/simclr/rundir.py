@@ -172,6 +172,12 @@ def check_not_foreign(path: Path) -> None:
                         f"new folder is made under --root)")
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or below it (links resolved: a link into the data is inside it)."""
+    p, f = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return p == f or f in p.parents
+
+
 def _json_text(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
@@ -219,7 +225,15 @@ class RunDir:
         self._beat_stop: Optional[threading.Event] = None
 
     @classmethod
-    def create(cls, root: str, name: str, run_dir: str = "", kind: str = "pretrain") -> "RunDir":
+    def create(cls, root: str, name: str, run_dir: str = "", kind: str = "pretrain",
+               data: Optional[Path] = None) -> "RunDir":
+        """The run folder ``run_dir``, or a new ``root/name/<id>``; never inside ``data``, the folder the run's
+        images are read from (its files would be scanned as a class of images next time)."""
+        target = Path(run_dir) if run_dir else Path(root) / name
+        if data is not None and _within(target, Path(data)):
+            option = "--run_dir" if run_dir else "--root"
+            raise UserError(f"the run folder {target} would lie inside the data folder {data}: the next scan would "
+                            f"read the run's files as images of a class. Choose {option} outside it")
         if run_dir:
             return cls(Path(run_dir), kind=kind)
         base, run_id = Path(root) / name, new_run_id()

@@ -383,6 +383,16 @@ def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
     return out
 
 
+def data_folder(data: str, data_path: str = "") -> Optional[Path]:
+    """The folder a dataset's images are read from (its class folders below it): a run folder must never be made
+    inside it, or the next scan reads the run as a class of images."""
+    if data == "folder":
+        return Path(data_path) if data_path else None
+    if data == "imagenet":
+        return Path(os.environ["IMAGENET_PATH"]) if os.environ.get("IMAGENET_PATH") else None
+    return data_root() / data
+
+
 def _split_folder(base: Path, train: bool) -> Path:
     if train:
         return base / "train"

@@ -17,7 +17,7 @@ import torch
 
 from .. import config as config_lib
 from ..checkpoint import load_weights, resolve, unpin
-from ..data import balanced_indices, check_same_classes, get_dataset
+from ..data import balanced_indices, check_same_classes, data_folder, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..progress import hms, say
@@ -375,7 +375,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     t0, log = time.time(), _Log(cfg.verbose)
     inp = load_inputs(cfg, log)
     feats = Features(cfg, inp, log)
-    run = RunDir.create(cfg.root, cfg.name, cfg.run_dir, kind=run_kind(cfg))
+    run = RunDir.create(cfg.root, cfg.name, cfg.run_dir, kind=run_kind(cfg), data=data_folder(cfg.data, cfg.data_path))
     log.run = run
     try:
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")

@@ -27,7 +27,7 @@ from .. import config as config_lib
 from .. import distributed
 from .. import trackers
 from ..config import switch_on
-from ..data import check_same_classes, get_dataset, maybe_subset, native_size
+from ..data import check_same_classes, data_folder, get_dataset, maybe_subset, native_size
 from ..data.loaders import build_loader
 from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
@@ -380,7 +380,7 @@ def setup(cfg: PretrainConfig) -> Session:
     tune_backends(device, cfg.deterministic)
     wrap(s.parts, cfg, dist.enabled, warn=log.warn)
     if dist.is_main:
-        run = RunDir.create(cfg.root, cfg.name, run_dir)
+        run = RunDir.create(cfg.root, cfg.name, run_dir, data=data_folder(cfg.data, cfg.data_path))
         log.attach(run)
         if ck is not None and ck["config_changes"]:  # --allow_config_change: what changed, and when
             append_line(run.path / "config_history.jsonl", json.dumps(
