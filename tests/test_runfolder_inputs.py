@@ -65,6 +65,16 @@ def test_environment_variables_refused_where_they_enter(tmp_path, data_root, mon
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_data_root_that_is_a_file_is_named_not_blamed_on_a_download(tmp_path, monkeypatch):
+    """DATA_ROOT naming a file said 'downloading failed too (FileExistsError: offline?)'."""
+    (tmp_path / "afile").write_text("f")
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "afile"))
+    rc, _, err = cli("pretrain", "--data", "cifar10", "--root", tmp_path / "runs", "--device", "cpu", "--iters", 1)
+    line = one_error(rc, err, str(tmp_path / "afile"), "is a file", "DATA_ROOT")
+    assert "download" not in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_seed_bounds_accepted(tmp_path):
     """The ends of the seed range are valid values: the error is then about the missing data, not the seed."""
     for seed in ("-1", "0", str(2 ** 32 - 1)):

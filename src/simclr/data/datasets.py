@@ -313,8 +313,18 @@ def _missing(name: str, looked: list, extra: str = "") -> DataError:
                      f"{extra}.")
 
 
-def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> ArrayImages:
+def _root_of(name: str, root: Optional[Path]) -> Path:
+    """The folder holding ``name`` (the caller's, else :func:`data_root`); a file there is one line, not a failed
+    download (torchvision's FileExistsError)."""
     root = Path(root) if root else data_root()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the data root {root} is a file, not a folder; set DATA_ROOT to the folder that holds "
+                        f"{name}/")
+    return root
+
+
+def _cifar(name: str, train: bool, skip_bad_images: Optional[bool] = None, root: Optional[Path] = None) -> ArrayImages:
+    root = _root_of(name, root)
     split = "train" if train else "test"
     folder = root / name / split
     if folder.is_dir():
@@ -345,7 +355,7 @@ def _files_under(folder: Path) -> list:
 
 
 def _stl10(split: str, root: Optional[Path] = None) -> ArrayImages:
-    root = Path(root) if root else data_root()
+    root = _root_of("stl10", root)
     parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
     arrays, targets, classes, identities = [], [], None, []
     for part in parts:
