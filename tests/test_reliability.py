@@ -129,7 +129,9 @@ def test_prune_keeps_last_and_removes_leftovers_of_a_killed_save(tmp_path):
         ckpt_lib.save_checkpoint(ckpt_lib.checkpoint_path(tmp_path, s), _payload(s))
     folder = tmp_path / "checkpoints"
     (folder / ".checkpoint-00000006.pt.tmp12345").write_bytes(b"partial")  # kill -9 during torch.save
-    (folder / "checkpoint-00000006.json").write_text("{}")  # killed between the card and the rename
+    # killed between the card and the rename: the card a save writes first (its checksum, our format)
+    (folder / "checkpoint-00000006.json").write_text(json.dumps(
+        {"file": "checkpoint-00000006.pt", "sha256": "0" * 64, "step": 6, "format": ckpt_lib.FORMAT}))
     ckpt_lib.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in folder.iterdir()) == [
         "checkpoint-00000004.json", "checkpoint-00000004.pt", "checkpoint-00000005.json", "checkpoint-00000005.pt"]
