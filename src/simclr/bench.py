@@ -10,8 +10,9 @@ then ``--steps`` timed ones:
 
 * reference — the spec's way: PIL/torchvision transforms in DataLoader worker processes,
   fp32, NCHW, no compile, the plain per-parameter LARS step;
-* fast — the dataset on the device, batched per-view augmentation there, bf16 autocast
-  (on CUDA; fp32 on CPU), channels_last (CUDA), ``torch.compile`` (CUDA), multi-tensor LARS.
+* fast — the project's defaults: the dataset on the device, batched per-view augmentation there (on a CPU in
+  a background thread, one step ahead), bf16 autocast and channels_last (on CUDA, and on a CPU that computes
+  bf16 natively: ``runtime.fast_compute``), ``torch.compile`` (CUDA), multi-tensor LARS.
 
 Each path reports unique images/s, ms per step, the data-wait fraction (the share of the
 timed interval spent producing the next batch: on CUDA the device time between two events
@@ -68,8 +69,10 @@ class BenchConfig:
     device: str = option("auto", "device to time on: auto, cpu or cuda")
     paths: str = option("fast,reference", "comma-separated: fast, reference (they run in that order)")
     compile: str = option("auto", "torch.compile on the fast path (auto: on CUDA)", ["auto", "on", "off"])
-    channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA)", ["auto", "on", "off"])
-    precision: str = option("auto", "fast path autocast (auto: bf16 on CUDA, fp32 on CPU)",
+    channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA and on a CPU with native "
+                                "bf16)", ["auto", "on", "off"])
+    precision: str = option("auto", "fast path autocast (auto: bf16 on CUDA and on a CPU with native bf16, else "
+                            "fp32)",
                             ["auto", "bf16", "fp16", "fp32"])
     interpolation: str = option("auto", "crop resampling of the fast path", ["auto", "bilinear", "bicubic"])
     data_only: bool = option(False, "time the input pipelines alone (no model): images/s that each path can deliver")
@@ -90,17 +93,31 @@ class BenchConfig:
         return [p.strip() for p in self.paths.split(",") if p.strip()]
 
 
-def _on(flag: str, device: torch.device) -> bool:
-    return flag == "on" or (flag == "auto" and device.type == "cuda")
+def _on(flag: str, device: torch.device, auto: bool) -> bool:
+    return flag == "on" or (flag == "auto" and auto)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (for the record only: nothing is decided from it)."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:
     import torch
+
+    from .runtime import cpu_native_bf16
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} threads)")
+    native = cpu_native_bf16()
+    return (f"CPU ({cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} intra-op threads, "
+            f"{'native bf16: ' + native if native else 'no native bf16'})")
 
 
 def run_path(path: str, args, images, device: torch.device) -> dict:
@@ -109,11 +126,12 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     from . import config as config_lib
     from .data.fast import FastLoader
     from .options import PretrainConfig
+    from .runtime import fast_compute
     from .train import DivergenceGuard, build, train_step, wrap
 
     fast = path == "fast"
-    channels_last = fast and _on(args.channels_last, device)
-    compiled = fast and _on(args.compile, device)
+    channels_last = fast and _on(args.channels_last, device, fast_compute(device))
+    compiled = fast and _on(args.compile, device, device.type == "cuda")
     cfg = config_lib.build(PretrainConfig, dict(
         arch=args.arch, width=args.width, timm_kwargs=args.timm_kwargs, image_size=args.image_size, data=args.data,
         data_path=args.data_path, batch_size=args.batch_size, multiplier=args.multiplier,

@@ -199,7 +199,7 @@ def summary(result: dict) -> str:
     variant = result["details"].get("protocol_variant")
     lines = ["BASELINE: a randomly initialised encoder, not a trained one (pass --encoder_ckpt to evaluate yours)"
              ] if result.get("kind") == "baseline" else []
-    shown = f"{result['protocol']}{f' ({variant})' if variant else ''}"
+    shown = f"{result['protocol']}{f' ({variant})' if variant and variant != result['protocol'] else ''}"
     lines += [f"{shown}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['n_test']} test images{trained})"]
     if "unlabeled_top1" in result["details"]:

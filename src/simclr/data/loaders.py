@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from ..runtime import fast_compute
 from .datasets import LabeledImages
 from .fast import FastLoader
 from .sampler import StepBatches, step_loader
@@ -80,10 +81,14 @@ class ReferenceLoader:
 
 def build_loader(cfg, images: LabeledImages, device: torch.device, rank: int = 0, world: int = 1):
     """The batch source for a pretraining config: ``fast`` (batched tensor augmentation) or
-    ``reference`` (PIL transforms in workers). ``auto`` takes the fast path on CUDA."""
+    ``reference`` (PIL transforms in workers). ``auto`` takes the fast path on CUDA, and on a CPU that computes
+    bf16 natively (:func:`~simclr.runtime.fast_compute`) for a dataset held in memory (CIFAR, STL-10: a background
+    thread augments the next step's batch while the step runs). Image folders on a CPU stay with PIL in workers,
+    which decode in parallel instead of in the training process; a CPU without native bf16 keeps the spec's way."""
     kind = cfg.loader
     if kind == "auto":
-        kind = "fast" if device.type == "cuda" else "reference"
+        in_memory = getattr(images, "images", None) is not None
+        kind = "fast" if device.type == "cuda" or (in_memory and fast_compute(device)) else "reference"
     if kind == "fast":
         return FastLoader(cfg, images, device, rank, world)
     size = images.image_size

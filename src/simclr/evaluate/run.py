@@ -51,6 +51,12 @@ class Inputs:
     test: object
     unlabeled: Optional[object]   # the labelled rest of the training split (--acc_on_unlabeled)
     classes: list
+    channels_last: bool = False   # the encoder's layout (runtime.channels_last_on: auto, as pretraining)
+
+    @property
+    def compute(self) -> dict:
+        from ..runtime import precision_name
+        return {"precision": precision_name(self.amp), "channels_last": self.channels_last}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(x, self.layer)
@@ -66,7 +72,7 @@ def run_kind(cfg: EvalConfig) -> str:
 
 
 def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
-    from ..runtime import autocast_dtype, resolve_device
+    from ..runtime import autocast_dtype, channels_last_on, resolve_device
     require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
     if cfg.run_dir and Path(cfg.run_dir).is_dir():  # a folder of another kind is refused before any work
         check_run_folder(Path(cfg.run_dir))
@@ -97,11 +103,14 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
     for p in encoder.parameters():  # parameters fixed by design (bn2's bias) stay fixed
         p.requires_grad_(p.requires_grad and train_encoder)
     encoder.eval()
+    channels_last = channels_last_on("auto", device)  # the rule pretraining follows (runtime.fast_compute)
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
     image_size = cfg.image_size or encoder.input_size
     encoder.warn_size = False  # the size is the command's choice, printed at start
     train, test, unlabeled, classes = _load_splits(cfg, image_size)
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
-                 cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes)
+                 cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes, channels_last)
     if head_state is not None:  # a head that does not fit fails before any folder is created
         _check_head(cfg, inp, head_state["weight"])
     return inp
@@ -201,7 +210,7 @@ class Features:
                                     progress=cfg.verbose)
 
         f, y = self.cache.get(compute, kind="plain", data=dataset_fingerprint(images), layer=inp.layer,
-                              size=inp.image_size)
+                              size=inp.image_size, **inp.compute)
         return f.to(inp.device), y.to(inp.device)
 
     def augmented(self, images, split: str, copies: int, seed: int) -> tuple:
@@ -216,7 +225,7 @@ class Features:
 
         f, y = self.cache.get(compute, kind="augmented", aug=inp.aug, scale_lower=cfg.scale_lower,
                               copies=copies, seed=seed, data=dataset_fingerprint(images), layer=inp.layer,
-                              size=inp.image_size)
+                              size=inp.image_size, **inp.compute)
         return f.to(inp.device), y.to(inp.device)
 
     def _of(self, images, split: str, copies: int, seed: int) -> tuple:
@@ -381,14 +390,17 @@ def run_eval(cfg: EvalConfig) -> dict:
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")
         data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
                     for split, ds in (("train", inp.train), ("test", inp.test))}
-        run.record_environment(dict(environment(str(inp.device)), data_fingerprint=data_ids))
+        run.record_environment(dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
         run.set_status("running", protocol=cfg.protocol)
+        from ..runtime import describe_compute
+        train_part = "" if cfg.eval_only else f"{len(inp.train)} labelled training images, "
         log(f"evaluating {inp.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
-            f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {len(inp.train)} labelled training "
-            f"images, {len(inp.test)} test images, {inp.image_size}px, {inp.device}; run folder {run.path}")
+            f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {train_part}{len(inp.test)} test images, "
+            f"{inp.image_size}px, {inp.device}, {describe_compute(inp.amp, inp.channels_last, inp.device)}; "
+            f"run folder {run.path}")
         args = (cfg, inp, feats, run, log)
         res = _timed(PROTOCOLS[cfg.protocol], *args)
         compare = None
@@ -415,6 +427,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             "details": dict(res["details"], protocol_variant=protocol_variant(cfg, inp.aug), problem=cfg.problem),
             "head_ckpt": res["head_ckpt"], "compare": compare,
             "feature_cache_hits": feats.cache.hits, "seconds": time.time() - t0, "device": str(inp.device),
+            "compute": inp.compute,
             "config": config_lib.to_dict(cfg), "run_dir": str(run.path),
         }
         # paths inside the run folder are recorded relative to it: a copied folder describes itself

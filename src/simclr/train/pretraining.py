@@ -40,8 +40,8 @@ from ..options import PretrainConfig
 from ..names import is_timm, resolve_width
 from ..progress import Progress, hms, rate, say
 from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run_dir, is_run, newest_run
-from ..runtime import (autocast_dtype, cuda_rng_state, out_of_memory, resolve_device, rng_state, seed_everything,
-                       set_rng_state, tune_backends)
+from ..runtime import (autocast_dtype, channels_last_on, cuda_rng_state, describe_compute, out_of_memory,
+                       precision_name, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends)
 from .probe import Probe, build_probe
 
 
@@ -107,6 +107,8 @@ def random_init_knn(cfg: PretrainConfig) -> float:
     train = maybe_subset(get_dataset(cfg.data, "train", cfg.data_path, cfg.image_size), cfg.train_subset, 0)
     test = maybe_subset(get_dataset(cfg.data, "test", cfg.data_path, cfg.image_size), cfg.test_subset, 0)
     model = build_model(cfg, train.image_size).to(device)
+    if channels_last_on(cfg.channels_last, device):  # the layout training and evaluation use
+        model = model.to(memory_format=torch.channels_last)
     return knn_monitor(model.convnet, train, test, train.image_size, device, autocast_dtype(cfg.precision, device),
                        cfg.knn_k, cfg.knn_t)["knn_top1"]
 
@@ -333,6 +335,11 @@ def restore(s: Session, ck: dict, path: Path) -> None:
             log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
+    saved_compute = ck.get("compute")
+    if isinstance(saved_compute, dict) and saved_compute != p.compute:  # e.g. moved to a CPU without bf16
+        log(f"note: {path} was trained with {_compute_text(saved_compute)}; this run continues with "
+            f"{_compute_text(p.compute)} (--precision and --channels_last resolve per machine; the run goes on "
+            f"from the same weights, a little apart numerically from an uninterrupted one)")
     if ck.get("rng") and (note := set_rng_state(ck["rng"], p.device, s.dist.rank)):
         log(note)
     s.step = s.saved_step = int(ck["step"])
@@ -340,6 +347,10 @@ def restore(s: Session, ck: dict, path: Path) -> None:
     if isinstance(ck.get("metrics"), dict):  # the kNN so far (best, at init, last): a finished run needs no rerun
         s.metrics = dict(ck["metrics"])
     log(f"resumed from {path} at step {s.step}")
+
+
+def _compute_text(compute: dict) -> str:
+    return f"{compute.get('precision')}, {'channels_last' if compute.get('channels_last') else 'NCHW'}"
 
 
 def setup(cfg: PretrainConfig) -> Session:
@@ -386,7 +397,7 @@ def setup(cfg: PretrainConfig) -> Session:
             append_line(run.path / "config_history.jsonl", json.dumps(
                 {"time": time.time(), "step": s.step, "changes": ck["config_changes"]}, default=str) + "\n")
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")  # its location is its identity: not recorded
-        run.record_environment(dict(environment(str(device)), data_fingerprint=fingerprint))
+        run.record_environment(dict(environment(str(device)), data_fingerprint=fingerprint, compute=s.parts.compute))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
@@ -408,7 +419,7 @@ def save(s: Session) -> Optional[Path]:
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
                "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint,
-               "data_listing": s.data_listing}
+               "data_listing": s.data_listing, "compute": p.compute}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
     card = {"arch": cfg.arch, "width": p.model.width, "timm_kwargs": p.model.timm_kwargs, "data": cfg.data,
@@ -522,7 +533,8 @@ def announce(s: Session) -> None:
     s.log(f"pretraining {what} on {cfg.data} ({len(s.images)} images, "
           f"{s.images.image_size}px), batch {cfg.batch_size} x {cfg.multiplier} views, {cfg.iters} steps "
           f"({cfg.iters / max(s.parts.loader.steps_per_epoch, 1):.1f} epochs), {s.parts.device}, "
-          f"{s.dist.world} process(es)" + (f"; run folder {s.run.path}" if s.run else ""))
+          f"{s.dist.world} process(es), {describe_compute(s.parts.amp_dtype, s.parts.channels_last, s.parts.device)}"
+          + (f"; run folder {s.run.path}" if s.run else ""))
     if s.bad_images:
         s.metrics["skipped_images"] = len(s.bad_images)
         s.log.warn(f"warning: skipped {len(s.bad_images)} unreadable image file(s), e.g. {s.bad_images[0]}")
@@ -597,15 +609,20 @@ class Parts:
     device: torch.device
     amp_dtype: Optional[torch.dtype]
     probe: Optional[Probe] = None  # the online linear probe (--online_probe)
-    channels_last: bool = False   # --channels_last resolved for the device (auto: on for CUDA)
+    channels_last: bool = False   # --channels_last resolved for the device (auto: runtime.fast_compute)
     compile: bool = False         # --compile resolved for the device (auto: on for CUDA)
+
+    @property
+    def compute(self) -> dict:
+        """The resolved precision and layout, as env.json and checkpoints record them."""
+        return {"precision": precision_name(self.amp_dtype), "channels_last": self.channels_last}
 
 
 def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, world: int = 1,
           foreach: Optional[bool] = None, loader: Optional[object] = None) -> Parts:
     """Model, optimizer, schedule, scaler and batch source for ``cfg`` on ``images`` (not yet wrapped).
     ``foreach`` picks the multi-tensor LARS (default: on CUDA); ``loader`` replaces the config's batch source."""
-    channels_last = switch_on(cfg.channels_last, device.type == "cuda")
+    channels_last = channels_last_on(cfg.channels_last, device)
     compiled = switch_on(cfg.compile, device.type == "cuda")
     model = build_model(cfg, images.image_size).to(device)
     if channels_last:
