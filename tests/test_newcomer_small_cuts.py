@@ -82,8 +82,10 @@ def test_resuming_a_finished_run_does_not_rerun_the_knn(tmp_path, data_root):
     knn = next(ln for ln in first.stdout.splitlines() if ln.startswith("kNN top-1 after pretraining"))
     again = run_cli("pretrain", "--resume", run)
     assert again.returncode == 0, again.stderr
-    assert "nothing to do: already at step 4 of 4" in again.stderr
+    assert "nothing to do: the run is already at step 4 of 4" in again.stderr
     assert "kNN monitor" not in again.stderr  # the result of the checkpoint, not a second pass over the data
+    # nothing is announced as if it trained, and nothing is saved again
+    assert "pretraining resnet18" not in again.stderr and "saved checkpoint" not in again.stderr
     assert knn in again.stdout
 
 

@@ -477,3 +477,15 @@ def test_pretrain_export_embed_end_to_end(trained_ckpt, tmp_path, data_root):
     assert cli.main(["embed", "--encoder_ckpt", str(ck), "--images", str(imgs), "--out", str(f1)]) == 0
     assert cli.main(["embed", "--encoder_ckpt", str(st), "--images", str(imgs), "--out", str(f2)]) == 0
     assert np.array_equal(np.load(f1), np.load(f2)) and np.load(f1).shape == (len(names), 64)
+
+
+def test_load_encoder_gives_a_frozen_feature_extractor_unless_asked_for_a_trainable_one(trained_ckpt):
+    import simclr
+    x = torch.rand(2, 3, 32, 32)
+    enc = simclr.load_encoder(trained_ckpt)
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert not enc(x).requires_grad  # no graph, even outside torch.no_grad()
+    trainable = simclr.load_encoder(trained_ckpt, frozen=False)
+    h = trainable(x)
+    assert h.requires_grad
+    torch.testing.assert_close(h.detach(), enc(x))  # the same weights either way

@@ -65,8 +65,9 @@ class Progress:
     lines otherwise, nothing with ``enabled=False``. ``initial``: steps already done (a resumed run)."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, leave: bool = True,
-                 file: Optional[TextIO] = None, every: float = EVERY):
-        self.total, self.desc, self.enabled, self.every = int(total), desc, enabled, every
+                 file: Optional[TextIO] = None, every: Optional[float] = None):
+        self.total, self.desc, self.enabled = int(total), desc, enabled
+        self.every = EVERY if every is None else every
         self.file = file or sys.stderr
         self.n = self._shown = self._start = int(initial)
         self.postfix = ""
@@ -85,10 +86,16 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        self._updated = time.monotonic()
         if self.bar is not None:
             self.bar.update(n)
         elif self.enabled and time.monotonic() - max(_last_line[0], self.t0) >= self.every:
             self._line()
+
+    @property
+    def is_bar(self) -> bool:
+        """A live bar on a terminal (rather than timestamped lines)."""
+        return self.bar is not None
 
     def set_postfix(self, **values) -> None:
         self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
@@ -108,6 +115,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.enabled and self.n != self._shown and time.monotonic() - self.t0 >= 1.0:
-            self._line()  # off a terminal: where it ended, unless that was just said (or it took no time)
+        elif (self.enabled and self.n != self._shown and time.monotonic() - self.t0 >= 1.0
+              and _last_line[0] < getattr(self, "_updated", self.t0)):
+            self._line()  # off a terminal: where it ended, unless that was just said (a message came after the
+            # last update, as pretraining's step line) or it took no time
         self.enabled = False

@@ -257,12 +257,22 @@ def _spec_size(hp: dict) -> int:
     return 32 if data.startswith("cifar") else (96 if data.startswith("stl") else 224)
 
 
-def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str] = None) -> Encoder:
+def load_encoder(path, trust: bool = False, device="cpu", *, arch: Optional[str] = None,
+                 frozen: bool = True) -> Encoder:
     """Load an encoder from our checkpoint, the spec's ``.pth.tar``, or an exported file.
 
     ``trust=True`` (the user's ``--trust_checkpoint true``) allows full unpickling, with a warning;
-    ``arch`` (optional) is the architecture the caller expects: another one is an error.
+    ``arch`` (optional) is the architecture the caller expects: another one is an error. ``frozen`` (default):
+    a feature extractor, its parameters with ``requires_grad=False``, so its features carry no graph; pass
+    ``frozen=False`` to fine-tune it.
     """
+    enc = _load_encoder(path, trust, device, arch)
+    if frozen:
+        enc.requires_grad_(False)
+    return enc
+
+
+def _load_encoder(path, trust: bool, device, arch: Optional[str]) -> Encoder:
     path = resolve(path)  # a run folder: its newest valid checkpoint; a model card: the file it describes
     ck = read(path, trust=trust)
     card = read_card(path)

@@ -120,7 +120,7 @@ def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tup
     if cfg.encoder_ckpt:  # a run folder means its newest valid checkpoint; recorded as the file it took
         cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))  # a run folder's is pinned against pruning ...
         try:
-            enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=device)
+            enc = load_encoder(cfg.encoder_ckpt, trust=cfg.trust_checkpoint, device=device, frozen=False)
             digest = sha256_file(Path(cfg.encoder_ckpt))
         finally:
             unpin(Path(cfg.encoder_ckpt))  # ... until it is read

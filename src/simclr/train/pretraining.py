@@ -483,7 +483,8 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.run:
         s.run.log_metrics(rec)
         s.run.heartbeat(step=s.step)
-    bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
+    if bar.is_bar:  # off a terminal the step lines carry the loss; the bar's "still alive" line would repeat a stale one
+        bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
     elapsed, eta = speed.elapsed_and_eta(s.step, s.cfg.iters)
     mem = ""
     if s.parts.device.type == "cuda":
@@ -528,7 +529,9 @@ def monitor(s: Session, at_start: bool = False) -> dict:
 def announce(s: Session) -> None:
     cfg = s.cfg
     if s.step >= cfg.iters:
-        s.log(f"nothing to do: already at step {s.step} of {cfg.iters}")
+        s.log(f"nothing to do: the run is already at step {s.step} of {cfg.iters} (to train longer, resume it with "
+              f"a larger --iters and --allow_config_change true)")
+        return
     what = s.parts.model.name + (f" (width {cfg.width})" if s.parts.model.width % 64 else "")
     s.log(f"pretraining {what} on {cfg.data} ({len(s.images)} images, "
           f"{s.images.image_size}px), batch {cfg.batch_size} x {cfg.multiplier} views, {cfg.iters} steps "
@@ -578,8 +581,9 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     guard.stop_if_diverged(s)
     if status == "finished" and not done_before:
         monitor(s)
+    written_before = s.saved_step == s.step
     path = save(s)
-    if path is not None:
+    if path is not None and not written_before:
         s.log(f"saved checkpoint {path}")
     if s.run:
         s.run.trackers.results(dict(s.metrics, status=status), s.step, "summary.json")
