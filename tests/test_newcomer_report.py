@@ -94,3 +94,22 @@ def test_every_invocation_is_recorded(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "r" / "invocations.jsonl").read_text().splitlines()]
     assert [x["command"] for x in lines] == ["first", "second"]
     assert json.loads((tmp_path / "r" / "env.json").read_text())["command"] == "second"
+
+
+def test_results_on_another_number_of_test_images_are_not_stars_and_stars_stand_apart():
+    """The demo's monitor tests on 2,000 images; a `simclr knn` on all 10,000 measures another set."""
+    evals = [_ev(40.0, config={"test_subset": 2000}), _ev(41.0, protocol="knn", config={"test_subset": 2000}),
+             dict(_ev(42.0, protocol="knn", config={"test_subset": 0}), n_test=10000)]
+    fig = plots.accuracy_figure(_records(), evals, total_steps=30, run_data="cifar10", run_tests=2000)
+    main, other = fig.axes[0], fig.axes[1]
+    stars = [ln for ln in main.lines if ln.get_marker() == "*"]
+    assert sorted(float(ln.get_ydata()[0]) for ln in stars) == [40.0, 41.0]
+    assert len({float(ln.get_xdata()[0]) for ln in stars}) == 2  # side by side, not one on the other
+    assert [t.get_text() for t in other.get_yticklabels()] == ["knn (10000 test images)"]
+
+
+def test_the_knn_note_of_a_majority_vote_names_the_vote_not_a_missing_temperature():
+    from simclr.report.page import _knn_note
+    note = _knn_note({"train_subset": 5000, "test_subset": 2000, "knn_k": 200, "knn_t": 0.1},
+                     [_ev(36.9, protocol="knn", details={"k": 20, "vote": "majority"})])
+    assert "majority vote" in note and "temperature -" not in note and "k 20" in note

@@ -240,6 +240,28 @@ class CommonConfig:
         if not self.root:
             self.root = default_root()
 
+    def notes(self) -> list:
+        return cap_workers(self)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a SLURM allocation or taskset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cap_workers(cfg) -> list:
+    """More DataLoader workers than usable CPUs only adds processes that wait for each other (and PyTorch's
+    warning about it, once per loader): cap ``workers`` there, with a note (a config written for a GPU node,
+    e.g. the spec's ``workers: 4``, run on a 2-core machine)."""
+    cpus = usable_cpus()
+    if cfg.workers <= cpus:
+        return []
+    asked, cfg.workers = cfg.workers, cpus
+    return [f"note: --workers {asked} capped at {cpus}, the CPUs this process may use"]
+
 
 @dataclass
 class PretrainConfig(CommonConfig):
@@ -391,7 +413,7 @@ class EvalConfig(CommonConfig):
         """Values accepted that change nothing, said once each. The spec's eval configs carry ``dist: dp``
         (evaluation here is one process). The spec's ``problem: eval`` (its SSLEval) has no n_augs_*: its
         dumped cifar_eval.yaml carries n_augs_train 10 / n_augs_test 50 that its code never reads."""
-        out = []
+        out = cap_workers(self)
         if self.dist != "none":
             out.append(f"note: evaluation runs in one process; --dist {self.dist} applies to pretraining only")
         set_ = [f"{k}: {getattr(self, k)}" for k in ("n_augs_train", "n_augs_test") if getattr(self, k) != -1]
@@ -426,6 +448,6 @@ KnnConfig = make_dataclass(
                           "vote of its k nearest training images by cosine similarity. Same as `simclr eval "
                           "--protocol knn`.",
                "COMMAND": "knn", "IGNORED_KEYS": IGNORED_KEYS + ("problem", "protocol"),
-               "OTHER": ("eval", EvalConfig), "finalize": _knn_finalize})
+               "OTHER": ("eval", EvalConfig), "finalize": _knn_finalize, "notes": cap_workers})
 KnnConfig.__module__ = __name__
 

@@ -249,6 +249,9 @@ class FastLoader:
                                  self.device if self.data is not None else torch.device("cpu"))
         self.steps_per_epoch = self.steps.steps_per_epoch
         self.generator = torch.Generator(device=self.device)
+        # on a CPU, build step s+1's views in a background thread while step s trains (benchmarks/cpu_threads.py
+        # measures the split of the cores between it and the step's OpenMP threads)
+        self.prefetch = self.device.type == "cpu"
 
     def step_generator(self, step: int) -> torch.Generator:
         """The generator of step ``step`` on this rank: seeded by (seed, step, rank)."""
@@ -262,7 +265,7 @@ class FastLoader:
 
     def batches(self, start: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.data is not None:
-            if self.device.type == "cpu":  # build step s+1's views on the other core while step s trains
+            if self.prefetch:
                 yield from _prefetched(self._array_batches(start, end), depth=2)
             else:  # on a GPU the augmentation kernels are simply queued ahead of the step
                 yield from self._array_batches(start, end)

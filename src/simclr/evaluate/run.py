@@ -293,8 +293,8 @@ def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, log, what: str, on_step: Callab
         return on_step
     bs = min(cfg.batch_size, len(inp.train))
     log(f"note: on the CPU, {what} encodes {bs} images every step, {cfg.iters} steps ({bs * cfg.iters} encoder "
-        f"passes): expect many minutes (the time of the first step follows). Fast: --augmentation none (features "
-        f"computed once, seconds) or --protocol fast-linear")
+        f"passes): hours for the spec's settings (an estimate follows the first step). Faster: --augmentation none "
+        f"(features computed once) or --protocol fast-linear")
     t0 = time.time()
 
     def step(i: int, head) -> None:

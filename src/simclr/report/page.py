@@ -70,12 +70,15 @@ def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path,
              "no learning rate in config.yaml or metrics.jsonl")
     total_steps = cfg["iters"] if isinstance(cfg.get("iters"), (int, float)) else None
     run_data = str(cfg.get("data") or "")
-    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps, run_data),
+    run_tests = cfg.get("test_subset") if isinstance(cfg.get("test_subset"), int) else None
+    figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps, run_data,
+                                             run_tests),
              "Weighted kNN on the frozen representation (train split -> test split) at each evaluation, against "
              "the optimizer step like every other figure (epochs on the top axis); "
              "stars: results of evaluation runs of this run's checkpoints (their eval.json) on the same dataset "
-             "with all its labels; results of other settings (another dataset, a label fraction, fine-tuning) "
-             "are in a panel of their own, as they measure something else." + _knn_note(cfg, evals),
+             "and test images with all its labels; results of other settings (another dataset, another number of "
+             "test images, a label fraction, fine-tuning) are in a panel of their own, as they measure something "
+             "else." + _knn_note(cfg, evals),
              "no kNN evaluation in metrics.jsonl and no eval.json")
     figs.add("Throughput and data wait", plots.plot_speed(records, pic_dir / "speed.png"),
              "Images per second over each logging interval, and the share of that interval the loop waited for "
@@ -92,11 +95,12 @@ def _knn_note(cfg: dict, evals: list) -> str:
     tests = f"{cfg['test_subset']}" if cfg.get("test_subset") else "all the"
     ev = knn[-1]
     d = ev.get("details") if isinstance(ev.get("details"), dict) else {}
+    vote = (f"temperature {d['temperature']}" if "temperature" in d else
+            f"{d['vote']} vote" if d.get("vote") else "its own vote")
     return (f" The curve is the pretraining monitor's kNN: a gallery of {gallery} training images, k "
-            f"{cfg.get('knn_k', '-')}, temperature {cfg.get('knn_t', '-')}, on {tests} test images; a kNN "
+            f"{cfg.get('knn_k', 200)}, temperature {cfg.get('knn_t', 0.1)}, on {tests} test images; a kNN "
             f"evaluation votes over its own labelled set ({ev.get('n_train', '?')} images here, k {d.get('k', '-')}, "
-            f"temperature {d.get('temperature', '-')}, {ev.get('n_test', '?')} test images), so the two numbers "
-            f"differ by design.")
+            f"{vote}, {ev.get('n_test', '?')} test images), so the two numbers can differ by design.")
 
 
 def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Datasets, n_queries: int,

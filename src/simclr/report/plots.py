@@ -136,20 +136,26 @@ def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
 
 
 def plot_accuracy(records: list, evals: list, path: Path, total_steps: Optional[float] = None,
-                  run_data: str = "") -> Optional[Path]:
+                  run_data: str = "", run_tests: Optional[int] = None) -> Optional[Path]:
     """kNN top-1/top-5 vs step (epochs on the top axis); evaluation results marked at the last step."""
-    fig = accuracy_figure(records, evals, total_steps, run_data)
+    fig = accuracy_figure(records, evals, total_steps, run_data, run_tests)
     return save(fig, path) if fig is not None else None
 
 
-def eval_setting(ev: dict, run_data: str = "") -> str:
+def eval_setting(ev: dict, run_data: str = "", run_tests: Optional[int] = None) -> str:
     """What makes an evaluation's number not comparable with a plain kNN / linear probe of the run's own dataset
-    with all its labels: ``transfer to stl10``, ``500 labels``, ``fine-tuned`` (joined); '' for a plain one."""
+    with all its labels: ``transfer to stl10``, ``500 labels``, ``fine-tuned`` (joined); '' for a plain one.
+    ``run_tests``: the run's own test subset (0 = the whole split); an evaluation on another number of test
+    images (``2000 test images``) measures another set, so it is named too."""
     data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
     details = ev.get("details") if isinstance(ev.get("details"), dict) else {}
+    config = ev.get("config") if isinstance(ev.get("config"), dict) else {}
     parts = []
     if run_data and data.get("name") and data["name"] != run_data:
         parts.append(f"transfer to {data['name']}")
+    tests = config.get("test_subset", 0)
+    if run_tests is not None and isinstance(tests, int) and (tests or 0) != (run_tests or 0):
+        parts.append(f"{ev.get('n_test', tests or 'all')} test images")
     if isinstance(data.get("train_size"), int) and data["train_size"] > 0:
         parts.append(f"{data['train_size']} labels")
     if "finetune" in str(ev.get("protocol", "")) or details.get("finetune"):
@@ -157,18 +163,20 @@ def eval_setting(ev: dict, run_data: str = "") -> str:
     return ", ".join(parts)
 
 
-def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None, run_data: str = ""):
+def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = None, run_data: str = "",
+                    run_tests: Optional[int] = None):
     """Every figure of the report shares one x-axis, the optimizer step; the epoch is a secondary axis.
-    Results comparable with the kNN curve (the run's dataset, all labels, frozen encoder) are stars on it;
-    the others (transfer, a label fraction, fine-tuning) get a panel of their own. The legend sits below."""
+    Results comparable with the kNN curve (the run's dataset and test images, all labels, frozen encoder) are
+    stars on it, side by side; the others (transfer, another test set, a label fraction, fine-tuning) get a panel
+    of their own. The legend sits below."""
     kr = _knn_records(records)
     s, t1 = _series(kr, "knn_top1")
     _, t5 = _series(kr, "knn_top5")
     scored = [ev for ev in evals if isinstance(ev.get("top1"), (int, float))]
     if not len(s) and not scored:
         return None
-    same = [ev for ev in scored if not eval_setting(ev, run_data)]
-    other = [ev for ev in scored if eval_setting(ev, run_data)]
+    same = [ev for ev in scored if not eval_setting(ev, run_data, run_tests)]
+    other = [ev for ev in scored if eval_setting(ev, run_data, run_tests)]
     n_legend = 2 * bool(len(s)) + len(same)
     legend_h = 0.25 * ((n_legend + 1) // 2)
     fig, ax = figure(5.5 + 4.5 * bool(other), 3.6 + legend_h, 1, 1 + bool(other))
@@ -179,15 +187,16 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
             a.plot(s, t5, "s--", color="C0", alpha=0.5, label="kNN top-5")
     tr = _train_records(records)
     x_end = max([r.get("step", 0) or 0 for r in tr + kr] or [0])
-    for i, ev in enumerate(same):
-        a.plot([x_end], [ev["top1"]], "*", ms=14, color=f"C{(3 + i) % 10}",
+    for i, ev in enumerate(same):  # results of one checkpoint side by side, not on top of each other
+        x = x_end * (1 + 0.015 * (i - (len(same) - 1) / 2))
+        a.plot([x], [ev["top1"]], "*", ms=14, color=f"C{(3 + i) % 10}",
                label=f"{ev.get('protocol', 'eval')} top-1 {ev['top1']:.1f}%")
     if total_steps:
         x_end = max(x_end, total_steps)
     if x_end > 0:
         a.set_xlim(-0.03 * x_end, 1.05 * x_end)
     if len(s) and s[0] == 0:
-        a.annotate("random init", (0, t1[0]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        a.annotate("random init", (0, t1[0]), textcoords="offset points", xytext=(8, 6), fontsize=8)  # clear of ticks
     a.set(xlabel="step", ylabel="accuracy (%)", title="accuracy (test split)")
     spe = steps_per_epoch(records)
     if spe:
@@ -197,7 +206,7 @@ def accuracy_figure(records: list, evals: list, total_steps: Optional[float] = N
         a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     if other:
         b = ax[0, 1]
-        names = [f"{ev.get('protocol', 'eval')} ({eval_setting(ev, run_data)})" for ev in other]
+        names = [f"{ev.get('protocol', 'eval')} ({eval_setting(ev, run_data, run_tests)})" for ev in other]
         b.barh(range(len(other)), [ev["top1"] for ev in other], color="C1")
         b.set_yticks(range(len(other)), names, fontsize=7)
         b.invert_yaxis()

@@ -483,7 +483,7 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.run:
         s.run.log_metrics(rec)
         s.run.heartbeat(step=s.step)
-    if bar.is_bar:  # off a terminal the step lines carry the loss; the bar's "still alive" line would repeat a stale one
+    if bar.is_bar:  # off a terminal the step lines carry the loss (the bar's alive line would repeat a stale one)
         bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
     elapsed, eta = speed.elapsed_and_eta(s.step, s.cfg.iters)
     mem = ""
@@ -563,13 +563,13 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
         if not updated:
             guard.record_skip(s)
         s.step += 1
-        bar.update(1)
         log_now = s.step % cfg.log_freq == 0 or s.step == cfg.iters
         eval_now, save_now = _due(s.step, cfg.eval_freq, cfg.iters), _due(s.step, cfg.save_freq, cfg.iters)
         if log_now or eval_now or save_now:  # nothing is logged, evaluated or saved after a non-finite step
             guard.stop_if_diverged(s)
         if log_now:
             log_step(s, loss, acc, speed, bar)
+        bar.update(1)  # after the step's own line: off a terminal the bar speaks only after a silence
         if eval_now:
             monitor(s)
         if save_now:
