@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..runtime import cpu_threads
 from .batch_aug import BatchAugment, center_view
 from .datasets import bad_image_fix
 from .images import open_rgb
@@ -163,24 +164,6 @@ def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
 # --------------------------------------------------------------------------------------------
 # the batch source
 # --------------------------------------------------------------------------------------------
-class _cpu_threads:
-    """Run the augmentation's elementwise passes single-threaded on the CPU: they are small and
-    memory-bound, and on a shared few-core machine OpenMP's fan-out made them 10x slower
-    (measured here: 0.17 s vs 2-5 s for 512 CIFAR views). No effect on other devices."""
-
-    def __init__(self, device: torch.device, n: int):
-        self.active, self.n = device.type == "cpu", n
-
-    def __enter__(self):
-        if self.active:
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.old)
-
-
 def _prefetched(it: Iterator, depth: int = 2) -> Iterator:
     """Run the iterator ``it`` in a background thread, ``depth`` items ahead (torch ops release the GIL,
     so on a CPU the augmentation of the next step overlaps the current step's compute). The items and
@@ -260,7 +243,7 @@ class FastLoader:
     def _views(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if not self.aug_enabled:
             return center_view(x, self.size).repeat(self.m, 1, 1, 1)
-        with _cpu_threads(self.device, 1):
+        with cpu_threads(self.device, 1):
             return self.augment(x, self.step_generator(step))
 
     def batches(self, start: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -290,6 +273,6 @@ class FastLoader:
                 yield torch.cat([center_view(t.unsqueeze(0).float().div_(255), self.size)
                                  for t in dec]).repeat(self.m, 1, 1, 1), y
                 continue
-            with _cpu_threads(self.device, 1):
+            with cpu_threads(self.device, 1):
                 x = self.augment.from_list(dec, self.step_generator(s))
             yield x, y
