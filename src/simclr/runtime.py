@@ -111,6 +111,12 @@ class cpu_threads:
             torch.set_num_threads(self.old)
 
 
+def small_work_threads(device: torch.device, multiply_adds: int) -> cpu_threads:
+    """``with small_work_threads(device, n):`` one CPU thread for work of fewer than ~16M multiply-adds per call
+    (a linear head on frozen features), else torch's count."""
+    return cpu_threads(device, 1 if multiply_adds < 2 ** 24 else torch.get_num_threads())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))

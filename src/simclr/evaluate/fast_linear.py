@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import small_work_threads
 from .linear import make_head, predict
 
 
@@ -89,8 +90,10 @@ def fast_linear_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, l2_g
     x_fit, y_fit = _flatten(pick(z, fit_idx), y[fit_idx])
     scores, losses = {}, {}
     prev = None
+    threads = small_work_threads(feats.device, x_fit.shape[0] * x_fit.shape[1] * n_classes)
     for l2 in sorted(l2_grid, reverse=True):  # strongest first: each fit warm-starts the next
-        prev = fit_logreg(x_fit, y_fit, n_classes, l2, max_iter, init=prev)
+        with threads:  # full-batch L-BFGS on a few thousand features: one CPU thread (see runtime)
+            prev = fit_logreg(x_fit, y_fit, n_classes, l2, max_iter, init=prev)
         with torch.no_grad():
             p_held = predict(prev, pick(z, held_idx))
             p_held = p_held if feats.dim() == 3 else torch.softmax(p_held, dim=1)
@@ -101,7 +104,8 @@ def fast_linear_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, l2_g
     # less from one L2 to the next than the 0/1 accuracy does (which ties or jumps by single images)
     chosen = min(losses, key=losses.get)
     x_all, y_all = _flatten(z, y)
-    head = fit_logreg(x_all, y_all, n_classes, chosen, max_iter)
+    with threads:
+        head = fit_logreg(x_all, y_all, n_classes, chosen, max_iter)
     return _fold(head, mean, std), {"l2": chosen, "holdout_top1": {f"{k:g}": v for k, v in scores.items()},
                                     "holdout_loss": {f"{k:g}": v for k, v in losses.items()},
                                     "holdout_frac": holdout}

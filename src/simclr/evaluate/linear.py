@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import checkpoint as ckpt_lib
 from ..errors import CheckpointError
 from ..optim import build_optimizer, lr_schedule
-from ..runtime import cpu_threads
+from ..runtime import small_work_threads
 
 
 def make_head(dim: int, n_classes: int, device="cpu") -> nn.Linear:
@@ -75,9 +75,8 @@ def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg,
     bs = min(cfg.batch_size, n)
     g = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=g), 0
-    # a step this small (below ~16M multiply-adds) is all threading overhead on a CPU: one thread
-    small = bs * feats.shape[1] * n_classes < 2 ** 24
-    with _pbar(cfg.iters, "linear head", progress) as bar, cpu_threads(device, 1 if small else torch.get_num_threads()):
+    # a small step is all threading overhead on a CPU: one thread
+    with _pbar(cfg.iters, "linear head", progress) as bar, small_work_threads(device, bs * feats.shape[1] * n_classes):
         for step in range(cfg.iters):
             if pos + bs > n:
                 perm, pos = torch.randperm(n, generator=g), 0
