@@ -191,6 +191,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         seconds = time.perf_counter() - t_start
         data_s, peak = host_wait, None
     batches.close()  # shuts the reference path's workers down
+    aug_thread = bool(getattr(parts.loader, "prefetch", False))  # the fast path on a CPU
     final_loss = float(loss.detach())
     del parts, batches, x, loss
     gc.collect()
@@ -203,6 +204,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
         "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
         "lars": "foreach" if fast else "plain", "data_only": bool(args.data_only),
+        "threads": torch.get_num_threads(), "aug_thread": aug_thread,
     }
 
 
@@ -242,7 +244,9 @@ def format_table(results: list) -> str:
         if not r.get("data_only"):
             setup += (f"{r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}, "
                       f"{'compiled' if r['compile'] else 'eager'}, {r['lars']} LARS, ")
-        setup += f"{r['workers']} workers" if r["path"] == "reference" else "on-device aug"
+        setup += f"{r.get('threads', '?')} intra-op threads, "
+        setup += (f"{r['workers']} workers" if r["path"] == "reference" else
+                  "aug in a background thread" if r.get("aug_thread") else "on-device aug")
         lines.append(f"{r['path']:<10} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} "
                      f"{100 * r['data_wait_frac']:>8.1f}% {mem:>9} {r['warmup_s']:>7.1f}s  {setup}")
     return "\n".join(lines)
