@@ -300,3 +300,44 @@ def test_a_bad_cache_bound_is_one_line_before_any_work(tmp_path, monkeypatch, da
     rc, out, err = cli(*args)
     one_error(rc, err, "SIMCLR_CACHE_MAX_GB", "'ten'")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 3: nodes with their own copies (real processes: the point is two ranks)
+# ---------------------------------------------------------------------------------------------------------------
+def _two_ranks(tmp_path: Path, copies: list) -> list:
+    """Two ranks of one 2-step run, rank r reading ``copies[r]`` by its own --data_path: [(exit code, stderr)]."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+               SIMCLR_DIST_TIMEOUT="120", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    procs = [subprocess.Popen([sys.executable, "-m", "simclr",
+                               *pretrain_args(copy, tmp_path / "logs", iters=2, batch_size=8, node_rank=r)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK="0"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r, copy in enumerate(copies)]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, (p.communicate(timeout=300) for p in procs))]
+
+
+def test_two_nodes_each_reading_its_own_copy_at_its_own_path_train_together(tmp_path):
+    """Observation: with --data folder each node named its local copy by --data_path and the ranks refused
+    ("processes disagree: data_path"). Now they compare the images' content and train."""
+    copies = [stage(_DATA[0], tmp_path / "node-a" / "scratch", "cp -a"),
+              stage(_DATA[0], tmp_path / "node-b" / "tmp" / "job-7", "cp -r")]
+    results = _two_ranks(tmp_path, copies)
+    assert all(rc == 0 for rc, _ in results), results
+    (run,) = [p for p in (tmp_path / "logs" / "t").iterdir() if p.is_dir()]
+    assert last_step(run) == 2 and status(run)["status"] == "finished"
+
+
+def test_two_nodes_whose_copies_differ_in_content_refuse_naming_it(tmp_path):
+    copies = [stage(_DATA[0], tmp_path / "node-a", "cp -a"), stage(_DATA[0], tmp_path / "node-b", "cp -a")]
+    rewrite_same_size(first_image(copies[1]))
+    for rc, err in _two_ranks(tmp_path, copies):
+        line = one_error(rc, err, "disagree", "data_content")
+        assert "data_path" not in line, line
+    assert not list((tmp_path / "logs").rglob("checkpoint-*.pt"))
