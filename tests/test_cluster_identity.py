@@ -156,6 +156,18 @@ def test_a_resume_on_other_images_is_refused_and_leaves_status_failed(tmp_path, 
     assert last_step(run) == 4 and status(run)["status"] == "finished"
 
 
+def test_a_refused_resume_of_a_finished_run_leaves_its_status_as_it_was(tmp_path):
+    """Only an ``interrupted`` run (what a requeue loop restarts) is marked failed: a finished run resumed with a
+    typo in its options stays ``finished``, byte for byte."""
+    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", iters=2, batch_size=8))
+    assert rc == 0, err
+    (run,) = [p for p in (tmp_path / "logs" / "t").iterdir() if p.is_dir()]
+    before = (run / "status.json").read_bytes()
+    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", iters=2, batch_size=8, lr=0.1), "--resume", run)
+    one_error(rc, err, "lr: 0.5 -> 0.1")
+    assert (run / "status.json").read_bytes() == before
+
+
 def test_a_resume_through_imagenet_path_on_a_staged_copy_trains_to_the_end(tmp_path, monkeypatch):
     """IMAGENET_PATH names the copy of this job (train/ and val/), another path than the first job's."""
     def imagenet_args():

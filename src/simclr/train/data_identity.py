@@ -45,24 +45,34 @@ def check_data_identity(ck: dict, images, path: Path, allow: bool, log) -> None:
 
 
 def record_refusal(run_dir: str, error: Exception) -> None:
-    """A resume of ``run_dir`` refused before training (other images, other options, data not found): its
-    status.json says ``failed`` with the error, so a requeue loop that requeues while the run is ``interrupted``
-    (docs/long-runs.md) stops instead of starting the refused job again and again. A folder another process
-    holds (its lock) is left alone: its status is that process's."""
-    if not run_dir or not is_run(Path(run_dir)):
+    """A resume of the ``interrupted`` run ``run_dir`` refused before training (other images, other options, data
+    not found): its status.json says ``failed`` with the error, so a requeue loop that requeues while the run is
+    ``interrupted`` (docs/long-runs.md) stops instead of starting the refused job again and again. Any other
+    status (a finished run resumed with a typo) is left as it is, and so is a folder another process holds (its
+    lock): its status is that process's."""
+    if not run_dir or not _interrupted(Path(run_dir)):
         return
     try:
         run = RunDir(Path(run_dir), tensorboard=False)
     except (UserError, OSError):
         return
     try:
-        old = read_small_json(Path(run_dir) / "status.json", MAX_RUN_JSON)  # read under the lock
-        earlier = {k: v for k, v in old.items() if k in ("step", "iters")} if isinstance(old, dict) else {}
-        run.set_status("failed", **earlier, error=f"{type(error).__name__}: {error}")
+        old = read_small_json(Path(run_dir) / "status.json", MAX_RUN_JSON)  # again, under the lock
+        if _interrupted(Path(run_dir)):
+            kept = {k: v for k, v in old.items() if k not in _SET_ANEW}
+            run.set_status("failed", **kept, error=f"{type(error).__name__}: {error}")
     except (UserError, OSError):
         pass
     finally:
         run.close()
+
+
+def _interrupted(run: Path) -> bool:
+    old = read_small_json(run / "status.json", MAX_RUN_JSON) if is_run(run) else None
+    return isinstance(old, dict) and old.get("status") == "interrupted"
+
+
+_SET_ANEW = ("status", "kind", "pid", "host", "updated", "started", "train_s", "error")  # by RunDir.set_status
 
 
 @contextmanager
