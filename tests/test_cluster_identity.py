@@ -353,3 +353,21 @@ def test_two_nodes_whose_copies_differ_in_content_refuse_naming_it(tmp_path):
         line = one_error(rc, err, "disagree", "data_content")
         assert "data_path" not in line, line
     assert not list((tmp_path / "logs").rglob("checkpoint-*.pt"))
+
+
+def test_the_bound_weighs_feature_entries_and_decoded_arrays_together(tmp_path, monkeypatch):
+    """One bound over both kinds of entry: hand-made entries of known sizes and last uses, a bound of 2,500 bytes;
+    after writing the newest, the oldest go until at most 2,500 bytes are left (here: two of them)."""
+    from simclr.data.cache import bound_cache
+    cache = tmp_path / "cache"
+    (cache / "features").mkdir(parents=True)
+    made = {"old_array": cache / f"cifar10-train-{'a' * 16}.npz", "old_features": cache / "features" / f"{'b' * 24}.pt",
+            "recent_features": cache / "features" / f"{'c' * 24}.pt", "new_array": cache / f"stl10-test-{'d' * 16}.npz"}
+    for used, path in enumerate(made.values()):
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1000 + used, 1000 + used))
+    monkeypatch.setenv("SIMCLR_CACHE", str(cache))
+    monkeypatch.setenv("SIMCLR_CACHE_MAX_GB", str(2500 / 1e9))
+    removed = bound_cache(made["new_array"])
+    assert sorted(removed) == sorted([made["old_array"], made["old_features"]])
+    assert made["recent_features"].exists() and made["new_array"].exists()
