@@ -28,6 +28,8 @@ from ..errors import DataError
 from ..files import cache_write
 from ..names import DATASETS
 from ..progress import say
+from .cache import bound_cache, cache_dir, cache_used, max_bytes
+from .identity import files_identity
 from .images import open_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -73,11 +75,6 @@ def _remove_empty(dirs: list) -> None:
             d.rmdir()
         except OSError:
             return
-
-
-def cache_dir() -> Path:
-    """The optional cache's folder (made by :func:`cache_write` when something is first written)."""
-    return Path(os.environ.get("SIMCLR_CACHE", Path.home() / ".cache" / "simclr"))
 
 
 class LabeledImages:
@@ -187,21 +184,6 @@ def scan_folder(root: Path) -> tuple[list, list, list, list]:
     return files, targets, classes, sorted(skipped)
 
 
-def files_identity(files: Sequence, root) -> tuple[str, str]:
-    """A split's identity, from one pass over its files: (fingerprint, listing).
-
-    ``fingerprint`` hashes the sorted (path, size, mtime_ns) list: an image rewritten in place (same name, new
-    pixels) changes its size or mtime, so caches keyed by it are rebuilt and a resume notices. ``listing``
-    hashes the sorted (path below ``root``, size) list: the same images wherever they lie and whenever they
-    were copied, what the ranks of a run compare (each node may read its own copy)."""
-    full, rel = hashlib.sha1(), hashlib.sha1()
-    for f in sorted(map(str, files)):
-        st = os.stat(f)
-        full.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        rel.update(f"{os.path.relpath(f, root)}\0{st.st_size}\n".encode())
-    return full.hexdigest()[:16], rel.hexdigest()[:16]
-
-
 def _decode(path) -> np.ndarray:
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
@@ -261,19 +243,23 @@ class FolderArray(NamedTuple):
     targets: list
     classes: list
     bad: list          # unreadable files skipped
-    fingerprint: str   # files_identity of the folder's images: the cache key ...
-    listing: str       # ... and where and when they lie left out
+    fingerprint: str   # files_identity of the folder's images (content): the cache key ...
+    listing: str       # ... and their names and sizes only
 
 
 def folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool] = None) -> FolderArray:
-    """Decode a folder of same-size images into one uint8 array, cached on disk by folder content."""
+    """Decode a folder of same-size images into one uint8 array, cached on disk by the folder's content (a staged
+    copy of the same images at another path shares the entry)."""
+    max_bytes()  # a bad SIMCLR_CACHE_MAX_GB fails before the work, not after it
     files, targets, classes, special = scan_folder(root)
     key, listing = files_identity(files, root)
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
             with np.load(cached) as z:
-                return FolderArray(z["images"], list(z["targets"]), classes, special, key, listing)
+                got = FolderArray(z["images"], list(z["targets"]), classes, special, key, listing)
+            cache_used(cached)
+            return got
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
     if len(files) >= 5000:  # a minute or more: say so before, once per folder (the array is cached)
@@ -295,7 +281,8 @@ def folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool] = Non
     images = np.stack(arrays)
     if bad:  # not cached: a later run without --skip_bad_images must still see the broken files
         return FolderArray(images, targets, classes, [str(f) for f, _ in bad], key, listing)
-    cache_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64)))
+    if cache_write(cached, lambda f: np.savez(f, images=images, targets=np.asarray(targets, dtype=np.int64))):
+        bound_cache(cached)
     return FolderArray(images, targets, classes, [], key, listing)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import read
+from ..data.cache import bound_cache, cache_used
 from ..data.datasets import LabeledImages
 from ..errors import CheckpointError
 from ..files import cache_write
@@ -137,10 +138,9 @@ def dataset_fingerprint(images: LabeledImages) -> str:
     if idx is not None:
         h.update(np.asarray(idx, dtype=np.int64).tobytes())
     base = getattr(images, "base", images)
-    files = getattr(base, "files", None)
-    if files is not None:
-        h.update("\n".join(map(str, files)).encode())
-    h.update(getattr(base, "fingerprint", "").encode())  # sizes and mtimes: an image rewritten in place
+    # the files' content identity (paths below the split's root, sizes, bytes), never where they lie: a staged
+    # copy of the same images at another path shares the cache entry; an image rewritten in place does not
+    h.update(getattr(base, "fingerprint", "").encode())
     arr = getattr(images, "images", None)
     if arr is not None:  # cheap content sample of in-memory arrays
         h.update(np.ascontiguousarray(arr[:: max(1, len(arr) // 64)]).tobytes())
@@ -153,7 +153,9 @@ class FeatureCache:
     random encoder) computes every time."""
 
     def __init__(self, encoder_hash: str, enabled: bool = True, log=print):
-        from ..data.datasets import cache_dir
+        from ..data.cache import cache_dir, max_bytes
+        if enabled:
+            max_bytes()  # a bad SIMCLR_CACHE_MAX_GB fails before the work, not after it
         self.encoder_hash, self.enabled, self.log = encoder_hash, enabled and bool(encoder_hash), log
         self.folder = cache_dir() / "features" if self.enabled else None
         self.hits = 0
@@ -173,10 +175,14 @@ class FeatureCache:
                 cached = read(path)
                 f, y = cached["features"], cached["labels"]
                 self.hits += 1
+                cache_used(path)
                 return f, y
             except (CheckpointError, KeyError):  # a truncated (or older-format) cache file: recompute it
                 path.unlink(missing_ok=True)
+            except FileNotFoundError:  # evicted by another process meanwhile
+                pass
         f, y = compute()
         features, labels = f.cpu(), y.cpu()
-        cache_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh))
+        if cache_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh)):
+            bound_cache(path)
         return f, y

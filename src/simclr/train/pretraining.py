@@ -42,6 +42,7 @@ from ..progress import Progress, hms, rate, say
 from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run_dir, is_run, newest_run
 from ..runtime import (autocast_dtype, channels_last_on, cuda_rng_state, describe_compute, out_of_memory,
                        precision_name, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends)
+from .data_identity import check_data_identity, refusal_recorded
 from .probe import Probe, build_probe
 
 
@@ -160,8 +161,8 @@ class Session:
     step: int = 0
     nan_skips: int = 0
     saved_step: int = -1          # the step whose checkpoint is on disk already (never rewritten in place)
-    data_fingerprint: str = ""    # the pretraining split's files_identity: paths, sizes, mtimes ...
-    data_listing: str = ""        # ... and paths below the data root, sizes
+    data_fingerprint: str = ""    # the pretraining split's files_identity: its content (checkpoints' data_content) ...
+    data_listing: str = ""        # ... and its names and sizes only
     metrics: dict = field(default_factory=dict)
 
 
@@ -250,8 +251,9 @@ def _inside(ckpt: Path, run: Path) -> bool:
 
 
 # options that change where a run goes: a resume that changes them is a different run unless allowed
+# (not --data_path: a staged copy at another path is the same data; the images' content identity is compared)
 TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature",
-              "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "data_path", "train_subset",
+              "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "train_subset",
               "aug", "scale_lower", "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
 
 
@@ -292,24 +294,10 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
-def check_data_fingerprint(ck: dict, images, path: Path, allow: bool, log: Log) -> None:
-    """Refuse to continue on other images than the checkpoint's (a class folder gone, images rewritten):
-    that is another trajectory. ``--allow_config_change`` continues with a warning."""
-    saved, fingerprint = ck.get("data_fingerprint") or "", images.fingerprint
-    if not saved or not fingerprint or saved == fingerprint:
-        return
-    if ck.get("data_listing") and ck["data_listing"] == images.listing:
-        how = "the same file names and sizes, other paths or modification times: moved, copied or rewritten"
-    else:
-        how = "files added, removed or rewritten"
-    what = f"the training images changed since {path} was saved (data fingerprint {saved} -> {fingerprint}: {how})"
-    if not allow:
-        raise UserError(f"{what}; restore them, or pass --allow_config_change true to continue on these")
-    log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
-
-
 # options each process may hold its own value of (where it is, what it prints or writes: only rank 0 writes)
-PER_PROCESS = ("node_rank", "device", "workers", "verbose", "root", "run_dir", "dist_address", "logger", "mlflow_uri")
+# (--data_path: where this node keeps its copy; the ranks compare the images' content identity instead)
+PER_PROCESS = ("node_rank", "device", "workers", "verbose", "root", "run_dir", "dist_address", "logger", "mlflow_uri",
+               "data_path")
 
 OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer: its state cannot be resumed
 
@@ -365,29 +353,30 @@ def setup(cfg: PretrainConfig) -> Session:
     if seed_drawn:
         cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
     resume_from, run_dir = resume_point(cfg, log)
-    ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    seed_everything(cfg.seed + dist.rank)
-    images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
-    # grows while reading when workers == 0
-    bad_images = getattr(images, "bad_images", None) or []
-    fingerprint, listing = images.fingerprint, images.listing  # of the whole split (a subset is drawn from it)
-    if ck is not None:
-        check_data_fingerprint(ck, images, resume_from, cfg.allow_config_change, log)
-    images = maybe_subset(images, cfg.train_subset, seed=0)
-    # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
-    # trained "successfully" with rank 0's value recorded)
-    shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
-    # the listing, not the fingerprint: each node may read its own copy of the images (other paths, mtimes)
-    distributed.check_same_config(dict(shared, data_listing=listing))
-    monitor_sets = knn_sets(cfg)
-    s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
-    s.knn_sets = monitor_sets
-    s.data_fingerprint, s.data_listing = fingerprint, listing
-    if ck is not None:
-        restore(s, ck, resume_from)
-    distributed.check_same(s.step, "the step to resume from")
+    with refusal_recorded(run_dir, dist.is_main):  # a refused resume says "failed": a requeue loop stops
+        ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        seed_everything(cfg.seed + dist.rank)
+        images = get_dataset(cfg.data, "pretrain", cfg.data_path, cfg.image_size, cfg.skip_bad_images)
+        # grows while reading when workers == 0
+        bad_images = getattr(images, "bad_images", None) or []
+        fingerprint, listing = images.fingerprint, images.listing  # of the whole split (a subset is drawn from it)
+        if ck is not None:
+            check_data_identity(ck, images, resume_from, cfg.allow_config_change, log)
+        images = maybe_subset(images, cfg.train_subset, seed=0)
+        # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
+        # trained "successfully" with rank 0's value recorded)
+        shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
+        # the content identity, not --data_path: each node may read its own copy of the images at its own path
+        distributed.check_same_config(dict(shared, data_content=fingerprint))
+        monitor_sets = knn_sets(cfg)
+        s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
+        s.knn_sets = monitor_sets
+        s.data_fingerprint, s.data_listing = fingerprint, listing
+        if ck is not None:
+            restore(s, ck, resume_from)
+        distributed.check_same(s.step, "the step to resume from")
     tune_backends(device, cfg.deterministic)
     wrap(s.parts, cfg, dist.enabled, warn=log.warn)
     if dist.is_main:
@@ -418,7 +407,7 @@ def save(s: Session) -> Optional[Path]:
     payload = {"kind": "pretrain", "step": s.step, "image_size": s.images.image_size,
                "config": config_lib.to_dict(cfg), "model": ckpt_lib.model_state(p.model),
                "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng_state(cuda_rng),
-               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_fingerprint": s.data_fingerprint,
+               "metrics": s.metrics, "nan_skips": s.nan_skips, "data_content": s.data_fingerprint,
                "data_listing": s.data_listing, "compute": p.compute}
     if p.probe is not None:
         payload["probe"] = p.probe.state_dict()
