@@ -113,6 +113,7 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes, channels_last)
     if head_state is not None:  # a head that does not fit fails before any folder is created
         _check_head(cfg, inp, head_state["weight"])
+        match_head_classes(head_state, classes, cfg.ckpt, log)
     return inp
 
 
@@ -144,9 +145,14 @@ def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tup
 
 
 def _load_splits(cfg: EvalConfig, image_size: int) -> tuple:
-    """(train, test, unlabelled rest or None, class names) of ``cfg.data``."""
-    full = get_dataset(cfg.data, "train", cfg.data_path, image_size)
+    """(train, test, unlabelled rest or None, class names) of ``cfg.data``. Eval-only reads no training split
+    (train is None): a saved head is scored on the test split alone."""
     test = get_dataset(cfg.data, "test", cfg.data_path, image_size)
+    if cfg.eval_only:
+        if cfg.test_subset and cfg.test_subset < len(test):
+            test = test.subset(balanced_indices(test.targets, cfg.test_subset, 0))
+        return None, test, None, list(test.classes)
+    full = get_dataset(cfg.data, "train", cfg.data_path, image_size)
     labelled = [i for i, t in enumerate(full.targets) if t >= 0]
     if len(labelled) < len(full):
         full = full.subset(labelled)
@@ -178,6 +184,26 @@ def _check_head(cfg: EvalConfig, inp: Inputs, weight: torch.Tensor) -> None:
     if weight.shape[0] != len(inp.classes):
         raise CheckpointError(f"{cfg.ckpt}: the head has {weight.shape[0]} classes but "
                               f"{cfg.data} has {len(inp.classes)}")
+
+
+def match_head_classes(head_state: dict, classes: list, ckpt: str, log) -> None:
+    """A head scores classes by name, not by position: its rows are put in the order of this data's classes.
+    A head that records no class names (the spec's) is taken by position, with a note; names that differ (a
+    class folder renamed, another dataset) are refused, naming them."""
+    saved = (head_state.get("info") or {}).get("classes")
+    if not isinstance(saved, list) or len(saved) != len(classes) or not all(isinstance(c, str) for c in saved):
+        log(f"note: {ckpt} records no class names: its rows are taken in the order of the data's classes "
+            f"({', '.join(map(str, classes[:4]))}{' ...' if len(classes) > 4 else ''})")
+        return
+    if saved == list(classes):
+        return
+    missing, extra = sorted(set(saved) - set(classes)), sorted(set(classes) - set(saved))
+    if missing or extra:
+        raise CheckpointError(f"{ckpt}: the head was trained on other classes than the test split has: only in the "
+                              f"head {missing[:5]}, only in the data {extra[:5]}; evaluate it on the data it was "
+                              f"trained for (or rename the class folders back)")
+    order = [saved.index(c) for c in classes]
+    head_state["weight"], head_state["bias"] = head_state["weight"][order], head_state["bias"][order]
 
 
 def _native(images) -> int:
