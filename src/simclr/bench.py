@@ -83,6 +83,9 @@ class BenchConfig:
                           check_msg="must be >= 0")
     repeat: int = option(1, "run the paths this many times, alternating, and report each path's median run (for "
                             "noisy shared machines)", check=positive, check_msg="must be > 0")
+    scan_files: int = option(0, "instead of training: time a start's read of a synthetic image folder of this "
+                             "many files (walk, content identity, header check), in files/s", check=nonneg,
+                             check_msg="must be >= 0")
 
     def check(self) -> None:
         for p in self.path_list():
@@ -258,8 +261,47 @@ def path_result(runs: list) -> dict:
     return ok[(len(ok) - 1) // 2] if ok else runs[0]
 
 
+def scan_startup(n: int) -> dict:
+    """A start's read of an image folder of ``n`` small JPEGs in 10 class folders (written to a temporary folder
+    first, so the page cache is warm: the figure is the file-system calls' cost, not the disk's)."""
+    import io
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from .data import get_dataset
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    root = Path(tempfile.mkdtemp(prefix="simclr-scan-"))
+    try:
+        for c in range(10):
+            (root / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(n):  # bytes after the JPEG's end marker make each file its own content
+            (root / "train" / f"class{i % 10}" / f"{i:08d}.jpg").write_bytes(jpeg + i.to_bytes(4, "little"))
+        t = time.perf_counter()
+        ds = get_dataset("folder", "train", str(root), 32)
+        seconds = time.perf_counter() - t
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"files": len(ds), "seconds": seconds, "files_per_s": len(ds) / seconds}
+
+
 def main(argv) -> int:
     args, _ = config_lib.parse(BenchConfig, argv)
+    if args.scan_files:
+        if args.json:
+            claim_output(Path(args.json), BENCH_MARK, "bench", args.force, "--json")
+        res = scan_startup(args.scan_files)
+        print(f"start-up read of {res['files']} image files (walk, content identity, header check): "
+              f"{res['seconds']:.2f} s, {res['files_per_s']:.0f} files/s")
+        if args.json:
+            atomic_write(Path(args.json), json.dumps({"command": "simclr bench " + " ".join(argv),
+                                                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                                      "commit": git_state().label, "scan": res}, indent=2))
+        return 0
     import torch
     # the fast path first: it is the one being measured, and the reference (fp32, NCHW, no compile) is the one
     # that runs out of memory at large batches

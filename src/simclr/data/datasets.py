@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import find_classes
 
 from ..errors import DataError
 from ..files import cache_write
@@ -30,9 +30,9 @@ from ..names import DATASETS
 from ..progress import say
 from .cache import bound_cache, cache_dir, cache_used, max_bytes
 from .identity import files_identity
+from .scan import (HEADER_CHECK_MAX, IMG_EXTENSIONS, _bad_image_error, bad_image_fix, check_headers,
+                   listed, once, scan_folder)
 from .images import open_rgb
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
 
@@ -144,46 +144,6 @@ class Subset(LabeledImages):
         return self.base.load(self.indices[i])
 
 
-def _walk_class(folder: str, is_image) -> list:
-    """Image paths under one class folder, sorted. Directory symlinks inside it are not followed (a link
-    back up the tree would repeat the class, two links would make the walk exponential); a symlinked FILE
-    is kept when it points at a regular file (``is_image`` checks)."""
-    found = []  # torchvision's order: folders sorted by path, files by name
-    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=False)):
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(os.path.join(dirpath, f))]
-    return found
-
-
-def scan_folder(root: Path) -> tuple[list, list, list, list]:
-    """``root/<class>/<image>`` -> (files, targets, classes, skipped), classes sorted (torchvision's order);
-    ``skipped``: entries named like images that are not regular files (a FIFO, socket, device or broken
-    link named x.jpg would block the reader forever or fail), left out and counted as unreadable.
-    A class folder may itself be a symlink (a subset made of links); links to folders inside it are not
-    followed (see :func:`_walk_class`)."""
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    try:  # torchvision's own class list (ImageFolder's class order)
-        classes, class_to_idx = find_classes(str(root))
-    except FileNotFoundError:
-        classes, class_to_idx = [], {}
-    skipped: list = []
-
-    def is_image(p: str) -> bool:
-        if not p.lower().endswith(IMG_EXTENSIONS):
-            return False
-        if os.path.isfile(p):
-            return True
-        skipped.append(p)
-        return False
-
-    found = [(p, class_to_idx[c]) for c in classes for p in _walk_class(os.path.join(str(root), c), is_image)]
-    files, targets = [Path(p) for p, _ in found], [t for _, t in found]
-    if not files:
-        raise DataError(f"image folder {root} holds no images: expected {root}/<class>/<image>.jpg "
-                        f"(extensions: {', '.join(IMG_EXTENSIONS)})")
-    return files, targets, classes, sorted(skipped)
-
-
 def _decode(path) -> np.ndarray:
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
@@ -194,48 +154,6 @@ def _try_decode(path):
         return _decode(path), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
-
-
-def bad_image_fix(skip_bad_images: Optional[bool]) -> str:
-    """How to get past an unreadable image. ``skip_bad_images`` None: the command has no --skip_bad_images
-    (evaluation, the kNN sets), so the message never suggests an option it would refuse."""
-    if skip_bad_images is None:
-        return "Remove or replace the file."
-    return ("Remove or replace the file, or pass --skip_bad_images true to skip unreadable files (they are "
-            "counted in the log).")
-
-
-def _bad_image_error(path, reason: str, n_bad: int, skip_bad_images: Optional[bool]) -> DataError:
-    more = f" ({n_bad} unreadable files in all)" if n_bad > 1 else ""
-    return DataError(f"cannot read image {path}: {reason}{more}. {bad_image_fix(skip_bad_images)}")
-
-
-# Folders with up to this many files have every file's header checked before training starts, so a
-# non-image file fails (or is skipped) before any run folder is written; bigger ones (ImageNet) are
-# checked as they are read, which costs nothing up front.
-HEADER_CHECK_MAX = 100_000
-
-
-def _header_problem(path) -> str:
-    """"" when PIL recognises the file's header (it reads only the first bytes), else the reason."""
-    try:
-        with Image.open(path):
-            return ""
-    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError ... depending on the format
-        return f"{type(e).__name__}: {e}"
-
-
-def check_headers(files: list, targets: list, skip_bad_images: Optional[bool]) -> tuple[list, list, list]:
-    """Drop (with skip_bad_images) or refuse files that are not images. Returns (files, targets, bad)."""
-    if len(files) > HEADER_CHECK_MAX:
-        return files, targets, []
-    with ThreadPoolExecutor(max_workers=16) as ex:
-        problems = list(ex.map(_header_problem, files, chunksize=64))
-    bad = [(f, why) for f, why in zip(files, problems) if why]
-    if bad and not skip_bad_images:
-        raise _bad_image_error(bad[0][0], bad[0][1], len(bad), skip_bad_images)
-    keep = [i for i, why in enumerate(problems) if not why]
-    return [files[i] for i in keep], [targets[i] for i in keep], [str(f) for f, _ in bad]
 
 
 class FolderArray(NamedTuple):
@@ -249,10 +167,17 @@ class FolderArray(NamedTuple):
 
 def folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool] = None) -> FolderArray:
     """Decode a folder of same-size images into one uint8 array, cached on disk by the folder's content (a staged
-    copy of the same images at another path shares the entry)."""
+    copy of the same images at another path shares the entry). Read once per :func:`~.scan.one_scan` block."""
+    return once(("array", os.path.abspath(root), name, skip_bad_images),
+                lambda: _folder_to_array(root, name, skip_bad_images))
+
+
+def _folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool]) -> FolderArray:
     max_bytes()  # a bad SIMCLR_CACHE_MAX_GB fails before the work, not after it
+    t = time.perf_counter()
     files, targets, classes, special = scan_folder(root)
     key, listing = files_identity(files, root)
+    listed(root, len(files), time.perf_counter() - t, "listed and identified")
     cached = cache_dir() / f"{name}-{key}.npz"
     if cached.exists():
         try:
@@ -430,20 +355,33 @@ def get_dataset(data: str, split: str, data_path: str = "", image_size: int = 0,
             source = "--data_path" if data == "folder" else "IMAGENET_PATH"
             raise DataError(f"the {folder.name} split of {source} not found: {folder} (expected {base}/train and "
                             f"{base}/test or {base}/val, each with one sub-folder per class)")
-        files, targets, classes, special = scan_folder(folder)
-        files, targets, bad = check_headers(files, targets, skip_bad_images)
-        bad += special
-        if not files:
-            raise DataError(f"image folder {folder} holds no readable image ({len(bad)} unreadable files)")
+        files, targets, classes, bad, fingerprint, listing = once(
+            ("folder", os.path.abspath(folder), skip_bad_images), lambda: _read_folder(folder, skip_bad_images))
         ds = FileImages(files, targets, classes, data, size, skip_bad_images)
         ds.bad_images.extend(bad)
-        ds.fingerprint, ds.listing = files_identity(files, folder)
+        ds.fingerprint, ds.listing = fingerprint, listing
     else:
         raise DataError(f"unknown dataset {data!r}; allowed: {', '.join(DATASETS)}")
     ds.image_size = size
     if len(ds) == 0:
         raise DataError(f"dataset {data} ({split}) is empty")
     return ds
+
+
+def _read_folder(folder: Path, skip_bad_images: Optional[bool]) -> tuple:
+    """One read of an image folder at start: the walk, the content identity (one open + fstat per file) and the
+    header check from the bytes that read returned. -> (files, targets, classes, bad, fingerprint, listing)."""
+    t = time.perf_counter()
+    files, targets, classes, special = scan_folder(folder)
+    listed(folder, len(files), time.perf_counter() - t, "listed")
+    t = time.perf_counter()
+    heads: list = []
+    fingerprint, listing = files_identity(files, folder, heads if len(files) <= HEADER_CHECK_MAX else None)
+    files, targets, bad = check_headers(files, targets, skip_bad_images, heads or None)
+    listed(folder, len(files), time.perf_counter() - t, "identified and checked")
+    if not files:
+        raise DataError(f"image folder {folder} holds no readable image ({len(bad) + len(special)} unreadable files)")
+    return files, targets, classes, bad + special, fingerprint, listing
 
 
 def check_same_classes(train: LabeledImages, test: LabeledImages) -> None:

@@ -29,6 +29,7 @@ from .. import trackers
 from ..config import switch_on
 from ..data import check_same_classes, data_folder, get_dataset, maybe_subset, native_size
 from ..data.loaders import build_loader
+from ..data.scan import one_scan
 from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..files import append_line
@@ -353,7 +354,8 @@ def setup(cfg: PretrainConfig) -> Session:
     if seed_drawn:
         cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
     resume_from, run_dir = resume_point(cfg, log)
-    with refusal_recorded(run_dir, dist.is_main):  # a refused resume says "failed": a requeue loop stops
+    # a refused resume says "failed" (a requeue loop stops); the split's folder is read once for both of its uses
+    with refusal_recorded(run_dir, dist.is_main), one_scan():
         ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
