@@ -38,6 +38,7 @@ from typing import Callable, Optional
 
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
+from .locks import BUSY, try_lock
 from .progress import printable
 from .trackers import Trackers
 
@@ -185,12 +186,16 @@ def _json_text(obj) -> str:
 def _take_lock(folder: Path) -> int:
     """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock``, held until :meth:`RunDir.close`
     or the process ends (so a dead writer's lock is free again by itself). The holder's pid and host are
-    written into the file for the message a second writer gets."""
-    import fcntl
+    written into the file for the message a second writer gets. Where the file system keeps no locks (Lustre
+    mounted ``noflock``) the run goes on without one, after one warning (:mod:`simclr.locks`)."""
     fd = open_own(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        got = try_lock(fd, folder / ".lock", exclusive=True)
+    except OSError as e:
+        os.close(fd)
+        raise UserError(f"cannot lock the run folder {folder} ({folder / '.lock'}: {e.strerror}); give this run "
+                        f"another --run_dir") from None
+    if got == BUSY:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"the run folder {folder} is in use by {holder}; wait for that run to end, or give this "
