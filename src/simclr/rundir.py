@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -158,19 +159,56 @@ def check_kind(path: Path, kind: str) -> None:
 
 
 def check_not_foreign(path: Path) -> None:
-    """Refuse to make a run of an existing folder that is no run and holds files of its own (a project, a data
-    folder, the home folder): the run would write config.yaml, env.json, log.txt ... over or among them. A new or
-    empty folder is fine, and so is one holding only what a run writes (a run killed before its config.yaml)."""
+    """Refuse to make a run of an existing folder that is no run when the run would harm what is there: a file it
+    would write over or append to that it did not write (a foreign config.yaml, env.json, log.txt, metrics.jsonl,
+    a non-empty checkpoints/), or run folders (``simclr runs`` would list this run and no longer the runs below
+    it). Anything else may stay: a console log (``> R/stdout.log``, SLURM's ``--output=R/slurm-%j.out``), notes,
+    the empty folders or lock a run killed before its config.yaml left."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink() or is_run(path):
         return
-    own = set(RUN_FILES) | set(RUN_FOLDERS)
-    foreign = sorted(n for n in os.listdir(path) if n not in own and not is_temp(path / n))
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"{path} is no run folder and holds files of its own ({foreign[0]}{more}); a run would write "
-                        f"config.yaml, log.txt, env.json ... among them. Give a new or empty --run_dir (or none: a "
-                        f"new folder is made under --root)")
+    harmed, runs = [], []
+    for name in sorted(os.listdir(path)):
+        p = path / name
+        if is_temp(p) or name == ".lock" and _our_lock(p):
+            continue
+        if name in RUN_FILES or name == "checkpoints" and (not p.is_dir() or any(os.scandir(p))):
+            harmed.append(name)
+        elif name not in RUN_FOLDERS and p.is_dir() and not p.is_symlink() and _holds_runs(p):
+            runs.append(name)
+    if harmed:
+        more = f" and {len(harmed) - 1} more" if len(harmed) > 1 else ""
+        raise UserError(f"{path} is no run folder and holds {harmed[0]}{more}, which a run would write over or "
+                        f"append to but did not write. Give a new or empty --run_dir (or none: a new folder is made "
+                        f"under --root)")
+    if runs:
+        raise UserError(f"{path} holds run folders ({runs[0]}); a run made there would hide them from `simclr runs`. "
+                        f"Give a new or empty --run_dir (or none: a new folder is made under --root)")
+
+
+def _our_lock(path: Path) -> bool:
+    """Whether ``path`` is a run's .lock (empty, or the holder a run writes into it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        data = os.read(fd, 200) if stat.S_ISREG(os.fstat(fd).st_mode) else b"?"
+    except OSError:
+        data = b"?"
+    finally:
+        os.close(fd)
+    return not data.strip() or data.startswith(b"pid ")
+
+
+def _holds_runs(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder, or holds one a level below (a name folder of runs)."""
+    if is_run(folder):
+        return True
+    try:
+        return any(e.is_dir(follow_symlinks=False) and is_run(Path(e.path)) for e in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def _within(path: Path, folder: Path) -> bool:
