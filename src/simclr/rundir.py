@@ -44,6 +44,7 @@ from .progress import printable
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
+MAX_NAME_PARTS = 15  # --name a/b/c: nested folders, each listed by `simclr runs` (which looks this deep)
 
 
 def new_run_id() -> str:
@@ -279,6 +280,9 @@ class RunDir:
                             f"read the run's files as images of a class. Choose {option} outside it")
         if run_dir:
             return cls(Path(run_dir), kind=kind)
+        if len(Path(name).parts) > MAX_NAME_PARTS:
+            raise UserError(f"--name {name} has {len(Path(name).parts)} parts; a run name may nest at most "
+                            f"{MAX_NAME_PARTS} folders (a/b/c), so that `simclr runs` lists it")
         base, run_id = Path(root) / name, new_run_id()
         for i in range(1000):  # two runs started in the same second by one process get their own folders
             path = base / (run_id if i == 0 else f"{run_id}-{i}")
