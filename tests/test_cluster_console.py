@@ -86,3 +86,21 @@ def test_a_foreign_checkpoints_folder_is_refused_and_an_empty_one_is_not(tmp_pat
     (empty / ".lock").write_text("pid 1 on host h")
     rc, _, err = cli(*command("pretrain", empty))
     assert rc == 0, err
+
+
+def test_the_documented_requeue_command_starts_and_resumes_in_a_folder_holding_the_slurm_log(tmp_path):
+    """docs/long-runs.md: `--run_dir R --resume auto` on every (re)start, with SLURM's --output=R/slurm-%j.out."""
+    run = tmp_path / "R"
+    run.mkdir()
+    (run / "slurm-77.out").write_text("job 77 started\n")
+    args = pretrain_args(_DATA[0], tmp_path / "logs", run_dir=run, iters=4, save_freq=1)
+    rc, out, err = cli(*args, "--resume", "auto", "--stop_after", 2)
+    assert rc == 0, err
+    assert [p.name for p in ckpt_lib.list_checkpoints(run)][0] == "checkpoint-00000002.pt"
+    with open(run / "slurm-77.out", "a") as f:  # the requeued job appends to its log
+        f.write("requeued\n")
+    rc, out, err = cli(*args, "--resume", "auto")
+    assert rc == 0, err
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert "resumed from" in (run / "log.txt").read_text()
+    assert (run / "slurm-77.out").read_text() == "job 77 started\nrequeued\n"
