@@ -78,10 +78,21 @@ def test_without_flock_pretraining_runs_resumes_prunes_and_evaluations_read_it(t
     assert "top-1" in out.lower() or "top1" in out.lower(), out
 
 
-def test_without_flock_eval_reads_the_checkpoint(tmp_path, monkeypatch):
-    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=tmp_path / "R", iters=2, keep_last=2))
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL])
+def test_without_flock_eval_reads_the_checkpoint(tmp_path, monkeypatch, code):
+    """Every answer a file system without locks gives (Lustre noflock: ENOSYS; FUSE: EOPNOTSUPP; NFS without
+    its lock manager: ENOLCK; EINVAL) lets eval read the run and pretraining continue it."""
+    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=tmp_path / "R", iters=2, keep_last=2,
+                                    stop_after=1))
     assert rc == 0, err
-    monkeypatch.setattr(fcntl, "flock", no_flock)
+
+    def refused(fd, op):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(fcntl, "flock", refused)
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "R")
+    assert rc == 0, err
+    assert steps(tmp_path / "R") == [2, 1] and len(warnings_about_locks(err)) == 1
+    monkeypatch.setattr(locks, "_WARNED", [])
     rc, out, err = cli("eval", "--data", "folder", "--data_path", _DATA[0], "--image_size", 32, "--encoder_ckpt",
                        tmp_path / "R", "--device", "cpu", "--workers", 0, "--root", tmp_path / "logs", "--name", "ev",
                        "--verbose", "false", "--cache_features", "false", "--protocol", "linear", "--iters", 2,

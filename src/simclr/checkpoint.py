@@ -31,7 +31,7 @@ import torch
 
 from .errors import CheckpointError
 from .files import DiskFullError, atomic_write, check_own, is_temp, read_small_json, sha256_file
-from .locks import BUSY, NONE, open_for_lock, try_lock
+from .locks import BUSY, NONE, open_for_lock, try_lock, warn_unlocked
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
@@ -385,6 +385,10 @@ def pin(path: Path) -> bool:
         return True  # unreadable: read() says why in one line
     try:
         got = try_lock(fd, path, exclusive=False, wait=True)
+    except OSError as e:  # a lock the file system refuses in its own way: read it unpinned, not skip it
+        warn_unlocked(path, e)
+        got = NONE
+    try:
         held, now = os.fstat(fd), os.stat(path)
         if (held.st_ino, held.st_dev) != (now.st_ino, now.st_dev):
             raise FileNotFoundError(path)

@@ -18,7 +18,9 @@ from .progress import printable
 
 HELD, BUSY, NONE = "held", "busy", "none"
 # flock's answer where the file system keeps no locks at all (not: another process holds one)
-UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOLCK})
+# (EINVAL: the operations asked are valid, so it is the file system refusing them)
+UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOLCK,
+                         errno.EINVAL})
 _HELD_ELSEWHERE = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
 _WARNED: list = []
 
