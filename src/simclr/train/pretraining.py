@@ -43,6 +43,7 @@ from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run
 from ..runtime import (autocast_dtype, cuda_rng_state, out_of_memory, resolve_device, rng_state, seed_everything,
                        set_rng_state, tune_backends)
 from .probe import Probe, build_probe
+from .resume_message import changes_message
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,29 +258,6 @@ def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
     """{key: (checkpoint's value, this run's value)} for the trajectory keys that differ."""
     return {k: (saved[k], getattr(cfg, k)) for k in TRAJECTORY
             if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)}
-
-
-def changes_message(path: Path, changes: dict) -> str:
-    """Why a resume that changes the run is refused: the run's config.yaml edited since it was saved (it holds
-    the new values; the fix is to put the old ones back), or options given now (the fix is to leave them out)."""
-    run_config = path.parent.parent / "config.yaml"
-    try:
-        written = config_lib.load_yaml(str(run_config)) if path.parent.name == "checkpoints" else {}
-    except (OSError, UserError):
-        written = {}
-    edited = {k: v for k, v in changes.items() if isinstance(written, dict) and k in written and written[k] == v[1]}
-    given = {k: v for k, v in changes.items() if k not in edited}
-    parts = []
-    if edited:
-        listed = "; ".join(f"{k}: {new!r} there, {old!r} in the checkpoint" for k, (old, new) in edited.items())
-        parts.append(f"{run_config} differs from the config saved in {path.name} ({listed}): put back "
-                     f"{', '.join(f'{k}: {old!r}' for k, (old, new) in edited.items())} in it to continue the run "
-                     f"as it was")
-    if given:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in given.items())
-        parts.append(f"options that change the run ({listed}): leave them out to continue the run as it was")
-    return (f"resuming {path}: {'; '.join(parts)}; or pass --allow_config_change true to continue with the new "
-            f"values")
 
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
