@@ -42,6 +42,16 @@ def test_a_port_nobody_listens_on_says_connection_refused(tmp_path, capfd):
     assert "another service" not in line
 
 
+def test_an_address_that_never_answers_says_timed_out(tmp_path, capfd, monkeypatch):
+    """A wrong address or a firewall drops the connection attempts: no answer at all (simulated: every connect
+    times out, as a dropped SYN does)."""
+    def dropped(address, timeout=None, **kw):
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(socket, "create_connection", dropped)
+    line = _rendezvous_error(tmp_path, capfd, "127.0.0.1", _free_port())
+    assert "timed out connecting to 127.0.0.1:" in line and "within 2 s" in line, line
+
+
 @pytest.fixture
 def chatty_service():
     """A port where another service answers every connection with an HTTP error (not a torch store)."""
