@@ -1,6 +1,8 @@
 """Values from outside are refused where they enter: one ``error:`` line at parse time, nothing written."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -158,15 +160,25 @@ def _broken(tmp_path, data_root, split: str) -> Path:
     return data
 
 
-def test_eval_bad_image_message_suggests_no_option_eval_refuses(tmp_path, data_root):
-    data = _broken(tmp_path, data_root, "test")
-    rc, out, err = cli("knn", "--data", "folder", "--data_path", data, "--encoder_arch", "resnet18",
-                       "--encoder_width", 8, "--image_size", 32, "--device", "cpu", "--workers", 0,
-                       "--root", tmp_path / "runs", "--cache_features", "false", "--k", 3)
-    line = one_error(rc, err, "broken.png", "Remove or replace the file")
-    assert "skip_bad_images" not in line, line
-    rc, out, err = cli("knn", "--data", "folder", "--data_path", data, "--skip_bad_images", "true")
-    one_error(rc, err, "skip_bad_images")  # the option the old message named: knn refuses it
+@pytest.mark.parametrize("command", ["knn", "eval"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_eval_bad_image_message_names_an_option_eval_accepts(tmp_path, data_root, command, split):
+    """Observation: knn/eval named --skip_bad_images as the fix for an unreadable image, then refused the option.
+    Now they accept it: the advice of the message, followed, evaluates the readable images."""
+    data = _broken(tmp_path, data_root, split)
+    base = [command, "--data", "folder", "--data_path", data, "--encoder_arch", "resnet18", "--encoder_width", 8,
+            "--image_size", 32, "--device", "cpu", "--workers", 0, "--root", tmp_path / "runs",
+            "--cache_features", "false"]
+    base += ["--k", 3] if command == "knn" else ["--protocol", "fast-linear"]
+    rc, out, err = cli(*base)
+    one_error(rc, err, "broken.png", "Remove or replace the file", "--skip_bad_images true")
+    rc, out, err = cli(*base, "--skip_bad_images", "true")
+    assert rc == 0, err
+    (warning,) = [ln for ln in (out + err).splitlines() if "warning: skipped 1 unreadable" in ln]
+    assert f"of the {split} split" in warning and "broken.png" in warning, warning
+    (result,) = (tmp_path / "runs").rglob("eval.json")
+    n_test = json.loads(result.read_text())["n_test"]
+    assert n_test == 4 * 3, "the accuracy is over the readable test images (the broken one is the 13th)"
 
 
 def test_pretrain_bad_image_message_still_names_its_option(tmp_path, data_root):

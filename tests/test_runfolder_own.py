@@ -214,10 +214,10 @@ def test_a_run_dir_that_holds_files_of_its_own_is_refused_for_every_kind_of_run(
     (project / "log.txt").write_text("my log\n")
     before = tree_digest(project)
     rc, _, err = pretrain(tmp_path / "logs", run_dir=project)
-    one_error(rc, err, str(project), "notes.txt", "--run_dir")
+    one_error(rc, err, str(project), "env.json", "--run_dir")  # a file the run would write over (notes.txt is none)
     a = one_run(tmp_path, iters=2)
     rc, _, err = cli(*knn_args(_DATA[0], tmp_path / "logs", a, run_dir=project))
-    one_error(rc, err, "notes.txt", "--run_dir")
+    one_error(rc, err, "env.json", "--run_dir")
     assert tree_digest(project) == before and sorted(p.name for p in project.iterdir()) == [
         "env.json", "log.txt", "notes.txt"]
     names = tmp_path / "logs" / "t"  # the name folder holding run a

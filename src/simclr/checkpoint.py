@@ -31,6 +31,7 @@ import torch
 
 from .errors import CheckpointError
 from .files import DiskFullError, atomic_write, check_own, is_temp, read_small_json, sha256_file
+from .locks import BUSY, NONE, open_for_lock, try_lock, warn_unlocked
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
@@ -371,25 +372,32 @@ _PINS: dict = {}
 
 def pin(path: Path) -> bool:
     """Hold a shared lock on checkpoint ``path`` (until :func:`unpin` or the process ends) so that the run writing
-    it does not prune it while it is read. False when the file is gone (pruned since it was listed)."""
-    import fcntl
+    it does not prune it while it is read. False when the file is gone (pruned since it was listed). Where the file
+    system keeps no locks the file is read unpinned (:mod:`simclr.locks` warns once)."""
     key = os.path.abspath(path)
     if key in _PINS:
         return True
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        fd = open_for_lock(path, exclusive=False)
     except FileNotFoundError:
         return False
     except OSError:
         return True  # unreadable: read() says why in one line
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        got = try_lock(fd, path, exclusive=False, wait=True)
+    except OSError as e:  # a lock the file system refuses in its own way: read it unpinned, not skip it
+        warn_unlocked(path, e)
+        got = NONE
+    try:
         held, now = os.fstat(fd), os.stat(path)
         if (held.st_ino, held.st_dev) != (now.st_ino, now.st_dev):
             raise FileNotFoundError(path)
     except OSError:
         os.close(fd)
         return False
+    if got == NONE:
+        os.close(fd)
+        return True
     _PINS[key] = fd
     return True
 
@@ -419,18 +427,20 @@ def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
 
 
 def _take_for_removal(path: Path) -> Optional[int]:
-    """An exclusive lock on ``path`` when no reader holds it (the descriptor), else None."""
-    import fcntl
+    """An exclusive lock on ``path`` when no reader holds it (the descriptor), else None. The file is opened for
+    writing: NFS, which emulates flock with a byte-range lock, grants no exclusive lock on a read-only file. Where
+    the file system keeps no locks, the descriptor unlocked (the file is pruned as if no one read it)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        fd = open_for_lock(path, exclusive=True)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if try_lock(fd, path, exclusive=True) != BUSY:
+            return fd
     except OSError:
-        os.close(fd)
-        return None
-    return fd
+        pass
+    os.close(fd)
+    return None
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

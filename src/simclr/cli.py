@@ -135,10 +135,18 @@ def program() -> str:
     return f"{python} -m simclr"
 
 
-def resume_command(run_dir: str) -> str:
+def resume_command(run_dir: str, cfg=None) -> str:
+    """The command that continues ``run_dir``. A run over several nodes (``--dist ddp --world_size N``) resumes
+    with each node's own ``--node_rank``: config.yaml holds node 0's, so a plain resume would make every node 0."""
     if Path(sys.argv[0]).name == "train.py":  # train.py picks the job from the run's config
-        return f"{program()} --resume {shlex.quote(str(run_dir))}"
-    return f"{program()} pretrain --resume {shlex.quote(str(run_dir))}"
+        command = f"{program()} --resume {shlex.quote(str(run_dir))}"
+    else:
+        command = f"{program()} pretrain --resume {shlex.quote(str(run_dir))}"
+    nodes = getattr(cfg, "world_size", 1) if getattr(cfg, "dist", "") == "ddp" else 1
+    if nodes > 1:
+        command += (f" --node_rank {cfg.node_rank} (on every one of the {nodes} nodes, each with its own --node_rank "
+                    f"0 to {nodes - 1})")
+    return command
 
 
 def _tracker_environment(cfg) -> None:
@@ -164,6 +172,10 @@ def pretrain_main(argv: Sequence[str]) -> int:
     try:
         with StopSignals(at_once=True) as stop:
             result = pretrain(cfg, should_stop=stop, started=stop.graceful)
+    except UserError as e:
+        if getattr(e, "run_dir", ""):
+            e.resume_command = resume_command(e.run_dir, cfg)
+        raise
     finally:
         if distributed.is_broken():  # a peer died: the interpreter's teardown of the group could hang
             atexit.register(_hard_exit)
@@ -175,7 +187,7 @@ def pretrain_main(argv: Sequence[str]) -> int:
             summary.append(f"kNN top-1 after pretraining: {result['knn_top1']:.2f}% "
                            f"(top-5 {result['knn_top5']:.2f}%)")
         if result["status"] == "interrupted":
-            summary.append(f"continue with: {resume_command(result['run_dir'])}")
+            summary.append(f"continue with: {resume_command(result['run_dir'], cfg)}")
         print("\n".join(summary))
     return 0
 
@@ -353,7 +365,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         print(f"error: {printable(_clean(str(e)))}", file=sys.stderr)
         if getattr(e, "run_dir", ""):  # a run that stopped on an error can be continued once it is fixed
             print(f"the run folder is {e.run_dir}; after fixing the cause continue with: "
-                  f"{resume_command(e.run_dir)}", file=sys.stderr)
+                  f"{getattr(e, 'resume_command', '') or resume_command(e.run_dir)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)

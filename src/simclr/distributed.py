@@ -15,10 +15,15 @@ line, and :func:`is_broken` tells the entry point to leave without tearing the g
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+import socket
+import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +72,79 @@ def env_ranks() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def _reach(addr: str, port: int, timeout_s: float) -> None:
+    """Raise OSError unless rank 0's store at ``addr:port`` accepts a TCP connection within ``timeout_s``: a host
+    name that does not resolve fails at once; a refused connection (rank 0 not started yet) is tried again until
+    the time is up. torch's own client says all this in C++ stack frames."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+            with socket.create_connection((addr, port), timeout=max(0.05, min(left, 5.0))):
+                return
+        except socket.gaierror as e:  # a name that does not exist fails at once; a resolver not answering, later
+            if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)) or left <= 0:
+                raise
+        except (ConnectionRefusedError, TimeoutError):  # other errors (no route to host ...) at once
+            if left <= 0:
+                raise
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _cause(e: BaseException, addr: str, port: int) -> str:
+    """What went wrong connecting to ``addr:port``, and the fix, from the exception (Python's or torch's)."""
+    text = str(e)
+    low = text.lower()
+    if isinstance(e, socket.gaierror) or "name or service not known" in low or "nodename nor servname" in low:
+        why = e.strerror if isinstance(e, socket.gaierror) and e.strerror else "name or service not known"
+        return (f"host not found: MASTER_ADDR={addr} does not resolve ({why}); set MASTER_ADDR to the host name or "
+                f"address of rank 0's node")
+    if isinstance(e, ConnectionRefusedError) or "connection refused" in low:
+        return (f"connection refused: nothing listens at {addr}:{port} (rank 0 not started, or another "
+                f"MASTER_ADDR/MASTER_PORT there); start rank 0 with the same MASTER_ADDR and MASTER_PORT")
+    if "ping failed" in low or "invalid value returned from server" in low:
+        return (f"{addr}:{port} answers, but is no process group's store (another service listens on MASTER_PORT); "
+                f"choose a free MASTER_PORT for every rank")
+    if "address already in use" in low:
+        return f"MASTER_PORT {port} is already in use on this host; choose another MASTER_PORT"
+    if isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in low:
+        return (f"timed out connecting to {addr}:{port} (no answer: a wrong address, or a firewall); check "
+                f"MASTER_ADDR and that the port is open between the nodes")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} connecting to {addr}:{port}; check MASTER_ADDR and MASTER_PORT"
+    return (f"{text.splitlines()[0][:200] if text else type(e).__name__}; check that every node was started with "
+            f"the same address and world size and that the port is open")
+
+
+_NOISE = ("[c10d]", "frame #", "Exception raised from", "<omitting python frames>")
+
+
+@contextlib.contextmanager
+def _without_c10d_noise():
+    """Leave out what torch's C++ client writes to the standard error while it retries (each retry a warning
+    with 15-30 C++ stack frames): the failure is said in one line afterwards. Other lines written meanwhile are
+    passed on."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [ln for ln in caught.read().decode(errors="replace").splitlines()
+                    if ln.strip() and not any(n in ln for n in _NOISE)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
 def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
     """The TCP store of ``url`` within ``timeout``. torch's client waits forever for the handshake of a port
     that accepts and never answers (another service on MASTER_PORT), whatever timeout it is given: the
@@ -80,8 +158,9 @@ def _rendezvous(url: str, rank: int, world: int, timeout: datetime.timedelta):
             out.append(e)
 
     t = threading.Thread(target=connect, daemon=True, name="simclr-rendezvous")
-    t.start()
-    t.join(timeout.total_seconds() + 5)
+    with _without_c10d_noise():
+        t.start()
+        t.join(timeout.total_seconds() + 5)
     if not out:
         raise RuntimeError(f"no answer from the store at {url} (is MASTER_PORT another service?)")
     if isinstance(out[0], Exception):
@@ -104,6 +183,13 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
+        # rank 0 opens the store; the others first reach it from Python, so that a wrong MASTER_ADDR or a port no
+        # one listens on is one line naming the cause (host not found, refused, timed out)
+        _reach(addr, port, timeout_s) if rank else socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"rank {rank} of {world} could not reach the process group's store at {addr}:{port} within "
+                        f"{timeout_s} s: {_cause(e, addr, port)}") from None
+    try:
         host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address needs brackets in a URL
         store = _rendezvous(f"tcp://{host}:{port}", rank, world, timeout)
         # torchrun --max-restarts relaunches the workers against the same store: without a prefix per
@@ -111,11 +197,9 @@ def init(device_type: str, timeout_s: int | None = None) -> DistInfo:
         attempt = env_int("TORCHELASTIC_RESTART_COUNT", 0)
         dist.init_process_group(backend, store=dist.PrefixStore(f"simclr/attempt_{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"rank {rank} of {world} could not join the process group at "
-                        f"{addr}:{port} within {timeout_s} s "
-                        f"({str(e).splitlines()[0][:200]}); check that every node was started with the same "
-                        f"address and world size and that the port is open") from None
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"rank {rank} of {world} could not join the process group at {addr}:{port} within "
+                        f"{timeout_s} s: {_cause(e, addr, port)}") from None
     return DistInfo(rank, world, local)
 
 

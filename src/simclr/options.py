@@ -352,6 +352,8 @@ class EvalConfig(CommonConfig):
     protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
                            "L-BFGS logistic regression, L2 picked on a held-out split), knn",
                            ["linear", "fast-linear", "knn"])
+    skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted, named in a warning) "
+                                   "instead of failing; the accuracy is then over the readable test images")
     encoder_ckpt: str = option("", "encoder checkpoint (ours, a run folder = its newest valid one, a .json card, "
                                "the spec's .pth.tar, or an export); empty = a randomly initialised encoder "
                                "(a baseline)",
@@ -432,7 +434,7 @@ class EvalConfig(CommonConfig):
 KNN_KEYS = ("name", "root", "data", "data_path", "image_size", "encoder_ckpt", "encoder_arch", "encoder_width",
             "trust_checkpoint", "encode_layer", "k", "temperature", "knn_vote", "train_subset", "test_subset",
             "train_size", "data_split_seed", "test_bs", "precompute_emb_bs", "cache_features", "seed", "workers",
-            "device", "precision", "verbose", "run_dir", "logger", "mlflow_uri", "timm_kwargs")
+            "device", "precision", "verbose", "run_dir", "logger", "mlflow_uri", "timm_kwargs", "skip_bad_images")
 
 
 def _knn_finalize(self, config_path: Optional[str]) -> None:

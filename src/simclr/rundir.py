@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -38,10 +39,12 @@ from typing import Callable, Optional
 
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
+from .locks import BUSY, try_lock
 from .progress import printable
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
+MAX_NAME_PARTS = 15  # --name a/b/c: nested folders, each listed by `simclr runs` (which looks this deep)
 
 
 def new_run_id() -> str:
@@ -157,19 +160,56 @@ def check_kind(path: Path, kind: str) -> None:
 
 
 def check_not_foreign(path: Path) -> None:
-    """Refuse to make a run of an existing folder that is no run and holds files of its own (a project, a data
-    folder, the home folder): the run would write config.yaml, env.json, log.txt ... over or among them. A new or
-    empty folder is fine, and so is one holding only what a run writes (a run killed before its config.yaml)."""
+    """Refuse to make a run of an existing folder that is no run when the run would harm what is there: a file it
+    would write over or append to that it did not write (a foreign config.yaml, env.json, log.txt, metrics.jsonl,
+    a non-empty checkpoints/), or run folders (``simclr runs`` would list this run and no longer the runs below
+    it). Anything else may stay: a console log (``> R/stdout.log``, SLURM's ``--output=R/slurm-%j.out``), notes,
+    the empty folders or lock a run killed before its config.yaml left."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink() or is_run(path):
         return
-    own = set(RUN_FILES) | set(RUN_FOLDERS)
-    foreign = sorted(n for n in os.listdir(path) if n not in own and not is_temp(path / n))
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"{path} is no run folder and holds files of its own ({foreign[0]}{more}); a run would write "
-                        f"config.yaml, log.txt, env.json ... among them. Give a new or empty --run_dir (or none: a "
-                        f"new folder is made under --root)")
+    harmed, runs = [], []
+    for name in sorted(os.listdir(path)):
+        p = path / name
+        if is_temp(p) or name == ".lock" and _our_lock(p):
+            continue
+        if name in RUN_FILES or name == "checkpoints" and (not p.is_dir() or any(os.scandir(p))):
+            harmed.append(name)
+        elif name not in RUN_FOLDERS and p.is_dir() and not p.is_symlink() and _holds_runs(p):
+            runs.append(name)
+    if harmed:
+        more = f" and {len(harmed) - 1} more" if len(harmed) > 1 else ""
+        raise UserError(f"{path} is no run folder and holds {harmed[0]}{more}, which a run would write over or "
+                        f"append to but did not write. Give a new or empty --run_dir (or none: a new folder is made "
+                        f"under --root)")
+    if runs:
+        raise UserError(f"{path} holds run folders ({runs[0]}); a run made there would hide them from `simclr runs`. "
+                        f"Give a new or empty --run_dir (or none: a new folder is made under --root)")
+
+
+def _our_lock(path: Path) -> bool:
+    """Whether ``path`` is a run's .lock (empty, or the holder a run writes into it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        data = os.read(fd, 200) if stat.S_ISREG(os.fstat(fd).st_mode) else b"?"
+    except OSError:
+        data = b"?"
+    finally:
+        os.close(fd)
+    return not data.strip() or data.startswith(b"pid ")
+
+
+def _holds_runs(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder, or holds one a level below (a name folder of runs)."""
+    if is_run(folder):
+        return True
+    try:
+        return any(e.is_dir(follow_symlinks=False) and is_run(Path(e.path)) for e in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -185,12 +225,16 @@ def _json_text(obj) -> str:
 def _take_lock(folder: Path) -> int:
     """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock``, held until :meth:`RunDir.close`
     or the process ends (so a dead writer's lock is free again by itself). The holder's pid and host are
-    written into the file for the message a second writer gets."""
-    import fcntl
+    written into the file for the message a second writer gets. Where the file system keeps no locks (Lustre
+    mounted ``noflock``) the run goes on without one, after one warning (:mod:`simclr.locks`)."""
     fd = open_own(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        got = try_lock(fd, folder / ".lock", exclusive=True)
+    except OSError as e:
+        os.close(fd)
+        raise UserError(f"cannot lock the run folder {folder} ({folder / '.lock'}: {e.strerror}); give this run "
+                        f"another --run_dir") from None
+    if got == BUSY:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"the run folder {folder} is in use by {holder}; wait for that run to end, or give this "
@@ -236,6 +280,9 @@ class RunDir:
                             f"read the run's files as images of a class. Choose {option} outside it")
         if run_dir:
             return cls(Path(run_dir), kind=kind)
+        if len(Path(name).parts) > MAX_NAME_PARTS:
+            raise UserError(f"--name {name} has {len(Path(name).parts)} parts; a run name may nest at most "
+                            f"{MAX_NAME_PARTS} folders (a/b/c), so that `simclr runs` lists it")
         base, run_id = Path(root) / name, new_run_id()
         for i in range(1000):  # two runs started in the same second by one process get their own folders
             path = base / (run_id if i == 0 else f"{run_id}-{i}")

@@ -32,7 +32,7 @@ from .cache import bound_cache, cache_dir, cache_used, max_bytes
 from .identity import files_identity
 from .scan import (HEADER_CHECK_MAX, IMG_EXTENSIONS, _bad_image_error, bad_image_fix, check_headers,
                    listed, once, scan_folder)
-from .images import open_rgb
+from .images import DECODER, open_rgb
 
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
 
@@ -178,7 +178,7 @@ def _folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool]) -> 
     files, targets, classes, special = scan_folder(root)
     key, listing = files_identity(files, root)
     listed(root, len(files), time.perf_counter() - t, "listed and identified")
-    cached = cache_dir() / f"{name}-{key}.npz"
+    cached = cache_dir() / f"{name}-d{DECODER}-{key}.npz"
     if cached.exists():
         try:
             with np.load(cached) as z:

@@ -29,7 +29,7 @@ from ..errors import DataError
 from ..runtime import cpu_threads
 from .batch_aug import BatchAugment, center_view
 from .datasets import bad_image_fix
-from .images import open_rgb
+from .images import jpeg_orientation, open_rgb
 from .transforms import OFFICIAL_BLUR_SIGMA
 from .sampler import StepBatches, sample_seed, step_loader
 
@@ -121,6 +121,20 @@ def _warn_fallback(device: torch.device, n: int, error: Exception) -> None:
                   f"GPU decoding. (Warned once.)", RuntimeWarning, stacklevel=3)
 
 
+_HEADER = 1 << 17  # a JPEG's EXIF segment lies in its first 64 KiB after APP0
+
+
+def _upright(t: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded (3, H, W) image turned as EXIF ``orientation`` says (PIL's ``ImageOps.exif_transpose``)."""
+    if orientation in (5, 6, 7, 8):
+        t = t.transpose(-1, -2)
+    if orientation in (2, 3, 6, 7):
+        t = t.flip(-1)
+    if orientation in (3, 4, 7, 8):
+        t = t.flip(-2)
+    return t.contiguous() if orientation != 1 else t
+
+
 def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
     out: list = [None] * len(items)
@@ -137,6 +151,9 @@ def _decode_batch(items, device, files, indices, skip_bad, bad) -> list:
                     out[k] = decode_jpeg(items[k], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass  # decoded by PIL below
+    for k in jpeg:  # the device decoder ignores the EXIF orientation; PIL's path (open_rgb) applies it
+        if out[k] is not None:
+            out[k] = _upright(out[k], jpeg_orientation(items[k][:_HEADER].numpy().tobytes()))
     for k, t in enumerate(items):
         if out[k] is not None:
             continue

@@ -109,6 +109,12 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
     image_size = cfg.image_size or encoder.input_size
     encoder.warn_size = False  # the size is the command's choice, printed at start
     train, test, unlabeled, classes = _load_splits(cfg, image_size)
+    for split, ds in (("train", train), ("test", test)):
+        while hasattr(ds, "base"):  # a subset's files are its split's
+            ds = ds.base
+        bad = getattr(ds, "bad_images", None)
+        if bad:  # --skip_bad_images true
+            log(f"warning: skipped {len(bad)} unreadable image file(s) of the {split} split, e.g. {bad[0]}")
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes, channels_last)
     if head_state is not None:  # a head that does not fit fails before any folder is created
@@ -147,12 +153,12 @@ def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tup
 def _load_splits(cfg: EvalConfig, image_size: int) -> tuple:
     """(train, test, unlabelled rest or None, class names) of ``cfg.data``. Eval-only reads no training split
     (train is None): a saved head is scored on the test split alone."""
-    test = get_dataset(cfg.data, "test", cfg.data_path, image_size)
+    test = get_dataset(cfg.data, "test", cfg.data_path, image_size, cfg.skip_bad_images)
     if cfg.eval_only:
         if cfg.test_subset and cfg.test_subset < len(test):
             test = test.subset(balanced_indices(test.targets, cfg.test_subset, 0))
         return None, test, None, list(test.classes)
-    full = get_dataset(cfg.data, "train", cfg.data_path, image_size)
+    full = get_dataset(cfg.data, "train", cfg.data_path, image_size, cfg.skip_bad_images)
     labelled = [i for i, t in enumerate(full.targets) if t >= 0]
     if len(labelled) < len(full):
         full = full.subset(labelled)

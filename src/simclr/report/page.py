@@ -68,7 +68,8 @@ def _plots(figs: _Figures, records: list, evals: list, cfg: dict, pic_dir: Path,
     figs.add("Learning-rate schedule", plots.plot_lr(records, cfg, pic_dir / "lr.png"),
              "Grey: the schedule computed from the config for every step; dots: the values logged by the run.",
              "no learning rate in config.yaml or metrics.jsonl")
-    total_steps = cfg["iters"] if isinstance(cfg.get("iters"), (int, float)) else None
+    iters = cfg.get("iters")  # a hand-edited config.yaml may say anything: only a finite step count is drawn
+    total_steps = iters if isinstance(iters, (int, float)) and 0 < iters < math.inf else None
     run_data = str(cfg.get("data") or "")
     run_tests = cfg.get("test_subset") if isinstance(cfg.get("test_subset"), int) else None
     figs.add("Accuracy", plots.plot_accuracy(records, evals, pic_dir / "accuracy.png", total_steps, run_data,

@@ -108,24 +108,32 @@ def plot_curves(records: list, path: Path, loss_name: str = "NT-Xent loss") -> O
     return save(fig, path)
 
 
+PLANNED_POINTS = 100_000  # the most steps of the planned schedule drawn one by one
+
+
 def plot_lr(records: list, cfg: dict, path: Path) -> Optional[Path]:
     """The planned schedule (from the config) with the logged values on top."""
     tr = _train_records(records)
     s, lr = _series(tr, "lr")
-    planned = None
+    planned = steps = None
     try:
         from ..optim import lr_schedule
         if cfg.get("iters") and "lr" in cfg:
-            planned = lr_schedule(float(cfg["lr"]), int(cfg["iters"]), str(cfg.get("lr_schedule", "warmup-anneal")),
+            iters = int(cfg["iters"])
+            # at most PLANNED_POINTS points, spread over the steps: a config.yaml saying iters: 2e11 is drawn,
+            # not a 1.5 TiB array (the schedule's shape depends on step / iters only)
+            n = min(iters, PLANNED_POINTS)
+            planned = lr_schedule(float(cfg["lr"]), n, str(cfg.get("lr_schedule", "warmup-anneal")),
                                   float(cfg.get("warmup", 0.0)))
-    except (ValueError, TypeError):
+            steps = np.arange(1, n + 1) * (iters / n)
+    except (ValueError, TypeError, OverflowError):
         planned = None
     if planned is None and not len(s):
         return None
     fig, ax = figure(5.5, 3.2)
     a = ax[0, 0]
     if planned is not None:
-        a.plot(np.arange(1, len(planned) + 1), planned, color="0.6", lw=1.5,
+        a.plot(steps, planned, color="0.6", lw=1.5,
                label=f"planned ({cfg.get('lr_schedule')})")
     if len(s):
         a.plot(s, lr, "o", ms=3, color="C2", label="logged")

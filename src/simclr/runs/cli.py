@@ -115,6 +115,9 @@ def runs_main(argv) -> int:
     for _, row in df[df["metrics_skipped"].fillna(0) > 0].iterrows() if "metrics_skipped" in df else ():
         print(printable(f"warning: {row['path']}/metrics.jsonl: skipped {int(row['metrics_skipped'])} unreadable "
                         f"line(s) or value(s), e.g. {row['metrics_problem']}"), file=sys.stderr, flush=True)
+    for _, row in df[df["skipped_files"].notna()].iterrows() if "skipped_files" in df else ():
+        print(printable(f"note: {row['path']}: skipped {row['skipped_files']}: not a regular file, never read"),
+              file=sys.stderr, flush=True)
     if where:
         df = filter_rows(df, where)
     key = args.sort or "started"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -33,11 +35,39 @@ def loads(text):
     return json.loads(text, parse_int=_int)
 
 
-def read_json(path: Path):
-    """A run folder's JSON file (at most MAX_CONFIG_BYTES), or None when missing, too large or unparsable."""
+class NotRegular(OSError):
+    """A run-folder file that is a FIFO, socket or device: reading it could block forever, so it is skipped."""
+
+
+def special_kind(path: Path) -> str:
+    """'a FIFO', 'a socket' ... when ``path`` (links followed) is no regular file nor folder, else ''."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
+def read_bytes(path: Path, limit: Optional[int] = None) -> bytes:
+    """The bytes of a regular file (at most ``limit`` + 1 of them), opened without blocking: a FIFO named
+    metrics.jsonl would otherwise block ``simclr runs`` forever (:class:`NotRegular`, an OSError)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(f"{path} is no regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read() if limit is None else f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path):
+    """A run folder's JSON file (at most MAX_CONFIG_BYTES), or None when missing, too large, unparsable or no
+    regular file."""
+    try:
+        data = read_bytes(path, MAX_CONFIG_BYTES)
         if len(data) > MAX_CONFIG_BYTES:
             return None
         return loads(data)
@@ -61,14 +91,25 @@ def read_config(run: Path) -> dict:
     """The run's resolved config (flattened), or {} when missing or unreadable."""
     path = Path(run) / "config.yaml"
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        data = read_bytes(path, MAX_CONFIG_BYTES)
+        if len(data) > MAX_CONFIG_BYTES:
             return {}
-        cfg = _yaml_load(path.read_text(), path)
+        cfg = _yaml_load(data.decode(errors="replace"), path)
     except OSError:
         return {}
     except Exception:  # a half-written YAML file: yaml raises several error types
         return {}
     return flatten(cfg) if isinstance(cfg, dict) else {}
+
+
+def skipped_files(run: Path, names) -> str:
+    """The files of ``run`` among ``names`` (and its eval*.json) that are no regular file and were skipped:
+    ``"metrics.jsonl (a FIFO)"``, or ''."""
+    run = Path(run)
+    found = [f"{n} ({special_kind(run / n)})" for n in names if special_kind(run / n)]
+    found += [f"{p.name} ({special_kind(p)})" for p in sorted(run.glob("eval*.json"))
+              if p.name not in names and special_kind(p)]
+    return ", ".join(found)
 
 
 def read_evals(run: Path) -> list:
@@ -125,9 +166,14 @@ def read_metrics(path: Path, bad: Optional[list] = None) -> list:
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    if not p.exists():
+    try:
+        text = read_bytes(p).decode(errors="replace")
+    except NotRegular:
+        bad.append(f"{p.name} is {special_kind(p)}, not a regular file: skipped")
         return out
-    for i, line in enumerate(p.read_text(errors="replace").splitlines()):
+    except OSError:
+        return out
+    for i, line in enumerate(text.splitlines()):
         if line.strip():
             rec = parse_record(line, i + 1, bad)
             if rec is not None:
@@ -145,8 +191,8 @@ def metrics_summary(path: Path) -> dict:
     in ``metrics_problem``.
     """
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = read_bytes(path)
+    except OSError:  # missing, or no regular file (said by skipped_files)
         return {}
     lines = data.split(b"\n")
     out: dict = {}

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from ..rundir import MAX_NAME_PARTS
 from .evals import eval_columns, eval_summary, is_baseline, link_evals
-from .folder import finite, metrics_summary, read_config, read_evals, read_json
+from .folder import finite, metrics_summary, read_config, read_evals, read_json, skipped_files
 from .status import effective_status
 
 MARKERS = ("status.json", "config.yaml", "metrics.jsonl", "eval.json")
 _NOT_RUNS = {"checkpoints", "tb", "report", "features", "__pycache__"}
-_MAX_DEPTH = 4
+# --name a/b/c/d puts a run 5 folders below the root: every name a run may have (rundir.MAX_NAME_PARTS) is listed
+_MAX_DEPTH = MAX_NAME_PARTS + 1
 
 # The columns `simclr runs` shows by default, in this order.
 SUMMARY_COLUMNS = ["id", "name", "kind", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
@@ -38,11 +40,15 @@ def find_runs(root) -> list:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"runs folder not found: {root} (pass --root DIR, or set SIMCLR_LOGS)")
-    found = []
+    found, seen = [], set()
     stack = [(root, 0)]
     while stack:
         folder, depth = stack.pop()
         try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:  # a folder reached twice through links: a loop, or listed already
+                continue
+            seen.add((st.st_dev, st.st_ino))
             entries = list(os.scandir(folder))
         except OSError:
             continue
@@ -52,7 +58,7 @@ def find_runs(root) -> list:
             continue
         if depth < _MAX_DEPTH:
             for e in entries:
-                # symlinked run folders are followed; the depth limit keeps a link loop finite
+                # symlinked run folders are followed; a folder is entered once (a link loop ends)
                 if e.name not in _NOT_RUNS and not e.name.startswith(".") and e.is_dir():
                     stack.append((Path(e.path), depth + 1))
     return sorted(found)
@@ -115,6 +121,9 @@ def summarize(run: Path, now: Optional[float] = None, host: Optional[str] = None
             row[k] = m[k]
     if "lr" in m:
         row["lr_last"] = m["lr"]
+    skipped = skipped_files(run, MARKERS)
+    if skipped:  # a FIFO, socket or device where a run writes a file: never read (it could block forever)
+        row["skipped_files"] = skipped
     row.update(eval_summary(evals, cfg))
     if kind != "pretrain":
         row.update(eval_columns(evals, cfg))
@@ -145,7 +154,8 @@ def index(root="logs", where: Optional[dict] = None):
     (an eval run's protocol and result), ``encoder_run`` (the run whose checkpoint it evaluated),
     ``started`` (first start), ``updated`` (datetimes), ``duration`` (Timedelta: training time summed over
     every invocation of a resumed run), ``host, error, path``, ``metrics_skipped, metrics_problem``
-    (metrics.jsonl lines or values left out as unusable, and the first). On eval rows
+    (metrics.jsonl lines or values left out as unusable, and the first), ``skipped_files`` (a FIFO or other
+    special file where a run writes one: never read, it could block). On eval rows
     ``arch`` is the encoder's, ``head`` the classifier, ``knn_tau`` the kNN temperature; ``temperature``
     is NT-Xent's only. A run whose process died without a word shows ``status == 'interrupted'``
     with the reason in ``error``.

@@ -45,6 +45,7 @@ from ..runtime import (autocast_dtype, channels_last_on, cuda_rng_state, describ
                        precision_name, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends)
 from .data_identity import check_data_identity, refusal_recorded
 from .probe import Probe, build_probe
+from .resume_message import changes_message
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,9 +286,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
         cfg.seed = seed
     changes = config_changes(saved, cfg)
     if changes and not cfg.allow_config_change:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        raise UserError(f"resuming {path} with options that change the run: {listed}. Resume with the run's own "
-                        f"config (simclr pretrain --resume RUN_DIR), or pass --allow_config_change true")
+        raise UserError(changes_message(path, changes))
     for k, (old, new) in changes.items():
         log.warn(f"warning: {path} was trained with {k}={old!r}, this run continues with {k}={new!r} "
                  f"(--allow_config_change)")
