@@ -102,6 +102,20 @@ def write_error(path: Path, e: BaseException) -> UserError | None:
     return None
 
 
+def _refuse_special(path: Path) -> None:
+    """A rename over a device, FIFO or socket would replace it for every program (``--out /dev/null``, as root,
+    replaced the machine's /dev/null with a regular file): refused, naming it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "")
+    if kind:
+        raise UserError(f"cannot write {path}: it is {kind}, not a file, and writing would replace it for every "
+                        f"program; name a file instead")
+
+
 def atomic_write(path: Path, content: Content, *, before_replace: Callable[[Path], None] | None = None) -> None:
     """Write ``content`` (bytes, text, or a function ``f(file_object)`` such as ``lambda f: torch.save(x, f)``
     or ``lambda f: fig.savefig(f, format='png')``) to ``path`` atomically.
@@ -113,6 +127,7 @@ def atomic_write(path: Path, content: Content, *, before_replace: Callable[[Path
     path = Path(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: a folder of that name is in the way; move it aside")
+    _refuse_special(path)
     tmp = None
     try:
         tmp = temp_path(path)
