@@ -91,3 +91,41 @@ def test_the_header_check_from_the_first_bytes_refuses_what_the_file_check_refus
     from PIL import Image
     Image.open(next((data / "train" / "ship").iterdir())).save(big, exif=b"Exif\x00\x00" + b"\x00" * 20000)
     assert scan.header_problem(big, big.read_bytes()[:1024]) == ""
+
+
+def _private_growth_in_a_forked_child(touch) -> int:
+    """Bytes of private (copy-on-write) memory a forked child gains by running ``touch()``: what a DataLoader
+    worker gains by reading the parent's file list."""
+    def private() -> int:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(("Private_Dirty", "Private_Clean")))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, leave without running the parent's cleanup
+        try:
+            before = private()
+            touch()
+            os.write(w, str(private() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 64)
+    os.waitpid(pid, 0)
+    return int(out)
+
+
+def test_forked_workers_reading_the_file_list_do_not_copy_it():
+    from pathlib import Path
+    names = [f"/data/imagenet/train/n{i % 1000:08d}/img_{i:08d}.JPEG" for i in range(300_000)]
+    objects = [Path(p) for p in names]  # the old layout: one Python object per file
+    packed = scan.PathList(names)
+    assert [str(packed[i]) for i in (0, 1, 299_999, -1)] == [names[0], names[1], names[-1], names[-1]]
+    def read_all(files):  # what workers do over an epoch: look up each file's path, keep nothing
+        def touch():
+            for i in range(len(files)):
+                str(files[i])
+        return touch
+    grown_list = _private_growth_in_a_forked_child(read_all(objects))
+    grown_packed = _private_growth_in_a_forked_child(read_all(packed))
+    assert grown_list > 10 * 2 ** 20  # the harness sees the copy-on-write growth of the old layout ...
+    assert grown_packed < grown_list / 5  # ... and the packed list does not grow like it

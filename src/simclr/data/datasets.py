@@ -30,7 +30,7 @@ from ..names import DATASETS
 from ..progress import say
 from .cache import bound_cache, cache_dir, cache_used, max_bytes
 from .identity import files_identity
-from .scan import (HEADER_CHECK_MAX, IMG_EXTENSIONS, _bad_image_error, bad_image_fix, check_headers,
+from .scan import (HEADER_CHECK_MAX, IMG_EXTENSIONS, PathList, _bad_image_error, bad_image_fix, check_headers,
                    listed, once, scan_folder)
 from .images import DECODER, open_rgb
 
@@ -113,7 +113,7 @@ class FileImages(LabeledImages):
 
     def __init__(self, files: list, targets: Sequence[int], classes: list, name: str, image_size: int,
                  skip_bad_images: Optional[bool] = None):
-        self.files, self.targets, self.classes, self.name = files, list(targets), classes, name
+        self.files, self.targets, self.classes, self.name = PathList(files), list(targets), classes, name
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
         self.bad_images: list = []
@@ -133,7 +133,7 @@ class FileImages(LabeledImages):
 
 class Subset(LabeledImages):
     def __init__(self, base: LabeledImages, indices: list):
-        self.base, self.indices = base, indices
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)  # no int object per image (forked workers)
         self.targets = [base.targets[i] for i in indices]
         self.classes, self.name, self.image_size = base.classes, base.name, base.image_size
         arr = getattr(base, "images", None)
@@ -141,7 +141,7 @@ class Subset(LabeledImages):
             self.images = arr[np.asarray(indices, dtype=np.int64)]
 
     def load(self, i: int) -> Image.Image:
-        return self.base.load(self.indices[i])
+        return self.base.load(int(self.indices[i]))
 
 
 def _decode(path) -> np.ndarray:

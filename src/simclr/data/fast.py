@@ -36,13 +36,14 @@ from .sampler import StepBatches, sample_seed, step_loader
 # --------------------------------------------------------------------------------------------
 # file datasets: bytes in CPU workers, decoding on the device
 # --------------------------------------------------------------------------------------------
-def _file_list(images) -> Optional[list]:
+def _file_list(images):
+    """The images' files as a :class:`~.scan.PathList` (None for in-memory data): workers index it."""
     files = getattr(images, "files", None)
     if files is not None:
-        return list(files)
+        return files
     base = getattr(images, "base", None)
     if base is not None and getattr(base, "files", None) is not None:
-        return [base.files[i] for i in images.indices]
+        return base.files.take(images.indices)
     return None
 
 

@@ -19,7 +19,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from PIL import Image
 from torchvision.datasets.folder import find_classes
@@ -56,6 +58,36 @@ def _walk_class(folder: str, is_image: Callable[[os.DirEntry], bool]) -> list:
                 names.append(e.name)
         found.append((d, sorted(names)))
     return [os.path.join(d, n) for d, names in sorted(found) for n in names]
+
+
+class PathList(Sequence):
+    """File paths as one byte buffer and an offset array: no Python object per file.
+
+    DataLoader workers are forked; a list of 1.28M ``Path`` objects is shared copy-on-write, and every access
+    touches an object's reference count, so each worker's memory grew by the whole list over a long run (about
+    0.3 MB/s measured at 1.28M files, 8 workers per GPU: an out-of-memory kill after hours). Two numpy arrays
+    are read without writing to them. ``files[i]`` is a ``Path``."""
+
+    def __init__(self, paths: Sequence = ()):
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"file {i} of {n}")
+        i %= n
+        return Path(os.fsdecode(self._bytes[self._offsets[i]:self._offsets[i + 1]].tobytes()))
+
+    def take(self, indices) -> "PathList":
+        return PathList([self[int(i)] for i in indices])
 
 
 def scan_folder(root: Path) -> tuple[list, list, list, list]:
