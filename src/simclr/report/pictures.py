@@ -92,8 +92,10 @@ def plot_views(cfg: dict, path: Path, n_images: int = 6, n_views: int = 6, seed:
 
 
 def load_run_encoder(run: Path, cfg: dict, log=print):
-    """The encoder of the run's newest loadable checkpoint (or, for an eval run, its encoder_ckpt)."""
-    from ..checkpoint import list_checkpoints
+    """The encoder of the run's newest loadable checkpoint (or, for an eval run, its encoder_ckpt). Each file is
+    pinned while it is read, as every reader does (:func:`simclr.checkpoint.pin`): a run still training does not
+    prune it under the reader, and one pruned since it was listed is passed over in silence, not called corrupt."""
+    from ..checkpoint import list_checkpoints, pin, unpin
     from ..errors import CheckpointError
     from ..weights import load_encoder
     candidates = list(list_checkpoints(run))
@@ -101,10 +103,14 @@ def load_run_encoder(run: Path, cfg: dict, log=print):
     if isinstance(enc, str) and enc:  # an eval run: its checkpoints are heads, the encoder lies elsewhere
         candidates.insert(0, Path(enc))
     for p in candidates:
+        if not pin(p):
+            continue  # pruned since it was listed: the next one
         try:
             return load_encoder(p), p
         except CheckpointError as e:
             log(f"note: skipping {p}: {e}")
+        finally:
+            unpin(p)
     return None, None
 
 
