@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
@@ -140,6 +141,18 @@ def _sigma_ok(v) -> bool:
     return 0 < lo <= hi
 
 
+LOSSES = ("nt-xent", "dcl")  # the built-in --loss names (simclr.loss builds them)
+
+
+def _loss_known(name) -> bool:
+    """A built-in loss, or one registered with ``simclr.loss.register_loss``: registering imported simclr.loss, so
+    a config that names a built-in one (every plain run, and --help) is checked without importing torch."""
+    if name in LOSSES:
+        return True
+    loss = sys.modules.get("simclr.loss")
+    return isinstance(name, str) and loss is not None and name in loss.LOSSES
+
+
 def _grid_ok(v) -> bool:
     grid = finite_numbers("l2_grid", v)
     return bool(grid) and all(g >= 0 for g in grid)
@@ -255,7 +268,11 @@ class PretrainConfig(CommonConfig):
     width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
                                    "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
                                    "--width, they must agree", **within(0, MAX_WIDTH // 64))
-    temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
+    temperature: float = option(0.5, "temperature of the loss", check=positive, check_msg="must be > 0")
+    loss: str = option("nt-xent", "contrastive loss: nt-xent (SimCLR's) or dcl (decoupled contrastive loss, Yeh et "
+                       "al. 2022: the positive taken out of the denominator); also any name registered with "
+                       "simclr.loss.register_loss", check=_loss_known,
+                       check_msg=f"allowed: {', '.join(LOSSES)}, or a name registered with simclr.loss.register_loss")
     multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64))
     color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
     blur: str = option("auto", "Gaussian blur: auto (only for images >= 64 px, as the paper), on, off",

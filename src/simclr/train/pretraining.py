@@ -1,6 +1,6 @@
 """SimCLR pretraining, in reading order: :func:`pretrain` (the entry), :func:`setup` (resume point, data, parts,
 run folder; bad input fails there, before any folder is created), :func:`loop` (the steps, with log, kNN and
-save points), and :func:`train_step` (forward, NT-Xent, backward, guarded update) on the :class:`Parts` that
+save points), and :func:`train_step` (forward, the loss, backward, guarded update) on the :class:`Parts` that
 :func:`build` makes once.
 
 Counted in optimizer steps: everything that depends on time (learning rate, which images a step draws, their
@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..files import append_line
 from ..gradcache import grad_cache_backward
-from ..loss import nt_xent
+from ..loss import Criterion, build_criterion
 from ..models import SimCLRModel, build_model, convert_sync_batchnorm
 from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
@@ -248,7 +248,7 @@ def _inside(ckpt: Path, run: Path) -> bool:
 
 
 # options that change where a run goes: a resume that changes them is a different run unless allowed
-TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature",
+TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature", "loss",
               "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "data_path", "train_subset",
               "aug", "scale_lower", "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
 
@@ -595,6 +595,7 @@ class Parts:
     lrs: np.ndarray               # the learning rate of every step
     loader: object                # .batches(start, end) -> (x: (m*N, 3, S, S) ordered [view 1; view 2; ...], y)
     device: torch.device
+    criterion: Criterion          # (z: (m*N, d), step) -> (loss, contrastive accuracy): the --loss
     amp_dtype: Optional[torch.dtype]
     probe: Optional[Probe] = None  # the online linear probe (--online_probe)
     channels_last: bool = False   # --channels_last resolved for the device (auto: on for CUDA)
@@ -615,7 +616,7 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                 foreach=device.type == "cuda" if foreach is None else foreach)
     amp = autocast_dtype(cfg.precision, device)
-    return Parts(model=model, forward=model, optimizer=optimizer,
+    return Parts(model=model, forward=model, optimizer=optimizer, criterion=build_criterion(cfg),
                  scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                  lrs=lr_schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), cfg.iters, cfg.lr_schedule,
                                  cfg.warmup),
@@ -691,20 +692,21 @@ def _is_compile_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
+def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """NT-Xent of the views ``x`` and its gradient in ``.grad`` (scaled for fp16) -> (loss, accuracy, h of the
-    first view ``(N, d)``), detached. The network runs under autocast; the loss is fp32. With
-    ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk (same gradient, a chunk's
-    activation memory; ``h`` then comes from the graph-free pass, and only when the probe needs it)."""
+    """The loss (``p.criterion`` at optimizer step ``step``) of the views ``x`` and its gradient in ``.grad``
+    (scaled for fp16) -> (loss, accuracy, h of the first view ``(N, d)``), detached. The network runs under
+    autocast; the loss is fp32. With ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk
+    (same gradient, a chunk's activation memory; ``h`` then comes from the graph-free pass, and only when the probe
+    needs it)."""
     if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     n = x.shape[0] // cfg.multiplier
     if cfg.grad_cache_chunks > 1:
         chunks: list = []
-        loss, acc = grad_cache_backward(p.forward, x, cfg.temperature, cfg.multiplier, cfg.grad_cache_chunks,
+        loss, acc = grad_cache_backward(p.forward, x, p.criterion, cfg.multiplier, cfg.grad_cache_chunks,
                                         p.amp_dtype, scale=p.scaler.scale,
-                                        on_h=chunks.append if p.probe is not None else None)
+                                        on_h=chunks.append if p.probe is not None else None, step=step)
         h = None
         if chunks:
             h = torch.empty(x.shape[0], chunks[0][1].shape[1], device=x.device, dtype=chunks[0][1].dtype)
@@ -714,7 +716,7 @@ def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
         return loss, acc, h
     with torch.autocast(x.device.type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
         out = p.forward(x)
-    loss, acc = nt_xent(out["z"], cfg.temperature, cfg.multiplier)
+    loss, acc = p.criterion(out["z"], step)
     p.scaler.scale(loss).backward()
     return loss.detach(), acc.detach(), out["h"][:n].detach()
 
@@ -790,7 +792,7 @@ def train_step(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int, guard:
     set_lr(p.optimizer, float(p.lrs[step]) if lr is None else lr)
     p.optimizer.zero_grad(set_to_none=True)
     guard.before(p.model)
-    loss, acc, h = forward_backward(p, cfg, x)
+    loss, acc, h = forward_backward(p, cfg, x, step)
     updated = guard.allows_update(loss, p, step)
     if updated:
         p.scaler.step(p.optimizer)
