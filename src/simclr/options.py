@@ -93,7 +93,7 @@ def _arch(v):
 
 
 ARCH_HELP = (f"encoder: {', '.join(RESNETS)} (spec spelling ResNet50 accepted; resnet50x2 = --width_multiplier 2), "
-             f"or timm:<model name> for any timm model (pip install 'simclr[timm]'), e.g. timm:resnet18, "
+             f"or timm:<model name> for any timm model (pip install 'simclr-torch[timm]'), e.g. timm:resnet18, "
              f"timm:vit_tiny_patch16_224")
 
 
@@ -225,7 +225,7 @@ class CommonConfig:
     logger: str = option("tensorboard", "experiment trackers fed with the config, every metrics line and the final "
                          "results, comma-separated: tensorboard, wandb (offline, into <run>/wandb), mlflow (a local "
                          "file store, <run>/mlruns); none = only the run folder's files. wandb and mlflow are the "
-                         "extras simclr[wandb] / simclr[mlflow]", check=_loggers_ok,
+                         "extras simclr-torch[wandb] / simclr-torch[mlflow]", check=_loggers_ok,
                          check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)")
     mlflow_uri: str = option("", "MLflow tracking URI for --logger mlflow (default: the file store "
                              "file:<run folder>/mlruns)")
