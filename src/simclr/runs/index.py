@@ -24,7 +24,7 @@ MARKERS = ("status.json", "config.yaml", "metrics.jsonl", "eval.json")
 _NOT_RUNS = {"checkpoints", "tb", "report", "features", "__pycache__"}
 _MAX_DEPTH = 4
 
-# The columns `simclr runs` shows by default, in this order.
+# The columns `simclr runs` shows by default, in this order: a display list, not an option role (simclr.config.ROLES).
 SUMMARY_COLUMNS = ["id", "name", "kind", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
                    "linear", "protocol", "images_per_s", "started", "duration"]
 

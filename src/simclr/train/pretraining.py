@@ -247,16 +247,11 @@ def _inside(ckpt: Path, run: Path) -> bool:
     return found is not None and _same(found, run)
 
 
-# options that change where a run goes: a resume that changes them is a different run unless allowed
-TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature", "loss",
-              "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "data_path", "train_subset",
-              "aug", "scale_lower", "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
-
-
 def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
-    """{key: (checkpoint's value, this run's value)} for the trajectory keys that differ."""
-    return {k: (saved[k], getattr(cfg, k)) for k in TRAJECTORY
-            if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)}
+    """{key: (checkpoint's value, this run's value)} for the options that change where a run goes (role
+    ``trajectory``) that differ: a resume that changes them is a different run unless allowed."""
+    return {k: (saved[k], getattr(cfg, k)) for k in config_lib.with_role(type(cfg), "trajectory")
+            if k in saved and saved[k] != getattr(cfg, k)}
 
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
@@ -269,7 +264,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
         raise UserError(f"{path} is not a pretraining checkpoint of this project "
                         f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
     saved = ck.get("config", {})
-    for key in ("arch", "width", "timm_kwargs", "proj_layers", "proj_dim"):  # what the weights' shapes depend on
+    for key in config_lib.with_role(type(cfg), "shapes"):  # what the weights' shapes depend on
         if key in saved and saved[key] != getattr(cfg, key):
             raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
                             f"{key}={getattr(cfg, key)!r}; pass --{key} {saved[key]}")
@@ -306,18 +301,12 @@ def check_data_fingerprint(ck: dict, images, path: Path, allow: bool, log: Log) 
     log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
 
 
-# options each process may hold its own value of (where it is, what it prints or writes: only rank 0 writes)
-PER_PROCESS = ("node_rank", "device", "workers", "verbose", "root", "run_dir", "dist_address", "logger", "mlflow_uri")
-
-OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer: its state cannot be resumed
-
-
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     ckpt_lib.load_weights(p.model, ck["model"], f"checkpoint {path}",
                           "resume with the run's own --arch, --width and projection options")
     changed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in ck.get("config_changes", {}).items()
-               if k in OPTIMIZER_KEYS]
+               if k in config_lib.with_role(type(s.cfg), "optimizer")]
     if changed:  # torch loads another optimizer's state silently, then fails in step() (KeyError 'step')
         raise UserError(f"checkpoint {path} holds the optimizer state of another optimizer ({', '.join(changed)}); "
                         f"it cannot be carried over: resume with the run's own --opt and --lars_exclude")
@@ -367,7 +356,9 @@ def setup(cfg: PretrainConfig) -> Session:
     images = maybe_subset(images, cfg.train_subset, seed=0)
     # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
     # trained "successfully" with rank 0's value recorded)
-    shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
+    # (options of role per_process excepted: where each process is, what it prints or writes: only rank 0 writes)
+    per_process = config_lib.with_role(type(cfg), "per_process")
+    shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in per_process}
     # the listing, not the fingerprint: each node may read its own copy of the images (other paths, mtimes)
     distributed.check_same_config(dict(shared, data_listing=listing))
     monitor_sets = knn_sets(cfg)
