@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from simclr.config import ROLES, fields, option, with_role
+from simclr.config import ROLES, fields, option, parse, with_role
+from simclr.errors import ConfigError
 from simclr.eval_options import EvalConfig, KnnConfig
 from simclr.options import PretrainConfig
 
@@ -45,3 +46,11 @@ def test_roles_are_the_declared_ones_and_unknown_roles_are_refused():
 def test_simclr_knn_takes_exactly_the_eval_options_of_role_knn():
     knn = [f.name for f in fields(KnnConfig)]
     assert knn == list(with_role(EvalConfig, "knn")) and "k" in knn and "lr" not in knn
+
+
+def test_loss_names_are_checked_before_any_work():
+    assert parse(PretrainConfig, ["--loss", "dcl", "--batch_size", "2"])[0].loss == "dcl"
+    with pytest.raises(ConfigError, match="allowed: nt-xent, dcl, or a name registered"):
+        parse(PretrainConfig, ["--loss", "infonce"])
+    with pytest.raises(ConfigError, match="--loss dcl needs --batch_size 2 or more"):
+        parse(PretrainConfig, ["--loss", "dcl", "--batch_size", "1"])

@@ -107,8 +107,8 @@ def dcl(z: torch.Tensor, temperature: float, multiplier: int = 2) -> tuple[torch
     -sim(i, p) / T + log sum_k exp(sim(i, k) / T), the sum running over the negatives of i only: every row of the
     global batch that is neither i nor a view of i's image. NT-Xent's denominator also holds the positive; taking
     it out removes the factor that shrinks the gradient when the positive is already close (the "negative-positive
-    coupling"), which is what lets DCL train with small batches. The global batch must hold >= 2 images. The
-    distributed form and its gradient contract are those of :func:`nt_xent`.
+    coupling"); the paper reports it makes training much less sensitive to the batch size. The global batch must
+    hold >= 2 images. The distributed form and its gradient contract are those of :func:`nt_xent`.
     """
     m = multiplier
     with torch.autocast(device_type=z.device.type, enabled=False):

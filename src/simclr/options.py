@@ -246,6 +246,8 @@ class CommonConfig:
                               f"'..', not an absolute path); use --root or --run_dir to choose the folder")
         if self.problem == "sim-clr":
             resolve_encoder(self, "arch", "width", "width_multiplier")
+            if getattr(self, "loss", "") == "dcl" and self.batch_size < 2:
+                raise ConfigError("--loss dcl needs --batch_size 2 or more: its denominators hold the other images")
         elif getattr(self, "encoder_arch", None) and not getattr(self, "encoder_ckpt", ""):
             resolve_encoder(self, "encoder_arch", "encoder_width")
         if self.data == "folder" and not self.data_path:

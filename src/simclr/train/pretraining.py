@@ -305,8 +305,9 @@ def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     ckpt_lib.load_weights(p.model, ck["model"], f"checkpoint {path}",
                           "resume with the run's own --arch, --width and projection options")
+    optimizer_keys = config_lib.with_role(type(s.cfg), "optimizer")  # another value: another optimizer
     changed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in ck.get("config_changes", {}).items()
-               if k in config_lib.with_role(type(s.cfg), "optimizer")]
+               if k in optimizer_keys]
     if changed:  # torch loads another optimizer's state silently, then fails in step() (KeyError 'step')
         raise UserError(f"checkpoint {path} holds the optimizer state of another optimizer ({', '.join(changed)}); "
                         f"it cannot be carried over: resume with the run's own --opt and --lars_exclude")
@@ -355,8 +356,8 @@ def setup(cfg: PretrainConfig) -> Session:
         check_data_fingerprint(ck, images, resume_from, cfg.allow_config_change, log)
     images = maybe_subset(images, cfg.train_subset, seed=0)
     # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
-    # trained "successfully" with rank 0's value recorded)
-    # (options of role per_process excepted: where each process is, what it prints or writes: only rank 0 writes)
+    # trained "successfully" with rank 0's value recorded); those of role per_process excepted (where each process
+    # is, what it prints or writes: only rank 0 writes)
     per_process = config_lib.with_role(type(cfg), "per_process")
     shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in per_process}
     # the listing, not the fingerprint: each node may read its own copy of the images (other paths, mtimes)
