@@ -4,8 +4,10 @@ example, run from the page itself) is the one a run trains with."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,9 +31,11 @@ def _losses(run) -> list:
 
 def _first_step_z(tmp_path, **over) -> torch.Tensor:
     """The projections the first step of ``tiny_args(**over)`` scores: the same seeded model and first batch, built
-    by the training's own set-up in a folder of its own."""
+    by the training's own set-up in a folder of its own (the generators it seeds are put back afterwards)."""
     from simclr.train import setup
-    cfg, _ = config_lib.parse(PretrainConfig, tiny_args(tmp_path, **dict(over, run_dir=tmp_path / "probe")))
+    args = tiny_args(tmp_path, **dict(over, run_dir=tmp_path / "probe", deterministic="false"))
+    cfg, _ = config_lib.parse(PretrainConfig, args)
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     s = setup(cfg)
     try:
         x, _ = next(iter(s.parts.loader.batches(0, 1)))
@@ -39,6 +43,9 @@ def _first_step_z(tmp_path, **over) -> torch.Tensor:
             return s.parts.model(x)["z"].double()
     finally:
         s.run.close()
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def test_dcl_trains_two_steps_and_resumes_exactly(tmp_path, data_root):
