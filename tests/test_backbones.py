@@ -256,7 +256,7 @@ def _hide_timm(tmp_path: Path) -> dict:
 def test_without_timm_a_timm_arch_is_one_error_line_and_nothing_else_needs_it(tmp_path):
     env = _hide_timm(tmp_path)
     r = run_cli("pretrain", *tiny_args(tmp_path, arch="timm:resnet18", width=0), env=env, subprocess=True)
-    one_error_line(r, "timm:resnet18", "pip install 'simclr[timm]'")
+    one_error_line(r, "timm:resnet18", "pip install 'simclr-torch[timm]'")
     # every module of the package imports without timm, and none of them imports it
     code = ("import importlib, pkgutil, sys, simclr\n"
             "for m in pkgutil.walk_packages(simclr.__path__, 'simclr.'):\n"

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from simclr import cli
 from simclr import config as config_lib
 from simclr import options
-from simclr.options import EvalConfig, PretrainConfig
+from simclr.eval_options import EvalConfig
+from simclr.options import PretrainConfig
 from simclr.errors import ConfigError
 
 CLASSES = [PretrainConfig, EvalConfig]
@@ -114,6 +115,8 @@ def valid_value(f: dataclasses.Field, typ):
         return st.floats(-10.0, 1e3, allow_nan=False).filter(check)
     if f.name == "logger":  # a comma-separated list of tracker names, not free text
         return st.lists(st.sampled_from(options.LOGGERS), min_size=1, max_size=3).map(",".join) | st.just("none")
+    if f.name == "loss":  # a built-in or registered loss name, not free text
+        return st.sampled_from(options.LOSSES)
     return st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=10).filter(
         lambda s: s.lower() != "none")
 

@@ -15,7 +15,7 @@ import torch
 from simclr.cli import main as cli_main
 from simclr.cli import spec_main
 from simclr.config import parse
-from simclr.options import EvalConfig
+from simclr.eval_options import EvalConfig
 from simclr.data import balanced_indices, get_dataset
 from simclr.errors import CheckpointError
 from simclr.evaluate.fast_linear import fast_linear_probe

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simclr import config as config_lib
+from simclr import loss as loss_mod
 from simclr.data.datasets import ArrayImages
 from simclr.options import PretrainConfig
 from simclr.train import pretraining as step_mod
@@ -265,13 +266,13 @@ def test_fake_cuda_step_catches_a_boolean_mask_in_the_loss(fake_cuda, monkeypatc
     p = build(cfg, _images(), torch.device("cuda:0"))
     wrap(p, cfg, distributed_run=False)
     _stub_autograd(monkeypatch, lambda: [p.model])
-    real_nt_xent = step_mod.nt_xent
+    real_nt_xent = loss_mod.nt_xent
 
     def masked_nt_xent(z, t, m):
         loss, acc = real_nt_xent(z, t, m)
         return loss + 0 * z[z[:, 0] > 0].sum(), acc  # what the old loss did: x[mask] calls nonzero
 
-    monkeypatch.setattr(step_mod, "nt_xent", masked_nt_xent)
+    monkeypatch.setattr(loss_mod, "nt_xent", masked_nt_xent)  # what the step's criterion calls
     guard = DivergenceGuard("stop", torch.device("cuda:0"))
     batches = p.loader.batches(0, 2)
     x, y = next(batches)

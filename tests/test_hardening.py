@@ -199,7 +199,8 @@ def test_a_really_full_disk_during_a_save_is_one_error_and_loses_nothing(tmp_pat
         step = ckpt_lib.read(good)["step"]
         assert 1 <= step < 8
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # lazy: a descriptor left open must not keep it
+        # lazy: a descriptor left open must not keep it mounted
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):

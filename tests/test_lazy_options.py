@@ -16,7 +16,8 @@ from simclr import config as config_lib
 from simclr.errors import ConfigError, UserError
 from simclr.files import git_state
 from simclr.optim import MOMENTUM, build_optimizer
-from simclr.options import COMPATIBILITY_ONLY, EvalConfig, KnnConfig, PretrainConfig
+from simclr.eval_options import EvalConfig, KnnConfig
+from simclr.options import COMPATIBILITY_ONLY, PretrainConfig
 
 from conftest import tiny_args
 

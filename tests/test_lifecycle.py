@@ -141,7 +141,7 @@ def _help(command: str) -> str:
 def test_every_subcommand_lists_only_its_options_each_with_help():
     import re
     from simclr.cli import COMMANDS
-    from simclr.options import EvalConfig, KNN_KEYS
+    from simclr.eval_options import KNN_KEYS, EvalConfig
     for command in COMMANDS:
         lines = _help(command).splitlines()
         opts = [i for i, ln in enumerate(lines) if re.match(r"^  (--\w+|[A-Z_]+)\b", ln)]

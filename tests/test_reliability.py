@@ -186,15 +186,15 @@ def test_disk_full_in_training_is_one_error_and_keeps_last_checkpoint(tmp_path, 
 # --------------------------------------------------------------------------------------------
 def nan_at_step(monkeypatch, bad_step: int) -> None:
     """Fault injection: the loss (and so every gradient) of optimizer step ``bad_step`` becomes NaN."""
-    from simclr.train import pretraining as step_lib
-    real = step_lib.nt_xent
+    from simclr import loss as loss_lib  # the step's criterion calls simclr.loss.nt_xent
+    real = loss_lib.nt_xent
 
     def loss(z, temperature, multiplier):
         value, acc = real(z, temperature, multiplier)
         return (value * float("nan") if calls.pop(0) == bad_step else value), acc
 
     calls = list(range(1000))
-    monkeypatch.setattr(step_lib, "nt_xent", loss)
+    monkeypatch.setattr(loss_lib, "nt_xent", loss)
 
 
 def test_nan_stops_with_failed_status_and_last_good_checkpoint(tmp_path, capsys, monkeypatch):

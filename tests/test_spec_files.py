@@ -21,7 +21,8 @@ from simclr.data.batch_aug import BatchAugment
 from simclr.errors import ConfigError
 from simclr.models import SimCLRModel
 from simclr.optim import scaled_lr
-from simclr.options import EvalConfig, PretrainConfig
+from simclr.eval_options import EvalConfig
+from simclr.options import PretrainConfig
 
 from conftest import REPO, run_cli, run_script, tiny_args
 

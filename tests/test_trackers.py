@@ -158,7 +158,8 @@ def test_a_tracker_that_is_not_installed_stops_the_job_before_it_starts(tmp_path
                 env={"PYTHONPATH": f"{tmp_path / 'shim'}:{REPO / 'src'}"}, subprocess=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --logger ") and f'pip install "simclr[{name}]"' in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: --logger ")
+    assert f'pip install "simclr-torch[{name}]"' in lines[0]
     assert not (tmp_path / "logs").exists()  # nothing written: no run folder
 
 

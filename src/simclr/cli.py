@@ -228,13 +228,13 @@ def summary(result: dict) -> str:
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    from .options import EvalConfig
+    from .eval_options import EvalConfig
     return _eval(*config_lib.parse(EvalConfig, argv))
 
 
 def knn_main(argv: Sequence[str]) -> int:
     """``simclr knn``: its own options (KnnConfig), run as ``simclr eval --protocol knn``."""
-    from .options import EvalConfig, KnnConfig
+    from .eval_options import EvalConfig, KnnConfig
     knn, notes = config_lib.parse(KnnConfig, argv)
     return _eval(config_lib.build(EvalConfig, {**config_lib.to_dict(knn), "protocol": "knn"}), notes)
 

@@ -44,9 +44,22 @@ class ShowHelp(Exception):
     """``-h``/``--help`` was given: the entry point prints ``str(self)`` and exits 0."""
 
 
+# What an option is to a run besides its value, declared on the option and read with :func:`with_role`:
+ROLES = {
+    "trajectory": "changes where a pretraining run goes: a resume that changes it is refused unless allowed "
+                  "(every pretraining option says True or False)",
+    "shapes": "the weights' shapes depend on it: a checkpoint resumes only with its own value",
+    "per_process": "each process may hold its own value (where it runs, what it prints or writes)",
+    "optimizer": "another value makes another optimizer, whose state cannot be carried over",
+    "knn": "`simclr knn` takes it (of the eval options, those the kNN protocol reads)",
+}
+
+
 def option(default=None, help: str = "", choices: Sequence | None = None, check: Callable[[Any], bool] | None = None,
            check_msg: str = "", *, aliases: Sequence[str] = (), positional: bool = False,
-           convert: Callable[[Any], Any] | None = None, default_factory=None, switch: bool = False):
+           convert: Callable[[Any], Any] | None = None, default_factory=None, switch: bool = False,
+           trajectory: bool | None = None, shapes: bool = False, per_process: bool = False, optimizer: bool = False,
+           knn: bool = False):
     """A schema field.
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
@@ -54,9 +67,13 @@ def option(default=None, help: str = "", choices: Sequence | None = None, check:
     ``switch``: a text option that, like a boolean, may stand alone on the command line (``--flag`` = true).
     ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``);
     it sees YAML mappings and lists too (returned unchanged, or bounded work: a YAML alias bomb is huge).
+    ``trajectory``, ``shapes``, ``per_process``, ``optimizer``, ``knn``: its roles (:data:`ROLES`); ``trajectory``
+    None means not declared (only options no pretraining reads).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
-            "aliases": tuple(aliases), "positional": positional, "convert": convert, "switch": switch}
+            "aliases": tuple(aliases), "positional": positional, "convert": convert, "switch": switch,
+            "trajectory": trajectory, "shapes": shapes, "per_process": per_process, "optimizer": optimizer,
+            "knn": knn}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -73,10 +90,10 @@ def _auto_switch(value):
     return "true" if text in TRUE else "false" if text in FALSE else text
 
 
-def auto_switch(default: str = "auto", help: str = ""):
+def auto_switch(default: str = "auto", help: str = "", **roles):
     """A switch whose default depends on the device: ``auto`` (not given), ``true`` or ``false``. On the command
     line ``--flag`` alone means true, as for a boolean; read it with :func:`switch_on`."""
-    return option(default, help, AUTO_SWITCH, convert=_auto_switch, switch=True)
+    return option(default, help, AUTO_SWITCH, convert=_auto_switch, switch=True, **roles)
 
 
 def switch_on(value: str, auto: bool) -> bool:
@@ -131,6 +148,13 @@ def shown(value: Any) -> str:
 
 def fields(cls) -> list:
     return list(dataclasses.fields(cls))
+
+
+def with_role(cls, role: str) -> tuple:
+    """The names of the options of schema ``cls`` that declare ``role`` (one of :data:`ROLES`), in schema order."""
+    if role not in ROLES:
+        raise KeyError(f"unknown option role {role!r}; roles: {', '.join(ROLES)}")
+    return tuple(f.name for f in fields(cls) if f.metadata.get(role))
 
 
 def type_of(cls, f: dataclasses.Field):

@@ -1,6 +1,6 @@
-"""Gradient caching: the NT-Xent gradient of a large batch, computed in K chunks.
+"""Gradient caching: the contrastive loss's gradient of a large batch, computed in K chunks.
 
-NT-Xent couples every row of the batch through the softmax denominators, so the batch
+NT-Xent (like DCL) couples every row of the batch through the softmax denominators, so the batch
 cannot simply be split into independent micro-batches. It can be split in two stages
 (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
 Setup"):
@@ -26,13 +26,13 @@ step instead of one.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
-from .loss import nt_xent
+from .loss import Contrastive, Criterion
 
 
 def chunk_rows(n_images: int, multiplier: int, chunks: int, device=None) -> list:
@@ -56,12 +56,15 @@ def _restore(saved: list) -> None:
             getattr(m, k).copy_(v)
 
 
-def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, multiplier: int, chunks: int,
-                        autocast_dtype: Optional[torch.dtype] = None,
+def grad_cache_backward(model: nn.Module, x: torch.Tensor, criterion: Union[Criterion, float], multiplier: int,
+                        chunks: int, autocast_dtype: Optional[torch.dtype] = None,
                         scale: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
-                        on_h: Optional[Callable[[tuple], None]] = None,
+                        on_h: Optional[Callable[[tuple], None]] = None, step: int = 0,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate into ``.grad`` the gradient of NT-Xent over the whole batch, chunk by chunk.
+    """Accumulate into ``.grad`` the gradient of ``criterion(z, step)`` over the whole batch, chunk by chunk.
+
+    criterion: a :mod:`simclr.loss` criterion ``(z: (m*B, d), step) -> (loss, acc)``, or a number: NT-Xent at
+    that temperature.
 
     model: returns ``{"z": (rows, d)}`` (a DDP wrapper is fine: gradients are all-reduced once,
     on the last chunk). x: (m*B, 3, S, S) ordered [view 1; view 2; ...]. ``scale`` maps the
@@ -69,6 +72,8 @@ def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, m
     ``(rows, h)`` of every chunk's graph-free pass (the online probe's features).
     Returns (loss, acc), detached.
     """
+    if not callable(criterion):
+        criterion = Contrastive("nt_xent", criterion, multiplier)
     n = x.shape[0] // multiplier
     rows = chunk_rows(n, multiplier, chunks, x.device)
     dev = x.device.type
@@ -86,7 +91,7 @@ def grad_cache_backward(model: nn.Module, x: torch.Tensor, temperature: float, m
     for r, part in zip(rows, z_parts):
         z[r] = part
     z.requires_grad_(True)
-    loss, acc = nt_xent(z, temperature, multiplier)
+    loss, acc = criterion(z, step)
     (grad,) = torch.autograd.grad(loss, z)
     grad = scale(grad)
     sync = getattr(model, "no_sync", None)

@@ -1,18 +1,21 @@
-"""The option schemas of ``simclr pretrain`` and ``simclr eval`` (also the spec's ``python train.py``).
+"""The options every job shares and the option schema of ``simclr pretrain`` (also the spec's ``python train.py``);
+those of ``simclr eval`` and ``simclr knn`` are :mod:`simclr.eval_options`'s.
 
-Every option is a field with a default, a help text and, where it matters, the allowed values or a range;
-:mod:`simclr.config` turns YAML and the command line into these. The spec's key names are the option
-names, so its YAML files and command lines work unchanged.
+Every option is a field with a default, a help text and, where it matters, the allowed values or a range, and its
+roles (:data:`simclr.config.ROLES`: does it change a run's trajectory, shape the weights, differ per process, make
+another optimizer); :mod:`simclr.config` turns YAML and the command line into these. The spec's key names are the
+option names, so its YAML files and command lines work unchanged.
 """
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, make_dataclass
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import auto_switch, fields, finite_numbers, nonneg, option, positive, seed_range, type_of
+from .config import auto_switch, nonneg, option, positive, seed_range
 from .errors import ConfigError
 from .names import (BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs, is_timm,
                     resolve_width, split_arch)
@@ -79,10 +82,6 @@ def _data(v):
     return DATA_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
 
-def _lower(v):
-    return v.lower() if isinstance(v, str) else v
-
-
 def _arch(v):
     """``ResNet50`` -> ``resnet50``; a timm model name after ``timm:`` is kept as written."""
     if not isinstance(v, str):
@@ -92,7 +91,7 @@ def _arch(v):
 
 
 ARCH_HELP = (f"encoder: {', '.join(RESNETS)} (spec spelling ResNet50 accepted; resnet50x2 = --width_multiplier 2), "
-             f"or timm:<model name> for any timm model (pip install 'simclr[timm]'), e.g. timm:resnet18, "
+             f"or timm:<model name> for any timm model (pip install 'simclr-torch[timm]'), e.g. timm:resnet18, "
              f"timm:vit_tiny_patch16_224")
 
 
@@ -140,9 +139,16 @@ def _sigma_ok(v) -> bool:
     return 0 < lo <= hi
 
 
-def _grid_ok(v) -> bool:
-    grid = finite_numbers("l2_grid", v)
-    return bool(grid) and all(g >= 0 for g in grid)
+LOSSES = ("nt-xent", "dcl")  # the built-in --loss names (simclr.loss builds them)
+
+
+def _loss_known(name) -> bool:
+    """A built-in loss, or one registered with ``simclr.loss.register_loss``: registering imported simclr.loss, so
+    a config that names a built-in one (every plain run, and --help) is checked without importing torch."""
+    if name in LOSSES:
+        return True
+    loss = sys.modules.get("simclr.loss")
+    return isinstance(name, str) and loss is not None and name in loss.LOSSES
 
 
 def _path(v):
@@ -158,66 +164,81 @@ class CommonConfig:
     """Options shared by every job (pretraining and evaluation)."""
 
     problem: str = option("sim-clr", "which job: sim-clr (pretraining), eval (linear evaluation) or "
-                          "semi-supervised-eval (the spec's semi-supervised protocol)", PROBLEMS)
-    name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)")
+                          "semi-supervised-eval (the spec's semi-supervised protocol)", PROBLEMS, trajectory=False)
+    name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)",
+                       trajectory=False, knn=True)
     root: str = option("", "folder holding all runs (default: $SIMCLR_LOGS or $EXMAN_PATH or ./logs)",
-                       convert=_path)
+                       convert=_path, trajectory=False, per_process=True, knn=True)
     data: str = option("cifar10", f"dataset: {', '.join(DATASETS)} (alias cifar = cifar10; folder = any image "
-                       f"folder, --data_path)", DATASETS, convert=_data)
-    data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder")
+                       f"folder, --data_path)", DATASETS, convert=_data, trajectory=True, knn=True)
+    # not a trajectory option, and each process's own: a staged copy, or each node's copy at its own path, is the
+    # same data (a resume and the ranks compare the images' content identity instead)
+    data_path: str = option("", "image folder with train/ and test/ (or val/) sub-folders, for --data folder",
+                            trajectory=False, per_process=True, knn=True)
     image_size: int = option(0, "input side in pixels; 0 = the dataset's own (32 CIFAR, 96 STL-10, 224 otherwise)",
-                             **within(0, MAX_SIDE))
-    arch: str = option("resnet50", ARCH_HELP, convert=_arch)
+                             **within(0, MAX_SIDE), trajectory=False, knn=True)
+    arch: str = option("resnet50", ARCH_HELP, convert=_arch, trajectory=True, shapes=True)
     timm_kwargs: str = option("", "extra timm.create_model arguments for a timm: arch, as a JSON object (YAML: a "
                               "mapping), e.g. '{\"patch_size\": 4}' for a ViT on 32 px images; img_size is "
-                              "--image_size (passed to models that take it)", convert=canonical_kwargs)
+                              "--image_size (passed to models that take it)", convert=canonical_kwargs,
+                              trajectory=True, shapes=True, knn=True)
     batch_size: int = option(256, "global number of unique images per step (split over all processes)",
-                             **within(1, MAX_BATCH))
-    iters: int = option(1000, "number of optimizer steps", **within(1, MAX_ITERS))
-    lr: float = option(1.0, "peak learning rate", check=nonneg, check_msg="must be >= 0")
+                             **within(1, MAX_BATCH), trajectory=True)
+    iters: int = option(1000, "number of optimizer steps", **within(1, MAX_ITERS), trajectory=True)
+    lr: float = option(1.0, "peak learning rate", check=nonneg, check_msg="must be >= 0", trajectory=True)
     lr_schedule: str = option("warmup-anneal", "warmup-anneal (linear warmup then cosine to 0), linear, const",
-                           ["warmup-anneal", "linear", "const"])
+                           ["warmup-anneal", "linear", "const"], trajectory=True)
     warmup: float = option(0.01, "fraction of iters spent in linear warmup", check=lambda x: 0 <= x <= 1,
-                        check_msg="must be within [0, 1]")
-    opt: str = option("lars", "optimizer: lars, sgd (momentum 0.9), adam", ["lars", "sgd", "adam"])
-    weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0", aliases=("wd",))
-    momentum: float = compatibility_only("momentum")
-    aug: bool = option(True, "apply random augmentations")
+                        check_msg="must be within [0, 1]", trajectory=True)
+    opt: str = option("lars", "optimizer: lars, sgd (momentum 0.9), adam", ["lars", "sgd", "adam"],
+                      trajectory=True, optimizer=True)
+    weight_decay: float = option(1e-6, "weight decay", check=nonneg, check_msg="must be >= 0", aliases=("wd",),
+                                 trajectory=True)
+    momentum: float = compatibility_only("momentum", trajectory=False)
+    aug: bool = option(True, "apply random augmentations", trajectory=True)
     scale_lower: float = option(0.08, "lower bound of the random-resized-crop area fraction",
-                             check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]")
-    seed: int = option(-1, "random seed; -1 draws one and records it in the run folder", **seed_range(draw=True))
-    workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",))
-    device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)")
+                             check=lambda x: 0 < x <= 1, check_msg="must be within (0, 1]", trajectory=True)
+    seed: int = option(-1, "random seed; -1 draws one and records it in the run folder", **seed_range(draw=True),
+                       trajectory=True, knn=True)
+    workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",),
+                          trajectory=False, per_process=True, knn=True)
+    device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)",
+                         trajectory=False, per_process=True, knn=True)
     precision: str = option("auto", "auto (bf16 autocast on CUDA and on a CPU with native bf16: AVX512-BF16 or "
                          "AMX; fp32 elsewhere), bf16, fp16, fp32 (the loss is fp32 always)",
-                         ["auto", "bf16", "fp16", "fp32"])
+                         ["auto", "bf16", "fp16", "fp32"], trajectory=False, knn=True)
     eval_freq: int = option(0, "steps between evaluations (kNN monitor in pretraining); 0 = only at the end",
-                         check=nonneg, check_msg="must be >= 0")
-    save_freq: int = option(0, "steps between checkpoints; 0 = only at the end", check=nonneg, check_msg="must be >= 0")
-    log_freq: int = option(10, "steps between log lines", check=positive, check_msg="must be > 0")
+                         check=nonneg, check_msg="must be >= 0", trajectory=False)
+    save_freq: int = option(0, "steps between checkpoints; 0 = only at the end", check=nonneg, check_msg="must be >= 0",
+                            trajectory=False)
+    log_freq: int = option(10, "steps between log lines", check=positive, check_msg="must be > 0", trajectory=False)
     ckpt: str = option("", "checkpoint to resume from (pretraining) or a saved head (eval-only)",
-                       convert=_path)
-    verbose: bool = option(True, "print progress")
+                       convert=_path, trajectory=False)
+    verbose: bool = option(True, "print progress", trajectory=False, per_process=True, knn=True)
     dist: str = option("none", "distributed pretraining: none; ddp (one process per GPU of each node, with "
                        "--world_size/--node_rank/--dist_address; or start it with torchrun); dp (the spec's "
                        "single-node mode: one DDP process per visible GPU of this node; one process without a GPU). "
-                       "Evaluation runs in one process", ["none", "ddp", "dp"])
-    dist_address: str = option("127.0.0.1:1234", "<address>:<port> of the main node (spec's --dist ddp form)")
-    node_rank: int = option(0, "rank of this node (spec's --dist ddp form)", check=nonneg, check_msg="must be >= 0")
-    world_size: int = option(1, "number of nodes (spec's --dist ddp form)", check=positive, check_msg="must be > 0")
+                       "Evaluation runs in one process", ["none", "ddp", "dp"], trajectory=False)
+    dist_address: str = option("127.0.0.1:1234", "<address>:<port> of the main node (spec's --dist ddp form)",
+                               trajectory=False, per_process=True)
+    node_rank: int = option(0, "rank of this node (spec's --dist ddp form)", check=nonneg, check_msg="must be >= 0",
+                            trajectory=False, per_process=True)
+    world_size: int = option(1, "number of nodes (spec's --dist ddp form)", check=positive, check_msg="must be > 0",
+                             trajectory=False)
     train_subset: int = option(0, "use a class-balanced subset of this many training images (0 = all)",
-                            check=nonneg, check_msg="must be >= 0")
+                            check=nonneg, check_msg="must be >= 0", trajectory=True, knn=True)
     test_subset: int = option(0, "use a class-balanced subset of this many test images (0 = all)",
-                           check=nonneg, check_msg="must be >= 0")
-    deterministic: bool = option(False, "deterministic kernels (bit-exact resume on CPU)")
+                           check=nonneg, check_msg="must be >= 0", trajectory=False, knn=True)
+    deterministic: bool = option(False, "deterministic kernels (bit-exact resume on CPU)", trajectory=False)
     logger: str = option("tensorboard", "experiment trackers fed with the config, every metrics line and the final "
                          "results, comma-separated: tensorboard, wandb (offline, into <run>/wandb), mlflow (a local "
                          "file store, <run>/mlruns); none = only the run folder's files. wandb and mlflow are the "
-                         "extras simclr[wandb] / simclr[mlflow]", check=_loggers_ok,
-                         check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)")
+                         "extras simclr-torch[wandb] / simclr-torch[mlflow]", check=_loggers_ok,
+                         check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)",
+                         trajectory=False, per_process=True, knn=True)
     mlflow_uri: str = option("", "MLflow tracking URI for --logger mlflow (default: the file store "
-                             "file:<run folder>/mlruns)")
-    model_id: int = compatibility_only("model_id")
+                             "file:<run folder>/mlruns)", trajectory=False, per_process=True, knn=True)
+    model_id: int = compatibility_only("model_id", trajectory=False)
 
     IGNORED_KEYS = IGNORED_KEYS
 
@@ -228,6 +249,8 @@ class CommonConfig:
                               f"'..', not an absolute path); use --root or --run_dir to choose the folder")
         if self.problem == "sim-clr":
             resolve_encoder(self, "arch", "width", "width_multiplier")
+            if getattr(self, "loss", "") == "dcl" and self.batch_size < 2:
+                raise ConfigError("--loss dcl needs --batch_size 2 or more: its denominators hold the other images")
         elif getattr(self, "encoder_arch", None) and not getattr(self, "encoder_ckpt", ""):
             resolve_encoder(self, "encoder_arch", "encoder_width")
         if self.data == "folder" and not self.data_path:
@@ -274,182 +297,80 @@ class PretrainConfig(CommonConfig):
     # the encoder's width is pretraining's (an evaluation reads it from the checkpoint; --encoder_width for a
     # random one)
     width: int = option(0, "channels of the first ResNet stage (64 = standard, smaller for tiny test models); 0 = "
-                        "64 x width_multiplier", **within(0, MAX_WIDTH))
+                        "64 x width_multiplier", **within(0, MAX_WIDTH), trajectory=True, shapes=True)
     width_multiplier: int = option(0, "ResNet width multiplier k of the SimCLR papers (ResNet-50 x2, x4): every "
                                    "channel count times k, i.e. width 64 k; 0 = not given (width decides). Given with "
-                                   "--width, they must agree", **within(0, MAX_WIDTH // 64))
-    temperature: float = option(0.5, "NT-Xent temperature", check=positive, check_msg="must be > 0")
-    multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64))
-    color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0")
+                                   "--width, they must agree", **within(0, MAX_WIDTH // 64), trajectory=True)
+    temperature: float = option(0.5, "temperature of the loss", check=positive, check_msg="must be > 0",
+                                trajectory=True)
+    loss: str = option("nt-xent", "contrastive loss: nt-xent (SimCLR's) or dcl (decoupled contrastive loss, Yeh et "
+                       "al. 2022: the positive taken out of the denominator); also any name registered with "
+                       "simclr.loss.register_loss", check=_loss_known,
+                       check_msg=f"allowed: {', '.join(LOSSES)}, or a name registered with simclr.loss.register_loss",
+                       trajectory=True)
+    multiplier: int = option(2, "augmented views per image (m >= 2)", **within(2, 64), trajectory=True)
+    color_dist_s: float = option(1.0, "colour distortion strength s", check=nonneg, check_msg="must be >= 0",
+                                 trajectory=True)
     blur: str = option("auto", "Gaussian blur: auto (only for images >= 64 px, as the paper), on, off",
-                    ["auto", "on", "off"])
+                    ["auto", "on", "off"], trajectory=True)
     blur_sigma: str = option("0.1,2.0", "range 'lo,hi' of the Gaussian blur's sigma: 0.1,2.0 is the official "
                              "SimCLR's (and the paper's); the spec's code draws from 0.2,2.0",
-                             check=lambda v: _sigma_ok(v), check_msg="must be 'lo,hi' with 0 < lo <= hi")
+                             check=lambda v: _sigma_ok(v), check_msg="must be 'lo,hi' with 0 < lo <= hi",
+                             trajectory=True)
     lr_scaling: str = option("none", "official SimCLR learning_rate_scaling: none (lr as given, the spec's), "
                              "linear (lr x batch_size / 256) or sqrt (lr x sqrt(batch_size))",
-                             ["none", "linear", "sqrt"])
+                             ["none", "linear", "sqrt"], trajectory=True)
     zero_init_residual: bool = option(False, "start the last BN gamma of every residual block at 0 (the official "
-                                      "SimCLR ResNet); off = the spec's (gamma 1). Built-in ResNets only")
+                                      "SimCLR ResNet); off = the spec's (gamma 1). Built-in ResNets only",
+                                      trajectory=False)
     sync_bn: bool = option(True, "synchronise batch-norm statistics across processes (every batch norm the model has: "
-                           "a ViT trunk has none, only the projection head's)")
-    proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3])
-    proj_dim: int = option(128, "output dimension of the projection head", **within(1, MAX_COUNT))
+                           "a ViT trunk has none, only the projection head's)", trajectory=False)
+    proj_layers: int = option(2, "projection head depth: 2 (SimCLR v1, spec) or 3 (SimCLR v2)", [2, 3],
+                              trajectory=False, shapes=True)
+    proj_dim: int = option(128, "output dimension of the projection head", **within(1, MAX_COUNT),
+                           trajectory=False, shapes=True)
     lars_exclude: str = option("ndim", "parameters LARS leaves without weight decay/adaptation: ndim (every "
                             "1-d param: all BN/LayerNorm weights and biases, all biases; and position embeddings "
                             "and class tokens of ViT-like models) or spec (the spec's name rule: names containing "
-                            "'bn' or 'bias')", ["ndim", "spec"])
-    knn_k: int = option(200, "k of the kNN monitor", **within(1, MAX_COUNT))
-    knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0")
-    eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)")
+                            "'bn' or 'bias')", ["ndim", "spec"], trajectory=False, optimizer=True)
+    knn_k: int = option(200, "k of the kNN monitor", **within(1, MAX_COUNT), trajectory=False)
+    knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0",
+                          trajectory=False)
+    eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)",
+                                 trajectory=False)
     resume: str = option("", "continue a run: RUN_DIR (its newest valid checkpoint, with its config.yaml as the base "
                          "config) or 'auto' (the run folder --run_dir, else the newest run of this --name; a fresh "
-                         "start when it has no checkpoint)")
+                         "start when it has no checkpoint)", trajectory=False)
     allow_config_change: bool = option(False, "let a resumed run change options that shape its trajectory (iters, "
-                                       "lr, batch_size, ...); the old and new values are logged")
-    run_dir: str = option("", "use this exact run folder instead of creating <root>/<name>/<run-id>")
+                                       "lr, batch_size, ...); the old and new values are logged", trajectory=False)
+    run_dir: str = option("", "use this exact run folder instead of creating <root>/<name>/<run-id>",
+                          trajectory=False, per_process=True)
     keep_last: int = option(2, "checkpoints kept in the run folder (the newest N)", check=positive,
-                         check_msg="must be > 0")
+                         check_msg="must be > 0", trajectory=False)
     on_nan: str = option("stop", "non-finite loss: stop (keep the last good checkpoint) or skip the step",
-                      ["stop", "skip"])
+                      ["stop", "skip"], trajectory=False)
     loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
                       "augmentation, on the GPU when there is one), auto (fast on CUDA, and on a CPU for "
                       "in-memory datasets: CIFAR, STL-10)",
-                      ["auto", "reference", "fast"])
+                      ["auto", "reference", "fast"], trajectory=False)
     channels_last: str = auto_switch("auto", "channels_last memory format: auto (on for CUDA and for a CPU with "
-                                     "native bf16, as --precision auto), true, false")
+                                     "native bf16, as --precision auto), true, false", trajectory=False)
     compile: str = auto_switch("auto", "torch.compile the model: auto (on for CUDA, falling back to eager with "
                                "one warning when compiling fails; off on the CPU), true (a compile error stops the "
-                               "run), false")
+                               "run), false", trajectory=False)
     grad_cache_chunks: int = option(0, "compute the loss gradient of a large batch in this many chunks (0 = off)",
-                                 check=nonneg, check_msg="must be >= 0")
-    skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing")
+                                 check=nonneg, check_msg="must be >= 0", trajectory=False)
+    skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted) instead of failing",
+                                   trajectory=False)
     test_bs: int = option(256, "evaluation batch size (an eval option; accepted and unused by pretraining, as "
-                          "in the spec's dumped configs)", check=positive, check_msg="must be > 0")
-    precompute_emb_bs: int = option(-1, "an eval option; accepted and unused by pretraining")
+                          "in the spec's dumped configs)", check=positive, check_msg="must be > 0", trajectory=False)
+    precompute_emb_bs: int = option(-1, "an eval option; accepted and unused by pretraining", trajectory=False)
     online_probe: bool = option(False, "train a linear classifier on the detached h of each step's first view "
                                 "alongside pretraining (its own SGD, labels of the training images; the encoder's "
-                                "training is unchanged) and log its running top-1 as online_linear_top1")
+                                "training is unchanged) and log its running top-1 as online_linear_top1",
+                                trajectory=False)
     online_probe_lr: float = option(0.1, "learning rate of the online probe (SGD, momentum 0.9, constant)",
-                                    check=positive, check_msg="must be > 0")
+                                    check=positive, check_msg="must be > 0", trajectory=False)
     stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
                           "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
-                          check=nonneg, check_msg="must be >= 0")
-
-
-@dataclass
-class EvalConfig(CommonConfig):
-    """Evaluation of a (frozen or fine-tuned) encoder. Key names follow the spec's ``problem: eval``;
-    defaults are the spec's CIFAR-10 linear-evaluation values except ``iters`` (80,000 in
-    configs/cifar_eval.yaml) and the augmented copies, kept small so a plain command finishes on a CPU."""
-
-    COMMAND = "eval"
-
-    problem: str = option("eval", "which job: eval (linear evaluation: augmentation on the fly, plain test "
-                          "images), semi-supervised-eval (the spec's semi-supervised protocol: train_size, "
-                          "n_augs_*, acc_on_unlabeled) or sim-clr (pretraining)", PROBLEMS)
-    arch: str = compatibility_only("arch", convert=_lower)
-    protocol: str = option("linear", "linear (the spec's SGD linear evaluation), fast-linear (features once, "
-                           "L-BFGS logistic regression, L2 picked on a held-out split), knn",
-                           ["linear", "fast-linear", "knn"])
-    skip_bad_images: bool = option(False, "skip unreadable images in an image folder (counted, named in a warning) "
-                                   "instead of failing; the accuracy is then over the readable test images")
-    encoder_ckpt: str = option("", "encoder checkpoint (ours, a run folder = its newest valid one, a .json card, "
-                               "the spec's .pth.tar, or an export); empty = a randomly initialised encoder "
-                               "(a baseline)",
-                               convert=_path)
-    encoder_arch: str = option("resnet50", "architecture of the random encoder used when encoder_ckpt is empty (as "
-                               "pretraining's --arch: resnet50x2, timm:<name> with --timm_kwargs ...)", convert=_arch)
-    encoder_width: int = option(0, "width of the random ResNet used when encoder_ckpt is empty (0 = 64 x the "
-                                "arch's multiplier)", **within(0, MAX_WIDTH))
-    trust_checkpoint: bool = option(False, "allow full unpickling of checkpoints that need it (trusted files only)")
-    encode_layer: str = option("h", ENCODE_LAYER_HELP)
-    batch_size: int = option(1024, "training batch size of the linear head", **within(1, MAX_BATCH))
-    iters: int = option(5000, "optimizer steps of the linear head (the spec's CIFAR-10 config: 80000)",
-                        **within(1, MAX_ITERS))
-    lr: float = option(0.1, "learning rate of the linear head", check=nonneg, check_msg="must be >= 0")
-    lr_schedule: str = option("linear", "linear (the spec's decay to 0), warmup-anneal, const",
-                              ["warmup-anneal", "linear", "const"])
-    warmup: float = option(0.0, "fraction of iters spent in linear warmup (warmup-anneal only)",
-                           check=lambda x: 0 <= x <= 1, check_msg="must be within [0, 1]")
-    opt: str = option("sgd", "optimizer: sgd (momentum 0.9, the spec's) or adam", ["sgd", "adam"])
-    weight_decay: float = option(1e-4, "weight decay of the linear head (and encoder when fine-tuning)",
-                                 check=nonneg, check_msg="must be >= 0")
-    augmentation: str = option("RandomCrop", "train-time augmentation: RandomCrop (pad 4, reflect) + flip, "
-                               "RandomResizedCrop + flip, or none (also: aug false)",
-                               ["RandomCrop", "RandomResizedCrop", "none"])
-    precompute_emb_bs: int = option(-1, "batch size for precomputing features once (no augmentation); -1 = "
-                                    "test_bs. Without augmentation features are always computed once")
-    n_augs_train: int = option(-1, "semi-supervised-eval: precompute features of this many augmented copies of "
-                               "the training set and train on all of them (-1 = augment on the fly). Like the "
-                               "spec, problem eval ignores it")
-    n_augs_test: int = option(-1, "semi-supervised-eval: average the predictions over this many augmented copies "
-                              "of each test image (-1 = the plain test image). Like the spec, problem eval "
-                              "ignores it")
-    test_bs: int = option(1024, "batch size for feature extraction and testing", **within(1, MAX_BATCH))
-    finetune: bool = option(False, "fine-tune the whole encoder (SGD) instead of freezing it")
-    encoder_lr: float = option(-1.0, "learning rate of the encoder when fine-tuning (-1 = lr)")
-    train_size: int = option(-1, "labelled training images, drawn class-balanced with data_split_seed "
-                             "(-1 = all; e.g. 500 = 1% of CIFAR-10)")
-    data_split_seed: int = option(42, "seed of the train_size draw", **seed_range(draw=False))
-    acc_on_unlabeled: bool = option(False, "also report accuracy on the training images left out by train_size")
-    eval_only: bool = option(False, "evaluate a saved head (--ckpt) on the encoder without training")
-    ckpt_iter: int = option(0, "steps between head checkpoints during linear training (0 or -1, the spec's "
-                            "'not set' = only at the end)", check=lambda x: x >= -1, check_msg="must be >= -1")
-    compare: bool = option(False, "run both linear and fast-linear and print both")
-    k: int = option(200, "neighbours of the kNN protocol", **within(1, MAX_COUNT))
-    temperature: float = option(0.1, "temperature of the weighted kNN", check=positive, check_msg="must be > 0")
-    knn_vote: str = option("weighted", "kNN vote: weighted (exp(sim/T), InstDisc) or majority",
-                           ["weighted", "majority"])
-    l2_grid: str = option("1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,1",
-                          "fast-linear: L2 strengths tried (comma separated; the penalty is l2/2 * ||W||^2 on "
-                          "standardised features)", check=lambda v: _grid_ok(v),
-                          check_msg="must be one or more finite numbers >= 0")
-    holdout: float = option(0.1, "fast-linear: fraction of the training split held out to pick the L2 strength",
-                            check=lambda x: 0 < x < 1, check_msg="must be within (0, 1)")
-    fast_iters: int = option(300, "fast-linear: L-BFGS iterations per fit", **within(1, MAX_COUNT))
-    cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform")
-    run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>")
-
-    def notes(self) -> list:
-        """Values accepted that change nothing, said once each. The spec's eval configs carry ``dist: dp``
-        (evaluation here is one process). The spec's ``problem: eval`` (its SSLEval) has no n_augs_*: its
-        dumped cifar_eval.yaml carries n_augs_train 10 / n_augs_test 50 that its code never reads."""
-        out = cap_workers(self)
-        if self.dist != "none":
-            out.append(f"note: evaluation runs in one process; --dist {self.dist} applies to pretraining only")
-        set_ = [f"{k}: {getattr(self, k)}" for k in ("n_augs_train", "n_augs_test") if getattr(self, k) != -1]
-        if self.problem == "eval" and set_:
-            self.n_augs_train = self.n_augs_test = -1
-            out.append(f"note: ignoring {', '.join(set_)}: problem eval trains on augmentation on the fly and tests "
-                       f"on the plain images, as the spec's code does; use --problem semi-supervised-eval for "
-                       f"augmented copies / test-time averaging")
-        return out
-
-
-
-
-# `simclr knn` is `simclr eval --protocol knn` with only the options that protocol reads, so its --help lists
-# those and nothing else. Built from EvalConfig's fields: one help text and one range per option.
-KNN_KEYS = ("name", "root", "data", "data_path", "image_size", "encoder_ckpt", "encoder_arch", "encoder_width",
-            "trust_checkpoint", "encode_layer", "k", "temperature", "knn_vote", "train_subset", "test_subset",
-            "train_size", "data_split_seed", "test_bs", "precompute_emb_bs", "cache_features", "seed", "workers",
-            "device", "precision", "verbose", "run_dir", "logger", "mlflow_uri", "timm_kwargs", "skip_bad_images")
-
-
-def _knn_finalize(self, config_path: Optional[str]) -> None:
-    self.name = self.name or (Path(config_path).stem if config_path else "knn")
-    self.root = self.root or default_root()
-
-
-KnnConfig = make_dataclass(
-    "KnnConfig",
-    [(f.name, type_of(EvalConfig, f), field(default=f.default, metadata=f.metadata))
-     for f in fields(EvalConfig) if f.name in KNN_KEYS],
-    namespace={"__doc__": "kNN accuracy of an encoder's frozen features: each test image takes the (weighted) "
-                          "vote of its k nearest training images by cosine similarity. Same as `simclr eval "
-                          "--protocol knn`.",
-               "COMMAND": "knn", "IGNORED_KEYS": IGNORED_KEYS + ("problem", "protocol"),
-               "OTHER": ("eval", EvalConfig), "finalize": _knn_finalize, "notes": cap_workers})
-KnnConfig.__module__ = __name__
-
+                          check=nonneg, check_msg="must be >= 0", trajectory=False)

@@ -32,8 +32,8 @@ from .options import parse_loggers
 
 # logger -> (module to import, the pip install that brings it)
 PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"),
-            "wandb": ("wandb", '"simclr[wandb]"'),
-            "mlflow": ("mlflow.tracking", '"simclr[mlflow]"')}
+            "wandb": ("wandb", '"simclr-torch[wandb]"'),
+            "mlflow": ("mlflow.tracking", '"simclr-torch[mlflow]"')}
 IDS_FILE = "trackers.json"
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 

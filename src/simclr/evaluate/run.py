@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
 from ..progress import hms, say
 from ..runtime import out_of_memory
-from ..options import EvalConfig
+from ..eval_options import EvalConfig
 from ..rundir import RunDir, check_kind, check_run_folder, environment
 from ..trackers import require
 from ..weights import Encoder, load_encoder

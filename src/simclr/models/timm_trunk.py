@@ -1,6 +1,6 @@
 """Any timm model as the encoder: ``--arch timm:<model name>``.
 
-timm is an optional extra (``pip install 'simclr[timm]'``): this module is the only one that imports it, and
+timm is an optional extra (``pip install 'simclr-torch[timm]'``): this module is the only one that imports it, and
 only inside the functions below, when such an arch is asked for. The trunk is
 ``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)``: its output is the model's pooled
 pre-logits feature (``h``), of size ``head_hidden_size`` (``num_features`` for most models). Its parameter
@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..names import TIMM_PREFIX as PREFIX
 
-INSTALL = "pip install 'simclr[timm]'"
+INSTALL = "pip install 'simclr-torch[timm]'"
 
 
 def model_name(arch: str) -> str:

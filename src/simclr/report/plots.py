@@ -322,7 +322,8 @@ def eval_figure(ev: dict):
 _MISSING = "<missing>"
 
 
-# what sets runs apart, most telling first: the run's labels and the difference table follow this order
+# what sets runs apart, most telling first: the run's labels and the difference table follow this order. A display
+# order, not an option role (simclr.config.ROLES): a key left out is shown after these, alphabetically
 KEY_ORDER = ("iters", "lr", "width", "temperature", "batch_size", "arch", "data", "multiplier", "opt",
              "weight_decay", "lr_schedule", "warmup", "proj_dim", "proj_layers", "color_dist_s", "scale_lower",
              "blur", "image_size", "train_subset", "precision", "seed")

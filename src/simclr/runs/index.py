@@ -26,7 +26,7 @@ _NOT_RUNS = {"checkpoints", "tb", "report", "features", "__pycache__"}
 # --name a/b/c/d puts a run 5 folders below the root: every name a run may have (rundir.MAX_NAME_PARTS) is listed
 _MAX_DEPTH = MAX_NAME_PARTS + 1
 
-# The columns `simclr runs` shows by default, in this order.
+# The columns `simclr runs` shows by default, in this order: a display list, not an option role (simclr.config.ROLES).
 SUMMARY_COLUMNS = ["id", "name", "kind", "status", "arch", "data", "batch_size", "step", "iters", "loss", "knn",
                    "linear", "protocol", "images_per_s", "started", "duration"]
 

@@ -1,6 +1,6 @@
 """SimCLR pretraining, in reading order: :func:`pretrain` (the entry), :func:`setup` (resume point, data, parts,
 run folder; bad input fails there, before any folder is created), :func:`loop` (the steps, with log, kNN and
-save points), and :func:`train_step` (forward, NT-Xent, backward, guarded update) on the :class:`Parts` that
+save points), and :func:`train_step` (forward, the loss, backward, guarded update) on the :class:`Parts` that
 :func:`build` makes once.
 
 Counted in optimizer steps: everything that depends on time (learning rate, which images a step draws, their
@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..evaluate.monitor import knn_monitor
 from ..files import append_line
 from ..gradcache import grad_cache_backward
-from ..loss import nt_xent
+from ..loss import Criterion, build_criterion
 from ..models import SimCLRModel, build_model, convert_sync_batchnorm
 from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
@@ -252,17 +252,11 @@ def _inside(ckpt: Path, run: Path) -> bool:
     return found is not None and _same(found, run)
 
 
-# options that change where a run goes: a resume that changes them is a different run unless allowed
-# (not --data_path: a staged copy at another path is the same data; the images' content identity is compared)
-TRAJECTORY = ("iters", "batch_size", "lr", "lr_schedule", "warmup", "opt", "weight_decay", "temperature",
-              "multiplier", "arch", "width", "width_multiplier", "timm_kwargs", "data", "train_subset",
-              "aug", "scale_lower", "color_dist_s", "blur", "blur_sigma", "lr_scaling", "seed")
-
-
 def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
-    """{key: (checkpoint's value, this run's value)} for the trajectory keys that differ."""
-    return {k: (saved[k], getattr(cfg, k)) for k in TRAJECTORY
-            if k in saved and hasattr(cfg, k) and saved[k] != getattr(cfg, k)}
+    """{key: (checkpoint's value, this run's value)} for the options that change where a run goes (role
+    ``trajectory``) that differ: a resume that changes them is a different run unless allowed."""
+    return {k: (saved[k], getattr(cfg, k)) for k in config_lib.with_role(type(cfg), "trajectory")
+            if k in saved and saved[k] != getattr(cfg, k)}
 
 
 def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
@@ -275,7 +269,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
         raise UserError(f"{path} is not a pretraining checkpoint of this project "
                         f"({ckpt_lib.describe(ck)}); to evaluate the spec's checkpoints use simclr eval")
     saved = ck.get("config", {})
-    for key in ("arch", "width", "timm_kwargs", "proj_layers", "proj_dim"):  # what the weights' shapes depend on
+    for key in config_lib.with_role(type(cfg), "shapes"):  # what the weights' shapes depend on
         if key in saved and saved[key] != getattr(cfg, key):
             raise UserError(f"checkpoint {path} was trained with {key}={saved[key]!r} but this run has "
                             f"{key}={getattr(cfg, key)!r}; pass --{key} {saved[key]}")
@@ -294,20 +288,15 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     return ck
 
 
-# options each process may hold its own value of (where it is, what it prints or writes: only rank 0 writes)
-# (--data_path: where this node keeps its copy; the ranks compare the images' content identity instead)
-PER_PROCESS = ("node_rank", "device", "workers", "verbose", "root", "run_dir", "dist_address", "logger", "mlflow_uri",
-               "data_path")
-
-OPTIMIZER_KEYS = ("opt", "lars_exclude")  # options that make another optimizer: its state cannot be resumed
 
 
 def restore(s: Session, ck: dict, path: Path) -> None:
     p, log = s.parts, s.log
     ckpt_lib.load_weights(p.model, ck["model"], f"checkpoint {path}",
                           "resume with the run's own --arch, --width and projection options")
+    optimizer_keys = config_lib.with_role(type(s.cfg), "optimizer")  # another value: another optimizer
     changed = [f"--{k} {old!r} -> {new!r}" for k, (old, new) in ck.get("config_changes", {}).items()
-               if k in OPTIMIZER_KEYS]
+               if k in optimizer_keys]
     if changed:  # torch loads another optimizer's state silently, then fails in step() (KeyError 'step')
         raise UserError(f"checkpoint {path} holds the optimizer state of another optimizer ({', '.join(changed)}); "
                         f"it cannot be carried over: resume with the run's own --opt and --lars_exclude")
@@ -367,8 +356,10 @@ def setup(cfg: PretrainConfig) -> Session:
             check_data_identity(ck, images, resume_from, cfg.allow_config_change, log)
         images = maybe_subset(images, cfg.train_subset, seed=0)
         # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
-        # trained "successfully" with rank 0's value recorded)
-        shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in PER_PROCESS}
+        # trained "successfully" with rank 0's value recorded); those of role per_process excepted (where each
+        # process is, what it prints or writes: only rank 0 writes)
+        per_process = config_lib.with_role(type(cfg), "per_process")
+        shared = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in per_process}
         # the content identity, not --data_path: each node may read its own copy of the images at its own path
         distributed.check_same_config(dict(shared, data_content=fingerprint))
         monitor_sets = knn_sets(cfg)
@@ -601,6 +592,7 @@ class Parts:
     lrs: np.ndarray               # the learning rate of every step
     loader: object                # .batches(start, end) -> (x: (m*N, 3, S, S) ordered [view 1; view 2; ...], y)
     device: torch.device
+    criterion: Criterion          # (z: (m*N, d), step) -> (loss, contrastive accuracy): the --loss
     amp_dtype: Optional[torch.dtype]
     probe: Optional[Probe] = None  # the online linear probe (--online_probe)
     channels_last: bool = False   # --channels_last resolved for the device (auto: runtime.fast_compute)
@@ -626,7 +618,7 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
     optimizer = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.lars_exclude,
                                 foreach=device.type == "cuda" if foreach is None else foreach)
     amp = autocast_dtype(cfg.precision, device)
-    return Parts(model=model, forward=model, optimizer=optimizer,
+    return Parts(model=model, forward=model, optimizer=optimizer, criterion=build_criterion(cfg),
                  scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
                  lrs=lr_schedule(scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling), cfg.iters, cfg.lr_schedule,
                                  cfg.warmup),
@@ -702,20 +694,21 @@ def _is_compile_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
+def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """NT-Xent of the views ``x`` and its gradient in ``.grad`` (scaled for fp16) -> (loss, accuracy, h of the
-    first view ``(N, d)``), detached. The network runs under autocast; the loss is fp32. With
-    ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk (same gradient, a chunk's
-    activation memory; ``h`` then comes from the graph-free pass, and only when the probe needs it)."""
+    """The loss (``p.criterion`` at optimizer step ``step``) of the views ``x`` and its gradient in ``.grad``
+    (scaled for fp16) -> (loss, accuracy, h of the first view ``(N, d)``), detached. The network runs under
+    autocast; the loss is fp32. With ``grad_cache_chunks`` the batch is embedded and back-propagated chunk by chunk
+    (same gradient, a chunk's activation memory; ``h`` then comes from the graph-free pass, and only when the probe
+    needs it)."""
     if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     n = x.shape[0] // cfg.multiplier
     if cfg.grad_cache_chunks > 1:
         chunks: list = []
-        loss, acc = grad_cache_backward(p.forward, x, cfg.temperature, cfg.multiplier, cfg.grad_cache_chunks,
+        loss, acc = grad_cache_backward(p.forward, x, p.criterion, cfg.multiplier, cfg.grad_cache_chunks,
                                         p.amp_dtype, scale=p.scaler.scale,
-                                        on_h=chunks.append if p.probe is not None else None)
+                                        on_h=chunks.append if p.probe is not None else None, step=step)
         h = None
         if chunks:
             h = torch.empty(x.shape[0], chunks[0][1].shape[1], device=x.device, dtype=chunks[0][1].dtype)
@@ -725,7 +718,7 @@ def forward_backward(p: Parts, cfg: PretrainConfig, x: torch.Tensor
         return loss, acc, h
     with torch.autocast(x.device.type, dtype=p.amp_dtype, enabled=p.amp_dtype is not None):
         out = p.forward(x)
-    loss, acc = nt_xent(out["z"], cfg.temperature, cfg.multiplier)
+    loss, acc = p.criterion(out["z"], step)
     p.scaler.scale(loss).backward()
     return loss.detach(), acc.detach(), out["h"][:n].detach()
 
@@ -801,7 +794,7 @@ def train_step(p: Parts, cfg: PretrainConfig, x: torch.Tensor, step: int, guard:
     set_lr(p.optimizer, float(p.lrs[step]) if lr is None else lr)
     p.optimizer.zero_grad(set_to_none=True)
     guard.before(p.model)
-    loss, acc, h = forward_backward(p, cfg, x)
+    loss, acc, h = forward_backward(p, cfg, x, step)
     updated = guard.allows_update(loss, p, step)
     if updated:
         p.scaler.step(p.optimizer)
