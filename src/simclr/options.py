@@ -282,8 +282,8 @@ def cap_workers(cfg) -> list:
     cpus = usable_cpus()
     if cfg.workers <= cpus:
         return []
-    asked, cfg.workers = cfg.workers, cpus
-    return [f"note: --workers {asked} capped at {cpus}, the CPUs this process may use"]
+    return [f"note: --workers {cfg.workers} is more than the {cpus} CPUs this process may use: the worker "
+            f"processes will wait for each other (PyTorch warns about it); --workers {cpus} is enough here"]
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Where and how tensors run: device choice, autocast precision, seeds and the RNG state of a checkpoint."""
 from __future__ import annotations
 
+import os
 import random
 from typing import Optional
 
@@ -47,6 +48,8 @@ def tune_backends(device: torch.device, deterministic: bool) -> None:
 def cpu_native_bf16() -> str:
     """The CPU instruction set that computes bf16 natively, as torch's own feature checks see it ("AMX",
     "AVX512-BF16"), or "" when there is none (bf16 would then be emulated: slower than fp32)."""
+    if os.environ.get("SIMCLR_CPU_BF16", "") == "0":  # forced off: this CPU trains as one without native bf16
+        return ""
     cpu = getattr(torch, "cpu", None)  # the checks exist in torch >= 2.3; an older torch counts as none
 
     def has(name: str) -> bool:
