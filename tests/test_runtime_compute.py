@@ -38,6 +38,7 @@ def test_auto_resolves_by_what_the_cpu_computes_natively(monkeypatch):
 
 
 def test_detection_asks_torch_and_names_the_instruction_set(monkeypatch):
+    monkeypatch.delenv("SIMCLR_CPU_BF16", raising=False)  # the suite forces it off (conftest)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert runtime.cpu_native_bf16() == "AVX512-BF16"
@@ -45,6 +46,9 @@ def test_detection_asks_torch_and_names_the_instruction_set(monkeypatch):
     assert runtime.cpu_native_bf16() == "AMX"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert runtime.cpu_native_bf16() == ""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv("SIMCLR_CPU_BF16", "0")  # forced off whatever the CPU has
     assert runtime.cpu_native_bf16() == ""
 
 
