@@ -120,10 +120,14 @@ def test_missing_dataset_names_where_it_looked(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_pretraining_beats_random_init(tmp_path, data_root):
+def test_short_pretraining_beats_random_init(tmp_path, data_root, monkeypatch):
     """Real CIFAR-10, a narrow ResNet-18: kNN top-1 must rise clearly (>= 4 points) above the
-    same network at random init (a smaller run than make demo's, which the README check repeats)."""
-    # calibrated on the 2-core box (2026-12-02): +7.1 points (28.15% -> 35.25%) in about 2 minutes
+    same network at random init (a smaller run than make demo's, which the README check repeats). It runs at
+    this machine's defaults (bf16 + channels_last where the CPU computes bf16 natively, fp32 elsewhere): no
+    exact comparison here, and the suite's longest training gets the speed a user gets."""
+    monkeypatch.delenv("SIMCLR_CPU_BF16", raising=False)
+    # calibrated on the 2-core box: fp32 +7.1 points (28.15% -> 35.25%, 2026-12-02, about 2.7 minutes); bf16 +8.0
+    # (28.05% -> 36.05%, 2026-12-04, 74 s)
     cfg = _cfg(tmp_path, width=16, train_subset=2000, test_subset=2000, batch_size=128, iters=160, lr=2.0,
                temperature=0.2, warmup=0.05, color_dist_s=0.5, log_freq=50)
     before = random_init_knn(cfg)
