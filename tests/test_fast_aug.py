@@ -15,9 +15,8 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from simclr.data import get_dataset, maybe_subset
-from simclr.data.batch_aug import (BatchAugment, adjust_hue, color_jitter, gaussian_blur, resized_crops,
-                                   sample_params)
-from simclr.data.transforms import simclr_transform
+from simclr.data.augment import AugSpec, BatchAugment, sample_params, simclr_transform
+from simclr.data.batch_aug import adjust_hue, color_jitter, gaussian_blur, resized_crops
 
 N = 20000  # views per distribution test: a rate's standard error is <= 0.0035
 
@@ -168,10 +167,10 @@ def test_flip_jitter_gray_blur_rates_and_factor_ranges():
 
 
 def test_no_blur_for_cifar_by_default():
-    aug = BatchAugment(32, 2)
+    aug = BatchAugment(AugSpec(32), 2)
     sizes = torch.full((100,), 32.0)
     assert aug.blur_kernel == 0 and not aug.params(sizes, sizes, _gen()).blur.any()
-    assert BatchAugment(224, 2).blur_kernel == 23 and BatchAugment(32, 2, blur="on").blur_kernel == 3
+    assert BatchAugment(AugSpec(224), 2).blur_kernel == 23 and BatchAugment(AugSpec(32, blur="on"), 2).blur_kernel == 3
 
 
 # ---------------------------------------------------------------------------- pixel statistics
@@ -186,7 +185,7 @@ def cifar_views(data_root):
     out = {"reference": ref}
     for interp in ("auto", "bilinear"):
         g = _gen(0)
-        aug = BatchAugment(32, 2, interpolation=interp)
+        aug = BatchAugment(AugSpec(32, interpolation=interp), 2)
         out[interp] = torch.cat([aug(imgs[i:i + 500], g) for i in range(0, 1000, 500)])
     return out
 
@@ -226,6 +225,6 @@ def test_bilinear_resampling_effect_is_a_small_blur(cifar_views):
 
 def test_every_view_has_its_own_parameters():
     x = torch.rand(1, 3, 32, 32).expand(64, 3, 32, 32).contiguous()  # one image, 64 copies
-    v = BatchAugment(32, 2)(x, _gen())
+    v = BatchAugment(AugSpec(32), 2)(x, _gen())
     flat = v.reshape(128, -1)
     assert torch.cdist(flat, flat).add(torch.eye(128) * 1e3).min() > 1e-3  # no two views alike

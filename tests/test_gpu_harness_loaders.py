@@ -15,7 +15,8 @@ from PIL import Image
 
 from simclr import config as config_lib
 from simclr.data import batch_aug, fast, get_dataset, loaders
-from simclr.data.batch_aug import BatchAugment, augment_crops, resized_crops
+from simclr.data.augment import AugSpec, BatchAugment, apply
+from simclr.data.batch_aug import resized_crops
 from simclr.data.images import open_rgb
 from simclr.options import PretrainConfig
 
@@ -122,7 +123,7 @@ def test_from_list_crops_same_size_images_together_and_matches_one_call_per_imag
     g = torch.Generator()
     sizes = [(20, 30), (24, 24), (20, 30), (24, 24), (31, 17), (20, 30)]
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
-    aug = BatchAugment(16, multiplier=2, blur="on")
+    aug = BatchAugment(AugSpec(16, blur="on"), multiplier=2)
     calls = []
 
     def counting(src, *a, **k):
@@ -143,7 +144,7 @@ def test_from_list_crops_same_size_images_together_and_matches_one_call_per_imag
         rows = torch.arange(k, m * b, b)
         ref[rows] = resized_crops(img.float().div(255).unsqueeze(0), p.boxes[rows], torch.zeros(m, dtype=torch.long),
                                   16, "auto")
-    ref = augment_crops(ref, p, aug.blur_kernel)
+    ref = apply(aug.rest, ref, p)
     assert got.shape == (12, 3, 16, 16)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 

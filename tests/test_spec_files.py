@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from simclr import config as config_lib
-from simclr.data.batch_aug import BatchAugment
+from simclr.data.augment import AugSpec, BatchAugment
 from simclr.errors import ConfigError
 from simclr.models import SimCLRModel
 from simclr.optim import scaled_lr
@@ -345,10 +345,10 @@ def test_official_knobs():
         blocks = [b for layer in (on.convnet.layer1, on.convnet.layer4) for b in layer]
         assert all(float(getattr(b, last).weight.detach().abs().sum()) == 0 for b in blocks)
         assert float(getattr(off.convnet.layer1[0], last).weight.detach().min()) == 1.0
-    aug = BatchAugment(96, blur="on", blur_sigma="0.2,2.0")
+    aug = BatchAugment(AugSpec(96, blur="on", blur_sigma=(0.2, 2.0)))
     p = aug.params(torch.full((2000,), 96.0), torch.full((2000,), 96.0), torch.Generator().manual_seed(0))
     assert 0.2 <= float(p.sigma.min()) < 0.25 and 1.95 < float(p.sigma.max()) <= 2.0
-    assert math.isclose(BatchAugment(96).blur_sigma[0], 0.1)
+    assert math.isclose(BatchAugment(AugSpec(96)).spec.blur_sigma[0], 0.1)
 
 
 # --------------------------------------------------------------------------------------------

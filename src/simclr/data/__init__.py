@@ -3,7 +3,9 @@ from .datasets import (LabeledImages, balanced_indices, check_same_classes, data
                        native_size)
 from .loaders import ReferenceLoader, views_first
 from .sampler import StepBatches
-from .transforms import eval_transform, simclr_transform
+from .augment import AugSpec, simclr_transform
+from .transforms import eval_transform
 
 __all__ = ["LabeledImages", "balanced_indices", "check_same_classes", "data_folder", "get_dataset", "maybe_subset",
-           "native_size", "ReferenceLoader", "StepBatches", "views_first", "eval_transform", "simclr_transform"]
+           "native_size", "ReferenceLoader", "StepBatches", "views_first", "eval_transform", "simclr_transform",
+           "AugSpec"]

@@ -13,7 +13,7 @@ bytes only; the JPEGs are decoded in one batched ``torchvision.io.decode_jpeg`` 
 device (on the CPU when there is no GPU) and augmented there.
 
 The augmentation itself (its recipe, and its two documented differences from the reference)
-is :mod:`.batch_aug`.
+is declared in :mod:`.augment`; its batched kernels are in :mod:`.batch_aug`.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..runtime import cpu_threads
-from .batch_aug import BatchAugment, center_view
+from .augment import AugSpec, BatchAugment
+from .batch_aug import center_view
 from .datasets import bad_image_fix
 from .images import jpeg_orientation, open_rgb
-from .transforms import OFFICIAL_BLUR_SIGMA
 from .sampler import StepBatches, sample_seed, step_loader
 
 # --------------------------------------------------------------------------------------------
@@ -235,8 +235,7 @@ class FastLoader:
         self.device, self.rank, self.seed, self.m = torch.device(device), rank, int(cfg.seed), cfg.multiplier
         self.size = images.image_size
         self.aug_enabled = bool(cfg.aug)
-        self.augment = BatchAugment(self.size, cfg.multiplier, cfg.scale_lower, cfg.color_dist_s, cfg.blur,
-                                    interpolation, getattr(cfg, "blur_sigma", OFFICIAL_BLUR_SIGMA))
+        self.augment = BatchAugment(AugSpec.from_config(cfg, self.size, interpolation), cfg.multiplier)
         self.workers = cfg.workers
         self.images = images
         self.targets = torch.as_tensor(np.asarray(images.targets, dtype=np.int64)).to(self.device)

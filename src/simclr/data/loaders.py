@@ -20,7 +20,8 @@ from ..runtime import fast_compute
 from .datasets import LabeledImages
 from .fast import FastLoader
 from .sampler import StepBatches, step_loader
-from .transforms import OFFICIAL_BLUR_SIGMA, eval_transform, simclr_transform
+from .augment import AugSpec
+from .transforms import eval_transform
 
 
 class MultiViewDataset(Dataset):
@@ -93,8 +94,7 @@ def build_loader(cfg, images: LabeledImages, device: torch.device, rank: int = 0
         return FastLoader(cfg, images, device, rank, world)
     size = images.image_size
     if cfg.aug:
-        transform = simclr_transform(size, cfg.color_dist_s, cfg.scale_lower, cfg.blur,
-                                     getattr(cfg, "blur_sigma", OFFICIAL_BLUR_SIGMA))
+        transform = AugSpec.from_config(cfg, size).reference()
     else:
         native = getattr(images, "images", None)
         transform = eval_transform(size, native.shape[1] if native is not None else -1)

@@ -1,7 +1,7 @@
-"""Reference (CPU, PIL + torchvision) augmentations, exactly the paper's recipe.
+"""The evaluation's transforms (no augmentation) and the constants of the augmentation's recipe.
 
-The fast path (batched tensor augmentation) must reproduce the distribution defined here;
-this module is the reference it is tested against.
+The SimCLR augmentation itself, both its reference (PIL + torchvision) and its batched backend, is declared op
+by op in :mod:`.augment`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ..names import blur_sigma_range
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -26,13 +25,6 @@ def use_blur(image_size: int, blur: str = "auto") -> bool:
 OFFICIAL_BLUR_SIGMA = (0.1, 2.0)  # the official SimCLR's and the paper's; the spec's code uses (0.2, 2.0)
 
 
-def color_distortion(s: float) -> T.Compose:
-    """Colour jitter with strength s (applied with p=0.8; the four ops in random order, as
-    torchvision's ColorJitter does), then random grayscale with p=0.2."""
-    jitter = T.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5))
-    return T.Compose([T.RandomApply([jitter], p=0.8), T.RandomGrayscale(p=0.2)])
-
-
 class Clip:
     """Clamp to [0, 1] (blur and jitter can leave the range by rounding)."""
 
@@ -41,24 +33,6 @@ class Clip:
 
     def __repr__(self) -> str:
         return "Clip()"
-
-
-def simclr_transform(image_size: int, color_dist_s: float = 1.0, scale_lower: float = 0.08,
-                     blur: str = "auto", blur_sigma=OFFICIAL_BLUR_SIGMA) -> T.Compose:
-    """PIL image -> one augmented view, a float tensor (3, S, S) in [0, 1]. ``blur_sigma``: the
-    (lo, hi) range sigma is drawn from, or its 'lo,hi' text."""
-    ops = [
-        T.RandomResizedCrop(image_size, scale=(scale_lower, 1.0), ratio=(3 / 4, 4 / 3),
-                            interpolation=InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(p=0.5),
-        color_distortion(color_dist_s),
-        T.ToTensor(),
-    ]
-    if use_blur(image_size, blur):
-        blur_op = T.GaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma_range(blur_sigma))
-        ops.append(T.RandomApply([blur_op], p=0.5))
-    ops.append(Clip())
-    return T.Compose(ops)
 
 
 def eval_transform(image_size: int, native: int) -> T.Compose:

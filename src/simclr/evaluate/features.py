@@ -74,18 +74,13 @@ def augment_transform(kind: str, image_size: int, native: int, scale_lower: floa
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
 
-    from ..data.transforms import Clip
+    from ..data.augment import linear_eval_ops, reference_transform
     if kind == "none":
         return eval_transform(image_size, native)
-    if kind == "RandomResizedCrop":
-        ops = [T.RandomResizedCrop(image_size, scale=(scale_lower, 1.0), interpolation=InterpolationMode.BICUBIC)]
-    elif kind == "RandomCrop":
-        ops = [] if native == image_size else [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-                                               T.CenterCrop(image_size)]
-        ops.append(T.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
-    else:
-        raise ValueError(f"augmentation must be RandomCrop, RandomResizedCrop or none, got {kind!r}")
-    return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), Clip()])
+    ops = linear_eval_ops(kind, image_size, scale_lower)
+    # RandomCrop pads and crops an image already at the network's size: a larger one is first fitted to it
+    fit = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+    return reference_transform(ops, fit if kind == "RandomCrop" and native != image_size else None)
 
 
 class SeededAugmented(Dataset):

@@ -52,21 +52,19 @@ class Datasets:
 def plot_views(cfg: dict, path: Path, n_images: int = 6, n_views: int = 6, seed: int = 0,
                datasets: Optional[Datasets] = None) -> tuple:
     """Rows: one training image, then ``n_views`` views drawn by the run's augmentation
-    (:func:`simclr.data.transforms.simclr_transform` with its image size, colour strength, crop scale
+    (:class:`simclr.data.augment.AugSpec` from its config: image size, colour strength, crop scale
     and blur), i.e. what the network is trained on. Returns (path, caption)."""
     import torch
     from ..data import maybe_subset
-    from ..data.transforms import simclr_transform, use_blur
+    from ..data.augment import AugSpec
     datasets = datasets or Datasets(cfg)
     data = datasets.data
     size = int(cfg.get("image_size", 0) or 0)
     # labelled images (for STL-10 the unlabeled part would do as well, but its loading is slow)
     pick = maybe_subset(datasets("train", size), n_images, seed=seed)
     size = pick.image_size
-    s, scale = float(cfg.get("color_dist_s", 1.0)), float(cfg.get("scale_lower", 0.08))
-    blur = str(cfg.get("blur", "auto"))
     aug = bool(cfg.get("aug", True))
-    tf = simclr_transform(size, s, scale, blur)
+    tf = AugSpec.from_config(cfg, size).reference()  # the run's own recipe, --blur_sigma included
     show = _display_transform(pick, size)
     fig, ax = figure(1.25 * (n_views + 1), 1.3 * len(pick) + 0.4, len(pick), n_views + 1)
     with torch.random.fork_rng(devices=[]):
@@ -84,8 +82,7 @@ def plot_views(cfg: dict, path: Path, n_images: int = 6, n_views: int = 6, seed:
         ax[0, j + 1].set_title(f"view {j + 1}", fontsize=9)
     save(fig, path)
     caption = (f"{len(pick)} training images of {data} and {n_views} augmented views each, drawn with this run's "
-               f"settings: {size}px random resized crop (scale {scale}-1), flip, colour distortion s={s}, "
-               f"grayscale p=0.2, blur {'on' if use_blur(size, blur) else 'off'} (blur={blur}).")
+               f"settings: {AugSpec.from_config(cfg, size).describe()}.")
     if not aug:
         caption += " This run has aug: false, so every view is the plain image."
     return path, caption
