@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import re
 import sys
 from pathlib import Path
@@ -200,31 +201,48 @@ def resolve(path, log: Callable[[str], None] = lambda msg: print(msg, file=sys.s
 # pruning (only the process that writes the run folder)
 # ---------------------------------------------------------------------------------------------
 
-def _take_for_removal(path: Path) -> Optional[int]:
-    """An exclusive lock on ``path`` when no reader holds it (the descriptor), else None. The file is opened for
-    writing: NFS, which emulates flock with a byte-range lock, grants no exclusive lock on a read-only file. Where
-    the file system keeps no locks, the descriptor unlocked (the file is pruned as if no one read it)."""
+def _take_for_removal(path: Path) -> tuple:
+    """(descriptor, busy): an exclusive lock on ``path`` when no reader holds it (descriptor, False); (None, True)
+    when a reader holds it; (None, False) when the file cannot be opened for writing (not ours to prune). The file
+    is opened for writing: NFS, which emulates flock with a byte-range lock, grants no exclusive lock on a read-only
+    file. Where the file system keeps no locks, the descriptor unlocked (the file is pruned as if no one read it)."""
     try:
         fd = open_for_lock(path, exclusive=True)
     except OSError:
-        return None
+        return None, False
     try:
         if try_lock(fd, path, exclusive=True) != BUSY:
-            return fd
+            return fd, False
     except OSError:
-        pass
+        os.close(fd)
+        return None, False
     os.close(fd)
-    return None
+    return None, True
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints (one a reader is reading waits for the next save); also remove
-    what a killed save left behind (temp files, a card whose checkpoint never got renamed into place). Only the
-    one process that writes the run folder calls this, right after a complete save, so no temp file here belongs
-    to a save in progress."""
+def prune(run_dir: Path, keep_last: int, wait_s: float = 0.0) -> list:
+    """Keep the newest ``keep_last`` checkpoints; also remove what a killed save left behind (temp files, a card
+    whose checkpoint never got renamed into place). Only the one process that writes the run folder calls this,
+    right after a complete save, so no temp file here belongs to a save in progress.
+
+    A checkpoint a reader is reading (pinned: readers hold the pin only while they read the file) is passed over:
+    the next save prunes it. The last save of a run has no next save, so it passes ``wait_s``: the readers' pins
+    are tried again for up to that long. Returns the checkpoints still kept beyond ``keep_last``."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    held = _prune_once(run_dir, keep_last)
+    while held and time.monotonic() < deadline:
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        held = _prune_once(run_dir, keep_last)
+    return held
+
+
+def _prune_once(run_dir: Path, keep_last: int) -> list:
+    held = []
     for p in list_checkpoints(run_dir)[keep_last:]:
-        fd = _take_for_removal(p)
+        fd, busy = _take_for_removal(p)
         if fd is None:
+            if busy:
+                held.append(p)
             continue
         try:
             for f in (p, p.with_suffix(".json")):
@@ -234,7 +252,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
             os.close(fd)
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
-        return
+        return held
     for p in folder.iterdir():
         if not p.is_file() or p.is_symlink():
             continue
@@ -242,6 +260,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
             p.unlink(missing_ok=True)
         elif CARD_RE.match(p.name) and not p.with_suffix(".pt").exists() and _is_our_card(p):
             p.unlink(missing_ok=True)
+    return held
 
 
 def _is_our_card(path: Path) -> bool:

@@ -19,6 +19,10 @@ from .resume_message import changes_message
 from .session import Log, Session
 
 
+# How long the last save of a run waits for readers (simclr knn/eval/report hold a checkpoint's pin only while they
+# read it: seconds) before it leaves their checkpoints beyond --keep_last in place, with a warning.
+FINAL_PRUNE_WAIT_S = 60.0
+
 def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
     """The checkpoint to continue from (None: start at step 0; else pinned against pruning, see
     :func:`simclr.checkpoint.pin`) and the run folder to write into ('' : a new one).
@@ -204,5 +208,10 @@ def save(s: Session) -> Optional[Path]:
             "iters": cfg.iters, "epochs": epochs, "metrics": s.metrics}
     ckpt_lib.save_checkpoint(path, payload, card)
     s.saved_step = s.step
-    ckpt_lib.prune(s.run.path, cfg.keep_last)
+    last = s.step >= cfg.iters  # no later save of this run would prune what a reader holds now
+    held = ckpt_lib.prune(s.run.path, cfg.keep_last, wait_s=FINAL_PRUNE_WAIT_S if last else 0.0)
+    if held and last:
+        s.log.warn(f"kept {len(held)} checkpoint(s) beyond --keep_last {cfg.keep_last} that another process was "
+                   f"still reading after {FINAL_PRUNE_WAIT_S:g} s: {', '.join(p.name for p in held)}; delete them "
+                   f"by hand once it is done (with their .json cards)")
     return path
