@@ -40,7 +40,7 @@ def main() -> None:
     from simclr.data import get_dataset, maybe_subset
     from simclr.options import PretrainConfig
     from simclr.runtime import describe_compute
-    from simclr.train import DivergenceGuard, build, train_step
+    from simclr.train import build, train_step
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     splits = [(t, pre) for t in sorted({1, max(1, cpus - 1), cpus}) for pre in (True, False)]
@@ -49,7 +49,6 @@ def main() -> None:
                                                 device="cpu", loader="fast", workers=0))
     images = maybe_subset(get_dataset("cifar10", "pretrain", "", 0), args.train_subset, 0)
     parts = build(cfg, images, torch.device("cpu"))
-    guard = DivergenceGuard("stop", torch.device("cpu"))
     parts.model.train()
     print(f"{cpus} usable CPUs; resnet18 width {args.width}, batch {args.batch_size} x 2 views; "
           f"{describe_compute(parts.amp_dtype, parts.channels_last, torch.device('cpu'))}", flush=True)
@@ -61,10 +60,10 @@ def main() -> None:
             parts.loader.prefetch = prefetch
             batches = parts.loader.batches(step, step + args.steps + 1)
             x, _ = next(batches)  # the first batch is not overlapped with a step: untimed
-            train_step(parts, cfg, x, step, guard)
+            train_step(parts, x, step)
             t0 = time.perf_counter()
             for x, _ in batches:
-                loss, _, _ = train_step(parts, cfg, x, step, guard)
+                loss, _, _ = train_step(parts, x, step)
             float(loss)
             rates[(threads, prefetch)].append(args.steps * args.batch_size / (time.perf_counter() - t0))
             step += args.steps + 1

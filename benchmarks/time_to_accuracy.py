@@ -181,7 +181,7 @@ def run(args, argv, clock, t_launch, say, state) -> int:
     from simclr.evaluate import extract_features, knn_classifier
     from simclr.options import PretrainConfig
     from simclr.runtime import resolve_device
-    from simclr.train import DivergenceGuard, build, train_step, wrap
+    from simclr.train import build, train_step, wrap
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -202,8 +202,8 @@ def run(args, argv, clock, t_launch, say, state) -> int:
     # the training run's own parts and step (multi-tensor LARS, bf16 on CUDA); only the LR clock differs
     parts = build(cfg, pretrain, device, foreach=True,
                   loader=FastLoader(cfg, pretrain, device, interpolation=args.interpolation))
-    wrap(parts, cfg, distributed_run=False)
-    model, amp, guard = parts.model, parts.amp_dtype, DivergenceGuard("stop", device)
+    wrap(parts, distributed_run=False)
+    model, amp = parts.model, parts.amp_dtype
 
     def sync() -> None:
         if cuda:
@@ -247,7 +247,7 @@ def run(args, argv, clock, t_launch, say, state) -> int:
 
     def do_step(step: int, frac: float) -> None:
         x, _ = next(batches)
-        last["loss"], _, _ = train_step(parts, cfg, x, step, guard, lr=lr_at(frac, args.lr, args.warmup_frac))
+        last["loss"], _, _ = train_step(parts, x, step, lr=lr_at(frac, args.lr, args.warmup_frac))
         state["steps"] = step + 1
 
     say(f"training until +{deadline - t_launch:.0f} s (first step: compilation and autotuning)")

@@ -7,6 +7,8 @@ import errno
 import fcntl
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,52 @@ def test_on_nfs_a_checkpoint_being_read_is_still_not_pruned(tmp_path, monkeypatc
         ckpt_lib.unpin(old)
     ckpt_lib.prune(run, 1)
     assert steps(run) == [3]
+
+
+def _reader_until(path: Path, written: Path) -> threading.Thread:
+    """A reader that holds ``path``'s pin until ``written`` exists (the run's last checkpoint), then half a second
+    more: it still reads when the last save prunes."""
+    def read():
+        deadline = time.monotonic() + 300
+        while not written.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        ckpt_lib.unpin(path)
+    assert ckpt_lib.pin(path)
+    t = threading.Thread(target=read)
+    t.start()
+    return t
+
+
+def test_a_checkpoint_read_during_the_last_save_is_pruned_once_the_reader_is_done(tmp_path):
+    """The last save has no next save to prune after it: it waits for the reader (readers pin only while they
+    read), then keeps --keep_last."""
+    run = tmp_path / "R"
+    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=run, iters=2, keep_last=2))
+    assert rc == 0, err
+    t = _reader_until(ckpt_lib.checkpoint_path(run, 1), ckpt_lib.checkpoint_path(run, 4))
+    try:
+        rc, _, err = cli("pretrain", "--resume", run, "--iters", "4", "--keep_last", "1",
+                         "--allow_config_change", "true")
+    finally:
+        t.join()
+    assert rc == 0, err
+    assert steps(run) == [4] and "beyond --keep_last" not in err
+
+
+def test_a_reader_that_outlasts_the_wait_keeps_its_checkpoint_with_one_warning(tmp_path, monkeypatch):
+    from simclr.train import resume
+    monkeypatch.setattr(resume, "FINAL_PRUNE_WAIT_S", 0.0)
+    run = tmp_path / "R"
+    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=run, iters=2, keep_last=2))
+    assert rc == 0, err
+    t = _reader_until(ckpt_lib.checkpoint_path(run, 1), ckpt_lib.checkpoint_path(run, 4))
+    try:
+        rc, _, err = cli("pretrain", "--resume", run, "--iters", "4", "--keep_last", "1",
+                         "--allow_config_change", "true")
+    finally:
+        t.join()
+    assert rc == 0, err
+    assert steps(run) == [4, 1]  # never deleted under a reader
+    (line,) = [ln for ln in err.splitlines() if "beyond --keep_last 1" in ln]
+    assert "checkpoint-00000001.pt" in line and "delete them by hand" in line

@@ -43,8 +43,8 @@ from simclr import config as config_lib
 from simclr import loss as loss_mod
 from simclr.data.datasets import ArrayImages
 from simclr.options import PretrainConfig
-from simclr.train import pretraining as step_mod
-from simclr.train.pretraining import DivergenceGuard, build, train_step, wrap
+from simclr.train import step as step_mod
+from simclr.train.step import build, train_step, wrap
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique,
@@ -225,7 +225,7 @@ def test_fast_path_step_on_fake_cuda_has_no_host_sync(fake_cuda, monkeypatch, gr
     monkeypatch.setattr(step_mod, "build_model", lambda c, size: real)
     device = torch.device("cuda:0")
     p = build(cfg, _images(), device)
-    wrap(p, cfg, distributed_run=False)
+    wrap(p, distributed_run=False)
     calls = _stub_autograd(monkeypatch, lambda: [p.model, p.probe.head])
     weight = p.model.convnet.conv1.weight if hasattr(p.model.convnet, "conv1") else next(p.model.parameters())
     assert isinstance(weight, FakeTensor) and weight.device == device
@@ -242,14 +242,13 @@ def test_fast_path_step_on_fake_cuda_has_no_host_sync(fake_cuda, monkeypatch, gr
         return out
 
     monkeypatch.setattr(p.forward, "forward", forward)
-    guard = DivergenceGuard("stop", device)
     batches = p.loader.batches(0, 2)
     x, y = next(batches)  # the epoch's first step: its permutation is copied to the device once (see docstring)
-    train_step(p, cfg, x, 0, guard, y=y)
+    train_step(p, x, 0, y=y)
     seen.clear()
     with NoHostSync() as detector:
         x, y = next(batches)
-        loss, acc, updated = train_step(p, cfg, x, 1, guard, y=y)
+        loss, acc, updated = train_step(p, x, 1, y=y)
     detector.check()
     assert x.device == device and x.shape == (2 * 8, 3, 32, 32) and y.device == device
     assert loss.device == device and loss.dtype == torch.float32 and updated
@@ -264,7 +263,7 @@ def test_fake_cuda_step_catches_a_boolean_mask_in_the_loss(fake_cuda, monkeypatc
         real = step_mod.build_model(cfg, 32)
     monkeypatch.setattr(step_mod, "build_model", lambda c, size: real)
     p = build(cfg, _images(), torch.device("cuda:0"))
-    wrap(p, cfg, distributed_run=False)
+    wrap(p, distributed_run=False)
     _stub_autograd(monkeypatch, lambda: [p.model])
     real_nt_xent = loss_mod.nt_xent
 
@@ -273,12 +272,11 @@ def test_fake_cuda_step_catches_a_boolean_mask_in_the_loss(fake_cuda, monkeypatc
         return loss + 0 * z[z[:, 0] > 0].sum(), acc  # what the old loss did: x[mask] calls nonzero
 
     monkeypatch.setattr(loss_mod, "nt_xent", masked_nt_xent)  # what the step's criterion calls
-    guard = DivergenceGuard("stop", torch.device("cuda:0"))
     batches = p.loader.batches(0, 2)
     x, y = next(batches)
     with pytest.raises(Exception) as info:  # fake tensors cannot size a masked result; the detector saw it first
         with NoHostSync() as detector:
-            train_step(p, cfg, x, 0, guard, y=y)
+            train_step(p, x, 0, y=y)
     assert any("boolean mask" in f for f in detector.found), (detector.found, info.value)
 
 
@@ -293,13 +291,12 @@ def test_cpu_step_of_the_real_code_has_no_host_sync(grad_cache_chunks):
     cfg = _cfg(device="cpu", grad_cache_chunks=grad_cache_chunks)
     torch.manual_seed(0)
     p = build(cfg, _images(), torch.device("cpu"), foreach=True)
-    wrap(p, cfg, distributed_run=False)
-    guard = DivergenceGuard("stop", torch.device("cpu"))
+    wrap(p, distributed_run=False)
     batches = p.loader.batches(0, 2)
     x, y = next(batches)
     before = [q.detach().clone() for q in p.model.parameters()]
     with NoHostSync() as detector:
-        loss, acc, updated = train_step(p, cfg, x, 0, guard, y=y)
+        loss, acc, updated = train_step(p, x, 0, y=y)
     detector.check()
     assert updated and torch.isfinite(loss)
     assert any(not torch.equal(a, q) for a, q in zip(before, p.model.parameters()))  # the update happened
@@ -310,8 +307,8 @@ def test_skip_policy_decides_with_exactly_one_sync():
     ``_local_scalar_dense`` and nothing else."""
     cfg = _cfg(device="cpu", grad_cache_chunks=0, online_probe=False, on_nan="skip")
     p = build(cfg, _images(), torch.device("cpu"), foreach=True)
-    wrap(p, cfg, distributed_run=False)
+    wrap(p, distributed_run=False)
     x, y = next(p.loader.batches(0, 1))
     with NoHostSync() as detector:
-        train_step(p, cfg, x, 0, DivergenceGuard("skip", torch.device("cpu")), y=y)
+        train_step(p, x, 0, y=y)  # p.guard: the --on_nan skip of the config
     assert len(detector.found) == 1 and "_local_scalar_dense" in detector.found[0], detector.found

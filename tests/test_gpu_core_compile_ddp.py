@@ -28,7 +28,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     from simclr.data.datasets import ArrayImages
     from simclr.models import GlobalBatchNorm
     from simclr.options import PretrainConfig
-    from simclr.train.pretraining import build, forward_backward, wrap
+    from simclr.train.step import build, forward_backward, wrap
 
     real_compile = torch.compile
     torch.compile = lambda module, **kw: real_compile(module, backend="aot_eager")
@@ -42,10 +42,10 @@ def _worker(rank: int, store: str, out: str) -> None:
                                                     compile=compile_value, sync_bn=sync_bn))
         torch.manual_seed(0)
         p = build(cfg, images, torch.device("cpu"), rank, WORLD)
-        wrap(p, cfg, distributed_run=True)
+        wrap(p, distributed_run=True)
         torch._dynamo.reset()  # each configuration compiled from scratch, its graph breaks counted afresh
         counters.clear()
-        loss, _, _ = forward_backward(p, cfg, x)
+        loss, _, _ = forward_backward(p, x)
         res[compile_value + ("" if sync_bn else " plain bn")] = {
             "loss": loss.item(),
             "grads": {k: q.grad.clone() for k, q in p.model.named_parameters() if q.grad is not None},

@@ -10,7 +10,7 @@ import torch
 import torch.cuda.random
 
 from simclr import distributed, runtime
-from simclr.train import pretraining as session
+from simclr.train import resume
 
 
 @pytest.fixture
@@ -79,11 +79,11 @@ def test_cpu_processes_save_and_restore_no_cuda_state(gpus):
 
 
 def test_every_rank_joins_the_gather_before_only_rank_0_writes(gpus, monkeypatch):
-    """session.save gathers the states on every rank (a collective: a rank that skipped it would hang the
+    """resume.save gathers the states on every rank (a collective: a rank that skipped it would hang the
     others), then returns on ranks without a run folder."""
     calls = []
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: calls.append(obj) or [obj])
     gpus.rank = 1
     s = SimpleNamespace(cfg=None, parts=SimpleNamespace(device=torch.device("cuda:1")), state=None, run=None)
-    assert session.save(s) is None
+    assert resume.save(s) is None
     assert [c.tolist() for c in calls] == [[1, 1]]

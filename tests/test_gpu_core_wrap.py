@@ -19,8 +19,8 @@ from simclr.data.datasets import ArrayImages
 from simclr.models import GlobalBatchNorm, convert_sync_batchnorm
 from simclr.options import PretrainConfig
 from simclr.runtime import tune_backends
-from simclr.train import pretraining as step_mod
-from simclr.train.pretraining import EagerFallback, build, wrap
+from simclr.train import step as step_mod
+from simclr.train.step import EagerFallback, build, wrap
 
 
 def _images() -> ArrayImages:
@@ -49,7 +49,7 @@ def test_several_processes_compile_the_ddp_module(monkeypatch, one_rank_group):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
     p = build(_cfg(compile="true"), _images(), torch.device("cpu"))
-    wrap(p, _cfg(compile="true"), distributed_run=True)
+    wrap(p, distributed_run=True)
     assert len(compiled) == 1 and isinstance(compiled[0], nn.parallel.DistributedDataParallel)
     assert compiled[0].module is p.model and p.forward is compiled[0]
 
@@ -88,7 +88,7 @@ def test_compile_raising_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     cfg, p, x = _parts_and_input()
     warnings = []
-    wrap(p, cfg, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False, warn=warnings.append)
     assert isinstance(p.forward, EagerFallback)
     for _ in range(3):
         assert torch.equal(p.forward(x)["z"], p.model(x)["z"])
@@ -114,7 +114,7 @@ def test_compiled_module_raising_on_first_call_falls_back_to_eager_once(monkeypa
     monkeypatch.setattr(torch, "compile", lambda module, **kw: fake)
     cfg, p, x = _parts_and_input()
     warnings = []
-    wrap(p, cfg, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False, warn=warnings.append)
     p.model.eval()  # same output twice (no batch statistics)
     ref = p.model(x)["z"]
     for _ in range(3):
@@ -127,7 +127,7 @@ def test_a_later_error_that_is_not_compiling_is_raised(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: fake)
     cfg, p, x = _parts_and_input()
     warnings = []
-    wrap(p, cfg, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False, warn=warnings.append)
     p.forward(x)
     with pytest.raises(ValueError, match="a real bug"):
         p.forward(x)
@@ -141,13 +141,13 @@ def test_compile_true_stops_on_a_compile_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     cfg, p, x = _parts_and_input("true")
     with pytest.raises(RuntimeError, match="no compiler"):
-        wrap(p, cfg, distributed_run=False, warn=lambda msg: None)
+        wrap(p, distributed_run=False, warn=lambda msg: None)
 
 
 def test_eager_fallback_forwards_no_sync_of_the_wrapped_module(monkeypatch, one_rank_group):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
     cfg, p, x = _parts_and_input()
-    wrap(p, cfg, distributed_run=True)
+    wrap(p, distributed_run=True)
     assert p.forward.no_sync.__self__ is p.forward.module  # the grad cache's per-chunk no_sync reaches DDP
 
 
@@ -157,7 +157,7 @@ def test_eager_fallback_forwards_no_sync_of_the_wrapped_module(monkeypatch, one_
 def test_auto_is_off_on_the_cpu_and_an_explicit_value_wins(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kw: pytest.fail("compiled on the CPU by default"))
     p = build(_cfg(), _images(), torch.device("cpu"))
-    wrap(p, _cfg(), distributed_run=False)
+    wrap(p, distributed_run=False)
     assert (p.channels_last, p.compile, p.forward) == (False, False, p.model)  # exactly the CPU run of before
     assert next(p.model.parameters()).is_contiguous()
     p = build(_cfg(channels_last="true"), _images(), torch.device("cpu"))

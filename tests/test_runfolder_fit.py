@@ -8,7 +8,7 @@ import textwrap
 import torch
 from runfolder_util import cli, one_error, tree_digest
 
-from simclr.train import pretraining
+from simclr.train import loop
 
 
 def _eval_args(root, *extra) -> list:
@@ -39,7 +39,7 @@ def test_an_out_of_memory_step_is_one_line_and_the_checkpoints_stay(interrupted_
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
 
-    monkeypatch.setattr(pretraining, "train_step", no_memory)
+    monkeypatch.setattr(loop, "train_step", no_memory)  # the step as the loop calls it
     rc, out, err = cli("pretrain", "--resume", interrupted_run)
     line = one_error(rc, err, "out of memory", "--batch_size", "--grad_cache_chunks K", "resnet18 width 8")
     assert "Traceback" not in err and "Tried to allocate" not in line

@@ -14,6 +14,7 @@ import yaml
 
 from runfolder_util import cli, knn_args, one_error, pretrain_args, tiny_folder, tree_digest
 from simclr import checkpoint as ckpt_lib
+from simclr.checkpoint import reader as ckpt_reader
 
 _DATA: list = []
 
@@ -183,7 +184,7 @@ def test_a_checkpoint_being_read_is_not_pruned_under_the_reader(tmp_path, monkey
     newer checkpoint and prunes exactly while `simclr knn RUN` is reading the newest one."""
     a = one_run(tmp_path, iters=2, keep_last=1)
     newest = ckpt_lib.checkpoint_path(a, 2)
-    real_read_card = ckpt_lib.read_card
+    real_read_card = ckpt_reader.read_card  # what read() calls, where it calls it
     pruned = []
 
     def trainer_saves_and_prunes_meanwhile(path):
@@ -195,7 +196,7 @@ def test_a_checkpoint_being_read_is_not_pruned_under_the_reader(tmp_path, monkey
             ckpt_lib.prune(a, 1)  # what the training process does after each save
         return real_read_card(path)
 
-    monkeypatch.setattr(ckpt_lib, "read_card", trainer_saves_and_prunes_meanwhile)
+    monkeypatch.setattr(ckpt_reader, "read_card", trainer_saves_and_prunes_meanwhile)
     rc, out, err = cli(*knn_args(_DATA[0], tmp_path / "logs", a, name="ev"))
     assert rc == 0, err
     assert "skipping" not in err and "corrupt" not in err

@@ -130,7 +130,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     from .data.fast import FastLoader
     from .options import PretrainConfig
     from .runtime import fast_compute
-    from .train import DivergenceGuard, build, train_step, wrap
+    from .train import build, train_step, wrap
 
     fast = path == "fast"
     channels_last = fast and _on(args.channels_last, device, fast_compute(device))
@@ -150,9 +150,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     # the same parts and step as a training run; the reference path keeps the plain (per-tensor) LARS
     loader = FastLoader(cfg, images, device, interpolation=args.interpolation) if fast else None
     parts = build(cfg, images, device, foreach=fast, loader=loader)
-    wrap(parts, cfg, distributed_run=False)
+    wrap(parts, distributed_run=False)
     amp = parts.amp_dtype
-    guard = DivergenceGuard("stop", device)
     parts.model.train()
 
     total = args.warmup + args.steps
@@ -182,7 +181,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         if args.data_only:
             loss = x.sum()  # consume the batch (the reference path's copy/the fast path's kernels)
             continue
-        loss, _, _ = train_step(parts, cfg, x, s, guard)
+        loss, _, _ = train_step(parts, x, s)
     if cuda:
         ev_end = torch.cuda.Event(enable_timing=True)
         ev_end.record()
