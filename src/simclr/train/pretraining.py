@@ -40,7 +40,8 @@ from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
 from ..names import is_timm, resolve_width
 from ..progress import Progress, hms, rate, say
-from ..rundir import RunDir, check_kind, check_run_folder, environment, find_run_dir, is_run, newest_run
+from ..rundir import (RunDir, check_kind, check_run_folder, environment, find_run_dir, hold_lock, is_run, newest_run,
+                      release_held)
 from ..runtime import (autocast_dtype, channels_last_on, cuda_rng_state, describe_compute, out_of_memory,
                        precision_name, resolve_device, rng_state, seed_everything, set_rng_state, tune_backends)
 from .data_identity import check_data_identity, refusal_recorded
@@ -83,6 +84,7 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
             raise e from None
         raise
     finally:
+        release_held()  # a set-up that failed before its RunDir took the run folder's lock over
         distributed.cleanup()
 
 
@@ -168,16 +170,19 @@ class Session:
     metrics: dict = field(default_factory=dict)
 
 
-def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
+def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Optional[Path], str]:
     """The checkpoint to continue from (None: start at step 0; else pinned against pruning, see
     :func:`simclr.checkpoint.pin`) and the run folder to write into ('' : a new one).
 
     A run folder's identity is its location: ``--resume RUN`` continues RUN in place, from its newest valid
     checkpoint, or, before it saved one, from the checkpoint it branched from (its recorded ``ckpt``). A
     checkpoint given with ``--ckpt`` starts a new run folder (its path recorded as ``ckpt`` in config.yaml) unless
-    it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original."""
+    it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original.
+    With ``lock`` (the main process) an existing run folder to write is locked before its checkpoints are read."""
     run = resumed_run(cfg, log)
     if run is not None:
+        if lock:
+            hold_lock(run)
         chosen = ckpt_lib.resolve(cfg.ckpt, log=log.warn) if cfg.ckpt else None
         if chosen is not None and _inside(chosen, run):  # a chosen checkpoint of this very run
             return (chosen if ckpt_lib.pin(chosen) else None), str(run)
@@ -192,6 +197,8 @@ def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
         path = ckpt_lib.resolve(cfg.ckpt, log=log.warn)
         origin = find_run_dir(path)
         if cfg.run_dir and origin is not None and _same(Path(cfg.run_dir), origin):
+            if lock:
+                hold_lock(Path(cfg.run_dir))
             return (path if ckpt_lib.pin(path) else None), cfg.run_dir
         cfg.ckpt = str(Path(path).resolve())  # the new run's origin, recorded in its config.yaml
         if origin is not None:
@@ -341,7 +348,7 @@ def setup(cfg: PretrainConfig) -> Session:
     seed_drawn = cfg.seed < 0
     if seed_drawn:
         cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
-    resume_from, run_dir = resume_point(cfg, log)
+    resume_from, run_dir = resume_point(cfg, log, lock=dist.is_main)  # locked before its checkpoint is read
     # a refused resume says "failed" (a requeue loop stops); the split's folder is read once for both of its uses
     with refusal_recorded(run_dir, dist.is_main), one_scan():
         ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
