@@ -341,16 +341,17 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint-{step:08d}.pt"
 
 
-def list_checkpoints(run_dir: Path) -> list:
+def list_checkpoints(run_dir: Path, pattern: re.Pattern = CKPT_RE) -> list:
     """Checkpoints of a run folder, newest (highest step) first: regular files only (a folder under a checkpoint's
     name is the user's, never read or pruned; a save to its name fails with one error line). A symlink there, or a
-    ``checkpoints`` that is a symlink, is refused: the run would train from, overwrite and prune another's files."""
+    ``checkpoints`` that is a symlink, is refused: the run would train from, overwrite and prune another's files.
+    ``pattern``: the whole file name, its one group the step (an evaluation's ``linear-head-<step>.pt``)."""
     folder = Path(run_dir) / "checkpoints"
     if not check_own(folder, folder=True):
         return []
     found = []
     for p in folder.iterdir():
-        m = CKPT_RE.search(p.name)
+        m = pattern.search(p.name)
         if m is None or p.is_dir() and not p.is_symlink():
             continue
         check_own(p)
@@ -443,12 +444,16 @@ def _take_for_removal(path: Path) -> Optional[int]:
     return None
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints (one a reader is reading waits for the next save); also remove
-    what a killed save left behind (temp files, a card whose checkpoint never got renamed into place). Only the
-    one process that writes the run folder calls this, right after a complete save, so no temp file here belongs
-    to a save in progress."""
-    for p in list_checkpoints(run_dir)[keep_last:]:
+def prune(run_dir: Path, keep_last: int, pattern: re.Pattern = CKPT_RE,
+          keep: Callable[[int], bool] = lambda step: False) -> None:
+    """Keep the newest ``keep_last`` checkpoints named as ``pattern`` says (see :func:`list_checkpoints`), and
+    those whose step ``keep`` names (one a reader is reading waits for the next save); also remove what a killed
+    save left behind (temp files, a card whose checkpoint never got renamed into place). Only the one process that
+    writes the run folder calls this, right after a complete save, so no temp file here belongs to a save in
+    progress."""
+    for p in list_checkpoints(run_dir, pattern)[keep_last:]:
+        if keep(int(pattern.search(p.name).group(1))):
+            continue
         fd = _take_for_removal(p)
         if fd is None:
             continue
