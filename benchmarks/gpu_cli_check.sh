@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real CLI on a real GPU, end to end, in about a minute: pretrain (fast path: CUDA augmentation, bf16,
 # channels_last, compile), SIGTERM mid-run and resume to the same final loss as an uninterrupted twin, kNN,
-# fast-linear evaluation, export. Complements tests/test_gpu_* (which run the CUDA step under fake CUDA on CI).
+# fast-linear evaluation, export, and the SGD linear evaluation stopped by SIGTERM and resumed. Complements tests/test_gpu_* (which run the CUDA step under fake CUDA on CI).
 #   OUT=/folder DATA_ROOT=carry bash benchmarks/gpu_cli_check.sh
 # Exits non-zero on the first failure; prints "gpu_cli_check: ok" when every step passed.
 set -eu -o pipefail
@@ -44,5 +44,20 @@ $PY -m simclr knn --encoder_ckpt "$W/full" --train_subset "$SUBSET" --test_subse
 $PY -m simclr eval --encoder_ckpt "$W/full" --protocol fast-linear --train_subset "$SUBSET" --test_subset 2000 \
   --device "$DEVICE" --run_dir "$W/eval"
 $PY -m simclr export "$W/full" --format torchvision --out "$W/enc.pth"
+step "the SGD linear evaluation on the fly, SIGTERM after its first head checkpoint, then --resume"
+EV=(--encoder_ckpt "$W/full" --train_subset "$SUBSET" --test_subset 2000 --device "$DEVICE" --augmentation RandomCrop
+    --iters "$ITERS" --batch_size "$BATCH" --save_freq "$SAVE" --seed 0)
+$PY -m simclr eval "${EV[@]}" --run_dir "$W/lin-full"
+$PY -m simclr eval "${EV[@]}" --run_dir "$W/lin-cut" &
+pid=$!
+for _ in $(seq 600); do ls "$W/lin-cut"/checkpoints/linear-head-*.pt >/dev/null 2>&1 && break; sleep 0.1; done
+kill -TERM "$pid" 2>/dev/null || true; wait "$pid"  # a clean stop exits 0 (so does a run that had finished)
+$PY -m simclr eval --resume "$W/lin-cut"
+$PY - "$W/lin-full" "$W/lin-cut" <<'PYEOF'
+import json, sys
+a, b = (json.load(open(f"{run}/eval.json"))["top1"] for run in sys.argv[1:])
+print("linear top-1: uninterrupted", a, "interrupted + resumed", b)
+assert abs(a - b) <= 2.0, (a, b)  # bit-exact on a CPU (tests/test_eval_resume.py); a GPU's kernels add noise
+PYEOF
 cp "$W/full/env.json" "$OUT/cli_env.json" 2>/dev/null || true
 step "gpu_cli_check: ok"

@@ -22,6 +22,15 @@ def test_every_pretraining_option_declares_whether_it_changes_the_trajectory():
     assert undeclared_trajectory(PretrainConfig) == []
 
 
+def test_every_eval_option_declares_whether_it_changes_the_head():
+    # a resumed linear evaluation refuses changes of role trajectory (simclr.evaluate.resume.check_fits)
+    assert undeclared_trajectory(EvalConfig) == []
+    head = set(with_role(EvalConfig, "trajectory"))
+    assert {"iters", "lr", "batch_size", "augmentation", "finetune", "seed", "protocol"} <= head
+    assert not head & {"test_subset", "test_bs", "workers", "save_freq", "keep_last", "stop_after", "resume",
+                       "encoder_ckpt"}  # the encoder is compared by its content
+
+
 def test_an_option_without_a_trajectory_role_is_caught():
     @dataclasses.dataclass
     class WithANewOption(PretrainConfig):

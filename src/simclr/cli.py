@@ -35,7 +35,7 @@ COMMANDS = {
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM/SIGINT during a job that has nothing to save (evaluation): stop now, exit 128+signal."""
+    """SIGTERM/SIGINT while a job has nothing to save (a set-up, feature extraction): stop now, exit 128+signal."""
 
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
@@ -44,8 +44,8 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """First SIGTERM/SIGINT: ask the job to stop after the current step and save (``requested`` turns True).
-    A second one exits at once with 128+signal. With ``at_once`` (evaluation, and pretraining until
-    :meth:`graceful`: its set-up — data scan, rendezvous, model — has nothing to save) the first one raises
+    A second one exits at once with 128+signal. With ``at_once`` (pretraining and the SGD linear evaluation until
+    :meth:`graceful`: their set-up — data scan, rendezvous, model, features — has nothing to save) the first one raises
     :class:`Interrupted`. Installed explicitly, so it works even where the shell started us with SIGINT ignored
     (a background job), and only by the entry point, only in the main thread."""
 
@@ -88,16 +88,19 @@ def _notes(notes) -> None:
         print(printable(n), file=sys.stderr)
 
 
-def _with_run_config(argv: Sequence[str]) -> tuple[list, dict]:
+def _with_run_config(argv: Sequence[str], schema=None, kind: str = "") -> tuple[list, dict]:
     """``--resume RUN_DIR`` without ``--config``: the run's own config.yaml is the base, so a plain resume
     continues the same run (the command line still overrides it). Its location is RUN_DIR whatever folder the
-    file names (a copied run resumes as the copy). Returns (argv, values between the file and the command line)."""
+    file names (a copied run resumes as the copy). Returns (argv, values between the file and the command line).
+    ``schema``: the command's options (default pretraining's); ``kind``: only a run folder of this kind."""
     from .files import check_own
     from .options import PretrainConfig
+    from .rundir import folder_kind
     argv = list(argv)
-    config_path, overrides, _ = config_lib.split_argv(argv, PretrainConfig)
+    config_path, overrides, _ = config_lib.split_argv(argv, schema or PretrainConfig)
     run = Path(str(overrides.get("resume", "")))
-    if config_path is None and str(run) not in ("", ".", "auto") and run.is_dir() and check_own(run / "config.yaml"):
+    if (config_path is None and str(run) not in ("", ".", "auto") and run.is_dir() and check_own(run / "config.yaml")
+            and (not kind or folder_kind(run) == kind)):
         return ["--config", str(run / "config.yaml"), *argv], {"run_dir": ""}
     return argv, {}
 
@@ -135,14 +138,15 @@ def program() -> str:
     return f"{python} -m simclr"
 
 
-def resume_command(run_dir: str, cfg=None) -> str:
-    """The command that continues ``run_dir``. A run over several nodes (``--dist ddp --world_size N``) resumes
-    with each node's own ``--node_rank``: config.yaml holds node 0's, so a plain resume would make every node 0."""
+def resume_command(run_dir: str, cfg=None, job: str = "pretrain") -> str:
+    """The command that continues ``run_dir`` (of ``job``: pretrain or eval). A run over several nodes (``--dist ddp
+    --world_size N``) resumes with each node's own ``--node_rank``: config.yaml holds node 0's, so a plain resume
+    would make every node 0."""
     if Path(sys.argv[0]).name == "train.py":  # train.py picks the job from the run's config
         command = f"{program()} --resume {shlex.quote(str(run_dir))}"
     else:
-        command = f"{program()} pretrain --resume {shlex.quote(str(run_dir))}"
-    nodes = getattr(cfg, "world_size", 1) if getattr(cfg, "dist", "") == "ddp" else 1
+        command = f"{program()} {job} --resume {shlex.quote(str(run_dir))}"
+    nodes = getattr(cfg, "world_size", 1) if getattr(cfg, "dist", "") == "ddp" and job == "pretrain" else 1
     if nodes > 1:
         command += (f" --node_rank {cfg.node_rank} (on every one of the {nodes} nodes, each with its own --node_rank "
                     f"0 to {nodes - 1})")
@@ -199,8 +203,12 @@ def _eval(cfg, notes: list) -> int:
                         f"(or `python train.py`, which picks the job from the config)")
     _notes(notes)
     _tracker_environment(cfg)
-    with StopSignals(at_once=True):
-        result = run_eval(cfg)
+    with StopSignals(at_once=True) as stop:  # graceful once the SGD steps begin: a stop then saves the head
+        result = run_eval(cfg, should_stop=stop, started=stop.graceful)
+    if result.get("status") == "interrupted":
+        print(f"run folder: {result['run_dir']}\nstatus: interrupted at step {result['step']} of {result['iters']}\n"
+              f"continue with: {resume_command(result['run_dir'], cfg, 'eval')}")
+        return 0
     print(summary(result))
     return 0
 
@@ -229,7 +237,7 @@ def summary(result: dict) -> str:
 
 def eval_main(argv: Sequence[str]) -> int:
     from .eval_options import EvalConfig
-    return _eval(*config_lib.parse(EvalConfig, argv))
+    return _eval(*config_lib.parse(EvalConfig, *_with_run_config(argv, EvalConfig, "eval")))
 
 
 def knn_main(argv: Sequence[str]) -> int:
@@ -317,6 +325,9 @@ def spec_main(argv: Sequence[str]) -> int:
     try:
         path, overrides, _ = config_lib.split_argv([a for a in argv if a not in ("-h", "--help")])
         problem = overrides.get("problem") or (config_lib.load_yaml(path).get("problem") if path else None)
+        resumed = Path(str(overrides.get("resume", ""))) / "config.yaml"  # --resume RUN: the run's own job
+        if problem is None and not path and str(overrides.get("resume", "")) not in ("", "auto") and resumed.is_file():
+            problem = config_lib.load_yaml(str(resumed)).get("problem")
     except UserError as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2

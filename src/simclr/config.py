@@ -46,8 +46,9 @@ class ShowHelp(Exception):
 
 # What an option is to a run besides its value, declared on the option and read with :func:`with_role`:
 ROLES = {
-    "trajectory": "changes where a pretraining run goes: a resume that changes it is refused unless allowed "
-                  "(every pretraining option says True or False)",
+    "trajectory": "changes where a run goes (pretraining's weights, the head an evaluation trains): a resume that "
+                  "changes it is refused (pretraining: unless allowed); every pretraining and eval option says True "
+                  "or False",
     "shapes": "the weights' shapes depend on it: a checkpoint resumes only with its own value",
     "per_process": "each process may hold its own value (where it runs, what it prints or writes)",
     "optimizer": "another value makes another optimizer, whose state cannot be carried over",

@@ -244,6 +244,27 @@ def _take_lock(folder: Path) -> int:
     return fd
 
 
+_HELD: dict = {}  # run folder (real path) -> its lock's descriptor, taken by hold_lock() before the RunDir
+
+
+def hold_lock(folder: Path) -> None:
+    """Take the lock of the existing run folder ``folder`` now, before the work that decides where the run goes on
+    from (choosing and reading the checkpoint to resume, the data scan): a second process on the folder is refused
+    at once, never after minutes of set-up, and never continues from a checkpoint the holder is about to supersede.
+    The folder's :class:`RunDir` takes the lock over; :func:`release_held` lets go of one no RunDir took."""
+    key = os.path.realpath(folder)
+    if key in _HELD or not Path(folder).is_dir():
+        return
+    check_run_folder(Path(folder))
+    _HELD[key] = _take_lock(Path(folder))
+
+
+def release_held() -> None:
+    """Release the locks :func:`hold_lock` took that no :class:`RunDir` took over (a set-up that failed)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
 class RunDir:
     """A run folder and its writers (status, metrics, log) and trackers (TensorBoard unless told otherwise)."""
 
@@ -260,7 +281,8 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot write the run folder {self.path}: {e.strerror}. Choose a writable --root "
                             f"(or set SIMCLR_LOGS).") from None
-        self._lock_fd = _take_lock(self.path)
+        held = _HELD.pop(os.path.realpath(self.path), None)  # hold_lock() took it before the set-up
+        self._lock_fd = held if held is not None else _take_lock(self.path)
         self.trackers = Trackers(self.path, "tensorboard" if tensorboard else "none", warn=self.warn)
         self._last_beat = 0.0
         self._status: dict = self._earlier_invocations()

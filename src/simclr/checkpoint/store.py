@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -88,16 +88,17 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint-{step:08d}.pt"
 
 
-def list_checkpoints(run_dir: Path) -> list:
+def list_checkpoints(run_dir: Path, pattern: re.Pattern = CKPT_RE) -> list:
     """Checkpoints of a run folder, newest (highest step) first: regular files only (a folder under a checkpoint's
     name is the user's, never read or pruned; a save to its name fails with one error line). A symlink there, or a
-    ``checkpoints`` that is a symlink, is refused: the run would train from, overwrite and prune another's files."""
+    ``checkpoints`` that is a symlink, is refused: the run would train from, overwrite and prune another's files.
+    ``pattern``: the whole file name, its one group the step (an evaluation's ``linear-head-<step>.pt``)."""
     folder = Path(run_dir) / "checkpoints"
     if not check_own(folder, folder=True):
         return []
     found = []
     for p in folder.iterdir():
-        m = CKPT_RE.search(p.name)
+        m = pattern.search(p.name)
         if m is None or p.is_dir() and not p.is_symlink():
             continue
         check_own(p)
@@ -220,8 +221,10 @@ def _take_for_removal(path: Path) -> tuple:
     return None, True
 
 
-def prune(run_dir: Path, keep_last: int, wait_s: float = 0.0) -> list:
-    """Keep the newest ``keep_last`` checkpoints; also remove what a killed save left behind (temp files, a card
+def prune(run_dir: Path, keep_last: int, pattern: re.Pattern = CKPT_RE,
+          keep: Callable[[int], bool] = lambda step: False, *, wait_s: float = 0.0) -> list:
+    """Keep the newest ``keep_last`` checkpoints named as ``pattern`` says (see :func:`list_checkpoints`), and those
+    whose step ``keep`` names; also remove what a killed save left behind (temp files, a card
     whose checkpoint never got renamed into place). Only the one process that writes the run folder calls this,
     right after a complete save, so no temp file here belongs to a save in progress.
 
@@ -229,16 +232,18 @@ def prune(run_dir: Path, keep_last: int, wait_s: float = 0.0) -> list:
     the next save prunes it. The last save of a run has no next save, so it passes ``wait_s``: the readers' pins
     are tried again for up to that long. Returns the checkpoints still kept beyond ``keep_last``."""
     deadline = time.monotonic() + max(0.0, wait_s)
-    held = _prune_once(run_dir, keep_last)
+    held = _prune_once(run_dir, keep_last, pattern, keep)
     while held and time.monotonic() < deadline:
         time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-        held = _prune_once(run_dir, keep_last)
+        held = _prune_once(run_dir, keep_last, pattern, keep)
     return held
 
 
-def _prune_once(run_dir: Path, keep_last: int) -> list:
+def _prune_once(run_dir: Path, keep_last: int, pattern: re.Pattern, keep: Callable[[int], bool]) -> list:
     held = []
-    for p in list_checkpoints(run_dir)[keep_last:]:
+    for p in list_checkpoints(run_dir, pattern)[keep_last:]:
+        if keep(int(pattern.search(p.name).group(1))):
+            continue
         fd, busy = _take_for_removal(p)
         if fd is None:
             if busy:

@@ -1,6 +1,8 @@
 """Frozen features of a dataset: plain (batched, no augmentation), augmented copies, and a disk cache."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Optional
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -11,6 +13,10 @@ from ..data.datasets import LabeledImages
 from ..errors import CheckpointError
 from ..files import cache_write
 from ..data.transforms import eval_transform
+
+if TYPE_CHECKING:
+    from ..eval_options import EvalConfig
+    from .run import Inputs
 
 
 class _EvalDataset(Dataset):
@@ -181,3 +187,73 @@ class FeatureCache:
         if cache_write(path, lambda fh: torch.save({"features": features, "labels": labels}, fh)):
             bound_cache(path)
         return f, y
+
+
+# --------------------------------------------------------------------------------------------
+# the features of an evaluation's splits, extracted once and cached on disk
+# --------------------------------------------------------------------------------------------
+TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable across runs
+
+
+def native_side(images) -> int:
+    """The side of the images a dataset holds in memory, -1 for files (read at their own size)."""
+    arr = getattr(images, "images", None)
+    return arr.shape[1] if arr is not None else -1
+
+
+class Features:
+    """Plain or augmented-copies features of the train, test and unlabelled splits, as (features, labels) on
+    the device; ``cfg.cache_features`` keeps them on disk keyed by the encoder file's hash and the data."""
+
+    def __init__(self, cfg: EvalConfig, inp: Inputs, log: Callable[[str], None]):
+        self.cfg, self.inp, self.log = cfg, inp, log
+        self.cache = FeatureCache(inp.encoder_hash, cfg.cache_features, log=log)
+
+    def encoder_changed(self) -> None:
+        """After fine-tuning: the encoder's features are no longer the cached ones."""
+        self.cache = FeatureCache("", False)
+
+    def plain(self, images, split: str) -> tuple:
+        cfg, inp = self.cfg, self.inp
+        bs = cfg.precompute_emb_bs if cfg.precompute_emb_bs > 0 else cfg.test_bs
+
+        def compute():
+            self.log(f"extracting features: {split} ({len(images)} images, layer {inp.layer})")
+            return extract_features(inp.encode, images, inp.image_size, bs, cfg.workers, inp.device, inp.amp,
+                                    progress=cfg.verbose)
+
+        f, y = self.cache.get(compute, kind="plain", data=dataset_fingerprint(images), layer=inp.layer,
+                              size=inp.image_size, **inp.compute)
+        return f.to(inp.device), y.to(inp.device)
+
+    def augmented(self, images, split: str, copies: int, seed: int) -> tuple:
+        cfg, inp = self.cfg, self.inp
+        transform = augment_transform(inp.aug, inp.image_size, native_side(images), cfg.scale_lower)
+
+        def compute():
+            self.log(f"extracting features: {copies} augmented copies of {split} ({len(images)} images, "
+                     f"{inp.aug})")
+            return extract_augmented(inp.encode, images, transform, copies, seed, cfg.test_bs, cfg.workers,
+                                     inp.device, inp.amp, progress=cfg.verbose)
+
+        f, y = self.cache.get(compute, kind="augmented", aug=inp.aug, scale_lower=cfg.scale_lower,
+                              copies=copies, seed=seed, data=dataset_fingerprint(images), layer=inp.layer,
+                              size=inp.image_size, **inp.compute)
+        return f.to(inp.device), y.to(inp.device)
+
+    def _of(self, images, split: str, copies: int, seed: int) -> tuple:
+        if self.inp.aug != "none" and copies > 0:
+            return self.augmented(images, split, copies, seed)
+        return self.plain(images, split)
+
+    def train(self) -> tuple:
+        return self._of(self.inp.train, "train", self.cfg.n_augs_train, TRAIN_AUG_SEED)
+
+    def test(self) -> tuple:
+        return self._of(self.inp.test, "test", self.cfg.n_augs_test, TEST_AUG_SEED)
+
+    def unlabeled(self) -> Optional[tuple]:
+        """The spec tests the unlabelled rest like the test split (averaged copies when n_augs_test is set)."""
+        if self.inp.unlabeled is None:
+            return None
+        return self._of(self.inp.unlabeled, "unlabelled rest of train", self.cfg.n_augs_test, TEST_AUG_SEED)

@@ -8,14 +8,13 @@ the spec's (``state_dict`` or top-level ``weight``/``bias`` plus an ``argparse.N
 """
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint as ckpt_lib
 from ..errors import CheckpointError
@@ -52,90 +51,109 @@ def _set_factor(opt: torch.optim.Optimizer, factor: float) -> None:
         g["lr"] = g["base_lr"] * factor
 
 
-def _pbar(total: int, desc: str, enabled: bool):
+def _pbar(total: int, desc: str, enabled: bool, initial: int = 0):
     from ..progress import Progress
-    return Progress(total, desc, enabled)
+    return Progress(total, desc, enabled, initial=initial)
+
+
+@dataclass
+class Fit:
+    """What the SGD loop trains and a checkpoint of it holds: the head, its optimizer, the loss scaler, the encoder
+    when fine-tuning, and ``step``, the optimizer steps done. Which rows (or images) a step draws and how they are
+    augmented are functions of (seed, step), so nothing else is needed to go on from a step."""
+    head: nn.Linear
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler] = None
+    encoder: Optional[nn.Module] = None  # fine-tuned with the head
+    step: int = 0
+
+
+Hook = Optional[Callable[[Fit], None]]
+
+
+def _order(n: int, bs: int, seed: int, start: int) -> tuple[torch.Generator, torch.Tensor, int]:
+    """The row order of the precomputed-features path at step ``start``: one permutation of the n rows per
+    ``n // bs`` steps, all drawn in turn from one generator seeded with ``seed`` -> (generator, permutation,
+    position in it). Step 0 is the first permutation at 0; a resumed loop redraws the earlier ones."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    epochs, b = divmod(start, n // bs)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+    return g, perm, b * bs
 
 
 def train_on_features(feats: torch.Tensor, y: torch.Tensor, n_classes: int, cfg, seed: int = 0,
-                      progress: bool = False, on_step: Optional[Callable] = None) -> nn.Linear:
+                      progress: bool = False, on_step: Hook = None, start: Hook = None) -> nn.Linear:
     """Train a zero-initialised linear head on precomputed features.
 
     feats: (N, d) or (K, N, d) — K augmented copies, each treated as N more samples.
     Every step draws ``batch_size`` rows of an epoch-wise random permutation of all K*N rows.
+    ``start(fit)`` may restore a saved :class:`Fit` (resume) before the first step; ``on_step(fit)`` is called
+    after every step (it may save a checkpoint, or end the loop by raising).
     """
     if feats.dim() == 3:
         k = feats.shape[0]
         feats, y = feats.reshape(-1, feats.shape[-1]), y.repeat(k)
     device = feats.device
     head = make_head(feats.shape[1], n_classes, device)
-    opt = _optimizer(cfg, head)
+    fit = Fit(head, _optimizer(cfg, head))
+    if start is not None:
+        start(fit)
     factors = _schedule(cfg)
     n = feats.shape[0]
     bs = min(cfg.batch_size, n)
-    g = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=g), 0
+    g, perm, pos = _order(n, bs, seed, fit.step)
     # a small step is all threading overhead on a CPU: one thread
-    with _pbar(cfg.iters, "linear head", progress) as bar, small_work_threads(device, bs * feats.shape[1] * n_classes):
-        for step in range(cfg.iters):
+    with _pbar(cfg.iters, "linear head", progress, fit.step) as bar, \
+            small_work_threads(device, bs * feats.shape[1] * n_classes):
+        for step in range(fit.step, cfg.iters):
             if pos + bs > n:
                 perm, pos = torch.randperm(n, generator=g), 0
             idx = perm[pos:pos + bs].to(device)
             pos += bs
-            _set_factor(opt, float(factors[step]))
+            _set_factor(fit.optimizer, float(factors[step]))
             loss = F.cross_entropy(head(feats[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
+            fit.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            fit.optimizer.step()
+            fit.step = step + 1
             bar.update(1)
             if progress and (step + 1) % max(1, cfg.iters // 10) == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if on_step is not None:
-                on_step(step + 1, head)
+                on_step(fit)
     return head
-
-
-class _Augmented(Dataset):
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images.load(i)), self.images.targets[i]
-
-
-def _endless(loader: DataLoader):
-    while True:
-        yield from loader
 
 
 def train_on_images(encoder, encode: Callable, images, transform, n_classes: int, feat_dim: int, cfg,
                     device: torch.device, autocast_dtype=None, finetune: bool = False, seed: int = 0,
-                    progress: bool = False, on_step: Optional[Callable] = None) -> nn.Linear:
+                    progress: bool = False, on_step: Hook = None, start: Hook = None) -> nn.Linear:
     """Train the head on images augmented on the fly (the spec's default path).
 
     Frozen (``finetune=False``): the encoder stays in eval mode (BN statistics untouched) and
     runs under no_grad. Fine-tuning: the encoder is in train mode and its parameters get their
-    own learning rate (``encoder_lr``).
+    own learning rate (``encoder_lr``). Step s draws its images and their augmentations as pretraining does
+    (:mod:`simclr.data.sampler`: functions of (seed, s), whatever the number of workers), so a loop that
+    ``start`` restores at step s goes on exactly as the uninterrupted one; ``on_step`` as for
+    :func:`train_on_features`.
     """
+    from ..data.loaders import ReferenceLoader
     head = make_head(feat_dim, n_classes, device)
-    opt = _optimizer(cfg, head, encoder if finetune else None)
-    factors = _schedule(cfg)
-    bs = min(cfg.batch_size, len(images))
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_Augmented(images, transform), batch_size=bs, shuffle=True, drop_last=True,
-                        generator=g, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.workers > 0)
     # fp16 gradients of a fine-tuned encoder underflow without loss scaling (bf16/fp32: scaler off)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    fit = Fit(head, _optimizer(cfg, head, encoder if finetune else None),
+              torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+              encoder if finetune else None)
+    if start is not None:
+        start(fit)
+    factors = _schedule(cfg)
+    loader = ReferenceLoader(images, transform, 1, min(cfg.batch_size, len(images)), seed, cfg.workers, device)
+    opt, scaler = fit.optimizer, fit.scaler
     encoder.train(finetune)
     try:
-        with _pbar(cfg.iters, "fine-tune" if finetune else "linear head", progress) as bar:
-            for step, (x, y) in enumerate(itertools.islice(_endless(loader), cfg.iters)):
-                x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
-                _set_factor(opt, float(factors[step]))
+        with _pbar(cfg.iters, "fine-tune" if finetune else "linear head", progress, fit.step) as bar:
+            for x, y in loader.batches(fit.step, cfg.iters):
+                _set_factor(opt, float(factors[fit.step]))
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     if finetune:
                         h = encode(x)
@@ -147,9 +165,10 @@ def train_on_images(encoder, encode: Callable, images, transform, n_classes: int
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
+                fit.step += 1
                 bar.update(1)
                 if on_step is not None:
-                    on_step(step + 1, head)
+                    on_step(fit)
     finally:
         encoder.eval()
     return head

@@ -27,9 +27,12 @@ def head_eval(head, test: Split, classes: Sequence[str], unlabeled: Optional[Spl
 
 
 def linear_eval(train: Split, test: Split, classes: Sequence[str], cfg, seed: int, progress: bool = False,
-                on_step: Optional[Callable] = None, unlabeled: Optional[Split] = None):
-    """The spec's linear head (zero init, SGD, cfg's schedule) on precomputed features -> (head, report, details)."""
-    head = train_on_features(train[0], train[1], len(classes), cfg, seed=seed, progress=progress, on_step=on_step)
+                on_step: Optional[Callable] = None, unlabeled: Optional[Split] = None,
+                start: Optional[Callable] = None):
+    """The spec's linear head (zero init, SGD, cfg's schedule) on precomputed features -> (head, report, details);
+    ``start`` and ``on_step`` as :func:`.linear.train_on_features` takes them (resume, checkpoints, stop)."""
+    head = train_on_features(train[0], train[1], len(classes), cfg, seed=seed, progress=progress, on_step=on_step,
+                             start=start)
     res, details = head_eval(head, test, classes, unlabeled)
     return head, res, dict(details, fit="sgd")
 

@@ -2,11 +2,12 @@
 (:func:`load_inputs`, before any folder is created), extract features (:class:`Features`, cached on disk),
 run one protocol of :mod:`.protocols` (linear, fast-linear, kNN; semi-supervised, fine-tuning, transfer and
 eval-only are options of them), and write ``eval.json`` — the same structure whatever the protocol — into a run
-folder.
+folder. The SGD linear head's steps are checkpointed, stopped and resumed by :mod:`.resume`.
 """
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +21,18 @@ from ..checkpoint import load_weights, resolve, unpin
 from ..data import balanced_indices, check_same_classes, data_folder, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
-from ..progress import hms, say
+from ..progress import hms, printable, say
 from ..runtime import out_of_memory
 from ..eval_options import EvalConfig
-from ..rundir import RunDir, check_kind, check_run_folder, environment
+from ..rundir import RunDir, check_kind, check_run_folder, environment, release_held
 from ..trackers import require
 from ..weights import Encoder, load_encoder
 from .fast_linear import parse_grid
-from .features import FeatureCache, augment_transform, dataset_fingerprint, extract_augmented, extract_features
+from .features import Features, augment_transform, native_side
 from .linear import head_from_state, load_head, save_head, train_on_images
 from .protocols import fast_linear_eval, head_eval, knn_eval, linear_eval, protocol_variant
-
-TRAIN_AUG_SEED, TEST_AUG_SEED = 0, 1  # fixed, so augmented copies are cacheable across runs
+from .resume import (HeadCheckpoints, Stopped, check_fits, head_info, record_refusal, result_metrics,
+                     resume_point)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,89 +213,25 @@ def match_head_classes(head_state: dict, classes: list, ckpt: str, log) -> None:
     head_state["weight"], head_state["bias"] = head_state["weight"][order], head_state["bias"][order]
 
 
-def _native(images) -> int:
-    arr = getattr(images, "images", None)
-    return arr.shape[1] if arr is not None else -1
-
-
-# --------------------------------------------------------------------------------------------
-# features of each split, extracted once and cached on disk
-# --------------------------------------------------------------------------------------------
-class Features:
-    """Plain or augmented-copies features of the train, test and unlabelled splits, as (features, labels) on
-    the device; ``cfg.cache_features`` keeps them on disk keyed by the encoder file's hash and the data."""
-
-    def __init__(self, cfg: EvalConfig, inp: Inputs, log: Callable[[str], None]):
-        self.cfg, self.inp, self.log = cfg, inp, log
-        self.cache = FeatureCache(inp.encoder_hash, cfg.cache_features, log=log)
-
-    def encoder_changed(self) -> None:
-        """After fine-tuning: the encoder's features are no longer the cached ones."""
-        self.cache = FeatureCache("", False)
-
-    def plain(self, images, split: str) -> tuple:
-        cfg, inp = self.cfg, self.inp
-        bs = cfg.precompute_emb_bs if cfg.precompute_emb_bs > 0 else cfg.test_bs
-
-        def compute():
-            self.log(f"extracting features: {split} ({len(images)} images, layer {inp.layer})")
-            return extract_features(inp.encode, images, inp.image_size, bs, cfg.workers, inp.device, inp.amp,
-                                    progress=cfg.verbose)
-
-        f, y = self.cache.get(compute, kind="plain", data=dataset_fingerprint(images), layer=inp.layer,
-                              size=inp.image_size, **inp.compute)
-        return f.to(inp.device), y.to(inp.device)
-
-    def augmented(self, images, split: str, copies: int, seed: int) -> tuple:
-        cfg, inp = self.cfg, self.inp
-        transform = augment_transform(inp.aug, inp.image_size, _native(images), cfg.scale_lower)
-
-        def compute():
-            self.log(f"extracting features: {copies} augmented copies of {split} ({len(images)} images, "
-                     f"{inp.aug})")
-            return extract_augmented(inp.encode, images, transform, copies, seed, cfg.test_bs, cfg.workers,
-                                     inp.device, inp.amp, progress=cfg.verbose)
-
-        f, y = self.cache.get(compute, kind="augmented", aug=inp.aug, scale_lower=cfg.scale_lower,
-                              copies=copies, seed=seed, data=dataset_fingerprint(images), layer=inp.layer,
-                              size=inp.image_size, **inp.compute)
-        return f.to(inp.device), y.to(inp.device)
-
-    def _of(self, images, split: str, copies: int, seed: int) -> tuple:
-        if self.inp.aug != "none" and copies > 0:
-            return self.augmented(images, split, copies, seed)
-        return self.plain(images, split)
-
-    def train(self) -> tuple:
-        return self._of(self.inp.train, "train", self.cfg.n_augs_train, TRAIN_AUG_SEED)
-
-    def test(self) -> tuple:
-        return self._of(self.inp.test, "test", self.cfg.n_augs_test, TEST_AUG_SEED)
-
-    def unlabeled(self) -> Optional[tuple]:
-        """The spec tests the unlabelled rest like the test split (averaged copies when n_augs_test is set)."""
-        if self.inp.unlabeled is None:
-            return None
-        return self._of(self.inp.unlabeled, "unlabelled rest of train", self.cfg.n_augs_test, TEST_AUG_SEED)
-
-
 # --------------------------------------------------------------------------------------------
 # each protocol: features from the job, the tensors to :mod:`.protocols`, the head into the run folder
 # --------------------------------------------------------------------------------------------
-def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> dict:
+def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log,
+           ckpts: Optional[HeadCheckpoints] = None) -> dict:
+    """The SGD linear head; ``ckpts`` restores, saves and stops its steps (default: no resume, no stop)."""
     if inp.head_state is not None:  # --eval_only: a saved head on this encoder's test features
         head = head_from_state(inp.head_state, inp.device)
         res, details = head_eval(head, feats.test(), inp.classes, feats.unlabeled())
         saved = inp.head_state["info"].get("metrics") or {}
         details.update(eval_only=True, head_source=cfg.ckpt, saved_top1=saved.get("top1"))
         return dict(res, details=details, head_ckpt=None)
-    on_step = _periodic_saver(cfg, inp, run)
+    ckpts = ckpts or HeadCheckpoints(cfg, inp, run, log)
     if not cfg.finetune and (inp.aug == "none" or cfg.n_augs_train > 0):
         f, y = feats.train()
         log(f"training the linear head on {'x'.join(map(str, f.shape[:-1]))} precomputed features "
             f"(dim {f.shape[-1]}) for {cfg.iters} steps")
-        head, res, details = linear_eval((f, y), feats.test(), inp.classes, cfg, cfg.seed, cfg.verbose, on_step,
-                                         feats.unlabeled())
+        head, res, details = linear_eval((f, y), feats.test(), inp.classes, cfg, cfg.seed, cfg.verbose,
+                                         ckpts.after_step, feats.unlabeled(), start=ckpts.start)
     else:  # images augmented on the fly: the frozen encoder's features every step, or fine-tuning it
         if cfg.finetune:
             log(f"fine-tuning the encoder (lr {cfg.encoder_lr if cfg.encoder_lr >= 0 else cfg.lr}) and a "
@@ -302,42 +239,44 @@ def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> d
         else:
             log(f"training the linear head on {inp.aug}-augmented images (frozen encoder, features "
                 f"computed every step) for {cfg.iters} steps")
-        transform = augment_transform(inp.aug, inp.image_size, _native(inp.train), cfg.scale_lower)
-        on_step = _cpu_cost_note(cfg, inp, log, "fine-tuning" if cfg.finetune else "on-the-fly augmentation", on_step)
+        transform = augment_transform(inp.aug, inp.image_size, native_side(inp.train), cfg.scale_lower)
+        on_step = _cpu_cost_note(cfg, inp, log, "fine-tuning" if cfg.finetune else "on-the-fly augmentation",
+                                 ckpts.after_step)
         head = train_on_images(inp.encoder, inp.encode, inp.train, transform, len(inp.classes), inp.feat_dim(),
                                cfg, inp.device, inp.amp, finetune=cfg.finetune, seed=cfg.seed,
-                               progress=cfg.verbose, on_step=on_step)
+                               progress=cfg.verbose, on_step=on_step, start=ckpts.start)
         if cfg.finetune:
             feats.encoder_changed()
         res, details = head_eval(head, feats.test(), inp.classes, feats.unlabeled())
         details["fit"] = "sgd"
         if cfg.finetune:
             details["finetune"] = True
-    path = _save_head(cfg, inp, run, head, res, "linear", finetuned=cfg.finetune)
-    return dict(res, details=details, head_ckpt=str(path))
+    return dict(res, details=details, head_ckpt=str(ckpts.final(res)))
 
 
 def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, log, what: str, on_step: Callable) -> Callable:
     """Training on images (the spec's default protocol) encodes a whole batch every step: minutes to an hour on a
     CPU. Said at the start, with the fast ways to the same kind of number; returns ``on_step`` that also says
-    what the first step took and what all of them will."""
+    what the first step (of this invocation) took and what all of them will."""
     if inp.device.type != "cpu":
         return on_step
     bs = min(cfg.batch_size, len(inp.train))
     log(f"note: on the CPU, {what} encodes {bs} images every step, {cfg.iters} steps ({bs * cfg.iters} encoder "
         f"passes): hours for the spec's settings (an estimate follows the first step). Faster: --augmentation none "
         f"(features computed once) or --protocol fast-linear")
-    t0 = time.time()
+    t0, first = time.time(), []
 
-    def step(i: int, head) -> None:
-        if i == 1:
+    def step(fit) -> None:
+        if not first:
+            first.append(fit.step)
             took = time.time() - t0
-            log(f"first step took {took:.1f} s: about {hms(took * cfg.iters)} for {cfg.iters} steps")
-        on_step(i, head)
+            left = cfg.iters - fit.step + 1
+            log(f"first step took {took:.1f} s: about {hms(took * left)} for {left} steps")
+        on_step(fit)
     return step
 
 
-def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> dict:
+def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log, ckpts=None) -> dict:
     if cfg.finetune:
         raise ConfigError("--finetune true trains the encoder, which the fast linear probe does not; use "
                           "--protocol linear")
@@ -346,11 +285,12 @@ def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log)
         f"features (dim {f.shape[-1]})")
     head, res, details = fast_linear_eval((f, y), feats.test(), inp.classes, parse_grid(cfg.l2_grid), cfg.holdout,
                                           cfg.fast_iters, cfg.data_split_seed, log, feats.unlabeled())
-    path = _save_head(cfg, inp, run, head, res, "fast-linear")
+    path = run.path / "checkpoints" / "fast-linear-head.pt"
+    save_head(path, head, head_info(cfg, inp, cfg.iters, "fast-linear", result_metrics(res)))
     return dict(res, details=details, head_ckpt=str(path))
 
 
-def knn(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> dict:
+def knn(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log, ckpts=None) -> dict:
     if cfg.finetune:
         raise ConfigError("--finetune true is for --protocol linear; kNN uses the frozen encoder")
     unlabeled = None if inp.unlabeled is None else feats.plain(inp.unlabeled, "unlabelled rest of train")
@@ -362,46 +302,34 @@ def knn(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log) -> dict
 PROTOCOLS = {"linear": linear, "fast-linear": fast_linear, "knn": knn}
 
 
-def _head_info(cfg: EvalConfig, inp: Inputs, iters: int, fit: str, metrics: dict) -> dict:
-    return {"iters": iters, "fit": fit, "config": config_lib.to_dict(cfg), "encode_layer": inp.layer,
-            "encoder_sha256": inp.encoder_hash, "encoder_ckpt": cfg.encoder_ckpt, "classes": inp.classes,
-            "image_size": inp.image_size, "metrics": metrics}
-
-
-def _periodic_saver(cfg: EvalConfig, inp: Inputs, run: RunDir) -> Callable:
-    """Every ``ckpt_iter`` steps: the head so far (no test accuracy yet) and a metrics line."""
-    def on_step(step: int, head) -> None:
-        if cfg.ckpt_iter > 0 and step % cfg.ckpt_iter == 0 and step < cfg.iters:
-            encoder_state = inp.encoder.model.state_dict() if cfg.finetune else None
-            save_head(run.path / "checkpoints" / f"linear-head-{step:08d}.pt", head,
-                      _head_info(cfg, inp, step, "linear", {}), encoder_state)
-            run.log_metrics({"step": step, "event": "head_checkpoint"})
-    return on_step
-
-
-def _save_head(cfg: EvalConfig, inp: Inputs, run: RunDir, head, res: dict, fit: str, finetuned: bool = False) -> Path:
-    name = "finetuned.pt" if finetuned else ("fast-linear-head.pt" if fit == "fast-linear" else "linear-head.pt")
-    path = run.path / "checkpoints" / name
-    metrics = {"top1": res["top1"], "top5": res["top5"], "n_test": res["n"]}
-    save_head(path, head, _head_info(cfg, inp, cfg.iters, fit, metrics),
-              inp.encoder.model.state_dict() if finetuned else None)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # the job
 # --------------------------------------------------------------------------------------------
 class _Log:
-    """Messages on stderr (with --verbose) and, once the run folder exists, in its log.txt."""
+    """Messages on stderr (with --verbose) and in the run folder's log.txt (those from before it exists, once
+    it does)."""
 
     def __init__(self, verbose: bool):
-        self.verbose, self.run = verbose, None
+        self.verbose, self.run, self.pending = verbose, None, []
+
+    def attach(self, run: RunDir) -> None:
+        self.run = run
+        for msg in self.pending:
+            run.log(msg)
 
     def __call__(self, msg: str) -> None:
         if self.verbose:  # a bar on a terminal, timestamped lines in a log file
             say(msg)
         if self.run is not None:
             self.run.log(msg)
+        else:
+            self.pending.append(msg)
+
+    def warn(self, msg: str) -> None:
+        """Also on stderr with --verbose false: a skipped corrupt checkpoint must not go unseen."""
+        if not self.verbose:
+            print(printable(msg), file=sys.stderr, flush=True)
+        self(msg)
 
 
 def _timed(protocol: Callable, *args) -> dict:
@@ -411,29 +339,44 @@ def _timed(protocol: Callable, *args) -> dict:
     return res
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Run ``cfg.protocol`` (and, with ``compare``, both linear protocols); write eval.json."""
+def run_eval(cfg: EvalConfig, should_stop: Callable[[], bool] = lambda: False,
+             started: Callable[[], None] = lambda: None) -> dict:
+    """Run ``cfg.protocol`` (and, with ``compare``, both linear protocols); write eval.json. ``should_stop`` is
+    asked after every step of the SGD linear head (the entry point answers it from SIGTERM/SIGINT): its state is then
+    saved and the run stops ``interrupted`` (returned: ``status``, ``step``, ``run_dir``); ``started`` is called as
+    those steps begin (until then a signal stops the job at once: nothing to save yet)."""
     t0, log = time.time(), _Log(cfg.verbose)
-    inp = load_inputs(cfg, log)
+    try:
+        point = resume_point(cfg, log)  # the run folder continued is locked before its checkpoint is read
+        try:
+            inp = load_inputs(cfg, log)
+            data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
+                        for split, ds in (("train", inp.train), ("test", inp.test))}
+            check_fits(point, cfg, inp, data_ids["train"])
+        except UserError as e:
+            record_refusal(point.run, e)
+            raise
+        run = RunDir.create(cfg.root, cfg.name, str(point.run or cfg.run_dir), kind=run_kind(cfg),
+                            data=data_folder(cfg.data, cfg.data_path))
+    finally:
+        release_held()
+    log.attach(run)
     feats = Features(cfg, inp, log)
-    run = RunDir.create(cfg.root, cfg.name, cfg.run_dir, kind=run_kind(cfg), data=data_folder(cfg.data, cfg.data_path))
-    log.run = run
+    ckpts = HeadCheckpoints(cfg, inp, run, log, point, should_stop, started, data_ids["train"])
     try:
         config_lib.save(cfg, run.path / "config.yaml", run_dir="")
-        data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
-                    for split, ds in (("train", inp.train), ("test", inp.test))}
         run.record_environment(dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute))
         run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
         if run.trackers.live:
             log(f"trackers: {run.trackers.describe()}")
-        run.set_status("running", protocol=cfg.protocol)
+        run.set_status("running", protocol=cfg.protocol, iters=cfg.iters)
         from ..runtime import describe_compute
         train_part = "" if cfg.eval_only else f"{len(inp.train)} labelled training images, "
         log(f"evaluating {inp.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
             f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {train_part}{len(inp.test)} test images, "
             f"{inp.image_size}px, {inp.device}, {describe_compute(inp.amp, inp.channels_last, inp.device)}; "
             f"run folder {run.path}")
-        args = (cfg, inp, feats, run, log)
+        args = (cfg, inp, feats, run, log, ckpts)
         res = _timed(PROTOCOLS[cfg.protocol], *args)
         compare = None
         if cfg.compare:
@@ -468,6 +411,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         run.trackers.results(result, cfg.iters, "eval.json")
         run.set_status("finished", top1=result["top1"], top5=result["top5"])
         return result
+    except Stopped as stop:
+        log(f"stopped at step {stop.step} of {cfg.iters}; saved {stop.path}")
+        run.set_status("interrupted", step=stop.step, iters=cfg.iters, protocol=cfg.protocol)
+        return {"status": "interrupted", "step": stop.step, "iters": cfg.iters, "run_dir": str(run.path)}
     except BaseException as raised:
         e = out_of_memory_error(cfg, inp, raised) if out_of_memory(raised) else raised
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

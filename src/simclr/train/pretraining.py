@@ -31,7 +31,7 @@ from ..files import append_line
 from ..models import build_model
 from ..names import is_timm, resolve_width
 from ..options import PretrainConfig
-from ..rundir import RunDir, environment
+from ..rundir import RunDir, environment, release_held
 from ..runtime import (autocast_dtype, channels_last_on, out_of_memory, resolve_device, seed_everything,
                        tune_backends)
 from .data_identity import check_data_identity, refusal_recorded
@@ -73,6 +73,7 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
             raise e from None
         raise
     finally:
+        release_held()  # a set-up that failed before its RunDir took the run folder's lock over
         distributed.cleanup()
 
 
@@ -117,7 +118,7 @@ def setup(cfg: PretrainConfig) -> Session:
     seed_drawn = cfg.seed < 0
     if seed_drawn:
         cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
-    resume_from, run_dir = resume_point(cfg, log)
+    resume_from, run_dir = resume_point(cfg, log, lock=dist.is_main)  # locked before its checkpoint is read
     # a refused resume says "failed" (a requeue loop stops); the split's folder is read once for both of its uses
     with refusal_recorded(run_dir, dist.is_main), one_scan():
         ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None

@@ -13,7 +13,7 @@ from .. import config as config_lib
 from .. import distributed
 from ..errors import UserError
 from ..options import PretrainConfig
-from ..rundir import check_kind, check_run_folder, find_run_dir, is_run, newest_run
+from ..rundir import check_kind, check_run_folder, find_run_dir, hold_lock, is_run, newest_run
 from ..runtime import cuda_rng_state, rng_state, set_rng_state
 from .resume_message import changes_message
 from .session import Log, Session
@@ -23,16 +23,19 @@ from .session import Log, Session
 # read it: seconds) before it leaves their checkpoints beyond --keep_last in place, with a warning.
 FINAL_PRUNE_WAIT_S = 60.0
 
-def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
+def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Optional[Path], str]:
     """The checkpoint to continue from (None: start at step 0; else pinned against pruning, see
     :func:`simclr.checkpoint.pin`) and the run folder to write into ('' : a new one).
 
     A run folder's identity is its location: ``--resume RUN`` continues RUN in place, from its newest valid
     checkpoint, or, before it saved one, from the checkpoint it branched from (its recorded ``ckpt``). A
     checkpoint given with ``--ckpt`` starts a new run folder (its path recorded as ``ckpt`` in config.yaml) unless
-    it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original."""
+    it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original.
+    With ``lock`` (the main process) an existing run folder to write is locked before its checkpoints are read."""
     run = resumed_run(cfg, log)
     if run is not None:
+        if lock:
+            hold_lock(run)
         chosen = ckpt_lib.resolve(cfg.ckpt, log=log.warn) if cfg.ckpt else None
         if chosen is not None and _inside(chosen, run):  # a chosen checkpoint of this very run
             return (chosen if ckpt_lib.pin(chosen) else None), str(run)
@@ -47,6 +50,8 @@ def resume_point(cfg: PretrainConfig, log: Log) -> tuple[Optional[Path], str]:
         path = ckpt_lib.resolve(cfg.ckpt, log=log.warn)
         origin = find_run_dir(path)
         if cfg.run_dir and origin is not None and _same(Path(cfg.run_dir), origin):
+            if lock:
+                hold_lock(Path(cfg.run_dir))
             return (path if ckpt_lib.pin(path) else None), cfg.run_dir
         cfg.ckpt = str(Path(path).resolve())  # the new run's origin, recorded in its config.yaml
         if origin is not None:
