@@ -188,3 +188,31 @@ def test_report_refuses_pictures_of_its_names_it_did_not_write_and_a_manifest_ca
     rc, _, err = cli("report", a, "--out", out, "--no_pictures", "true")
     assert rc == 0, err
     assert notes.read_text() == "mine"
+
+
+def test_embed_on_a_full_disk_leaves_the_earlier_pair_as_it_was(tmp_path, data_root, monkeypatch):
+    """The disk fills while the names are written: the earlier .npy must not have been replaced already (it was,
+    and the message still said the previous version was intact)."""
+    import errno
+
+    import numpy as np
+
+    from simclr import files
+    a, _ = copies(tmp_path)
+    images = tiny_folder(tmp_path / "data", data_root, n_train=2, n_test=2) / "test"
+    args = ["embed", "--encoder_ckpt", a, "--images", images, "--device", "cpu", "--out", tmp_path / "f.npy"]
+    rc, _, err = cli(*args, "--layer", "z")
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("f.*")}
+    real = files.atomic_write
+
+    def full_for_names(path, content, **kw):
+        if str(path).endswith(".files.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, content, **kw)
+
+    monkeypatch.setattr(files, "atomic_write", full_for_names)
+    rc, _, err = cli(*args, "--layer", "h")  # other features: a replaced .npy would differ
+    assert rc != 0 and "disk full" in err and "previous version is intact" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("f.*")} == before
+    assert np.load(tmp_path / "f.npy").shape[0] == len((tmp_path / "f.files.txt").read_text().splitlines())

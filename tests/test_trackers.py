@@ -4,6 +4,7 @@ installed stops the job before it starts; one that fails mid-run is switched off
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -190,3 +191,31 @@ def test_a_tracker_failing_mid_run_is_switched_off_with_one_warning(tmp_path, fo
     history = mlflow_client(run).get_metric_history(json.loads((run / "trackers.json").read_text())
                                                     ["mlflow"]["run_id"], "loss")
     assert [m.step for m in history] == [1]
+
+
+def test_a_copied_run_folder_gets_tracker_runs_of_its_own_while_a_moved_one_keeps_them(tmp_path, monkeypatch):
+    """cp -r R R2 (R stays) must not continue R's W&B / MLflow runs from R2; R resumed, or R moved, continues."""
+    from simclr import trackers
+
+    seen = []
+
+    class Fake:  # what WandB and MLflow do with the ids: keep the ones there, make one when there is none
+        def __init__(self, run, ids, **_):
+            ids.setdefault("tracker_run", f"id-{len(seen)}")
+            seen.append((Path(run).name, ids["tracker_run"]))
+
+        def finish(self, status):
+            pass
+
+    monkeypatch.setitem(trackers.ADAPTERS, "wandb", Fake)
+    original = tmp_path / "R"
+    original.mkdir()
+    trackers.Trackers(original, "wandb")
+    shutil.copytree(original, tmp_path / "R2")
+    trackers.Trackers(tmp_path / "R2", "wandb")   # the copy
+    trackers.Trackers(original, "wandb")          # the original resumed
+    shutil.move(str(original), str(tmp_path / "R3"))
+    trackers.Trackers(tmp_path / "R3", "wandb")   # the original moved away
+    assert seen == [("R", "id-0"), ("R2", "id-1"), ("R", "id-0"), ("R3", "id-0")]
+    copied = json.loads((tmp_path / "R2" / trackers.IDS_FILE).read_text())
+    assert copied["copied_from"] == str(original.resolve()) and copied["run_dir"] == str((tmp_path / "R2").resolve())

@@ -291,8 +291,10 @@ def embed_main(argv: Sequence[str]) -> int:
                                          a.skip_bad_images, device, progress=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda f: np.save(f, feats))
-        atomic_write(files_list_path(out), "\n".join(names) + "\n")
+        # the pair is replaced together: the names go first, from inside the array's write (its bytes on disk,
+        # not yet renamed), so a failure writing either leaves the earlier .npy and .files.txt as they were
+        atomic_write(out, lambda f: np.save(f, feats),
+                     before_replace=lambda _: atomic_write(files_list_path(out), "\n".join(names) + "\n"))
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} float32 ({a.layer} of {enc.arch}, images at "

@@ -213,7 +213,7 @@ class Trackers:
     def __init__(self, run: Path, logger: str = "tensorboard", config: Optional[dict] = None, project: str = "",
                  mlflow_uri: str = "", warn: Callable[[str], None] = print):
         self.run, self.warn, self.live = Path(run), warn, {}
-        ids = self._read_ids()
+        ids = self._ids_of_this_folder()
         for name in parse_loggers(logger):
             self._call(name, lambda n=name: self.live.__setitem__(n, ADAPTERS[n](
                 run=self.run, config=config or {}, project=project or self.run.parent.name, ids=ids,
@@ -223,6 +223,19 @@ class Trackers:
                 atomic_write(self.run / IDS_FILE, json.dumps(ids, indent=2))
             except (OSError, UserError) as e:  # only a later resume needs it: not a reason to stop this run
                 self.warn(f"warning: could not write {self.run / IDS_FILE} ({e}); a resume will start new tracker runs")
+
+    def _ids_of_this_folder(self) -> dict:
+        """trackers.json's ids when they are this folder's. A copy of a run folder (``cp -r R R2`` while R stays)
+        carries R's ids: continuing them would write R2's steps into R's W&B and MLflow runs, so the copy starts
+        tracker runs of its own (``copied_from`` says whose ids it dropped). A folder moved away (R gone) and
+        a trackers.json from before the folder was recorded keep theirs."""
+        ids = self._read_ids()
+        here = str(self.run.resolve())
+        was = ids.get("run_dir")
+        if isinstance(was, str) and was != here and (Path(was) / IDS_FILE).is_file():
+            ids = {"copied_from": was}
+        ids["run_dir"] = here
+        return ids
 
     def _read_ids(self) -> dict:
         ids = read_small_json(self.run / IDS_FILE)
