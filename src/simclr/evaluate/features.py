@@ -16,7 +16,6 @@ from ..data.transforms import eval_transform
 
 if TYPE_CHECKING:
     from ..eval_options import EvalConfig
-    from .run import Inputs
 
 
 class _EvalDataset(Dataset):
@@ -205,7 +204,7 @@ class Features:
     """Plain or augmented-copies features of the train, test and unlabelled splits, as (features, labels) on
     the device; ``cfg.cache_features`` keeps them on disk keyed by the encoder file's hash and the data."""
 
-    def __init__(self, cfg: EvalConfig, inp: Inputs, log: Callable[[str], None]):
+    def __init__(self, cfg: EvalConfig, inp, log: Callable[[str], None]):  # inp: run.Inputs (run imports this)
         self.cfg, self.inp, self.log = cfg, inp, log
         self.cache = FeatureCache(inp.encoder_hash, cfg.cache_features, log=log)
 
