@@ -138,8 +138,10 @@ class ColorJitter(Op):
         self._on: dict = {}  # the ranges per device, copied there once (not at every step)
 
     def draw(self, u, heights, widths):
-        dev = u.device
-        rng = self._on.setdefault(str(dev), self.ranges.to(dev))
+        key = str(u.device)
+        if key not in self._on:  # a host-to-device copy: once, not at every step
+            self._on[key] = self.ranges.to(u.device)
+        rng = self._on[key]
         return {"jitter": (u[:, 0] < 0.8) & (self.s > 0),
                 "order": torch.argsort(u[:, 1:5], dim=1),  # a uniformly random permutation of the 4 ops
                 "factors": rng[:, 0] + (rng[:, 1] - rng[:, 0]) * u[:, 5:9]}
