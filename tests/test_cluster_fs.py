@@ -159,9 +159,9 @@ def _reader_until(path: Path, written: Path) -> threading.Thread:
     return t
 
 
-def test_a_checkpoint_read_during_the_last_save_is_pruned_once_the_reader_is_done(tmp_path):
-    """The last save has no next save to prune after it: it waits for the reader (readers pin only while they
-    read), then keeps --keep_last."""
+def _resume_while_reading(tmp_path: Path) -> tuple:
+    """A 2-step run (keep_last 2) resumed to step 4 with --keep_last 1 while a reader holds checkpoint 1 until the
+    last checkpoint exists: (run folder, the resume's stderr)."""
     run = tmp_path / "R"
     rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=run, iters=2, keep_last=2))
     assert rc == 0, err
@@ -172,22 +172,20 @@ def test_a_checkpoint_read_during_the_last_save_is_pruned_once_the_reader_is_don
     finally:
         t.join()
     assert rc == 0, err
+    return run, err
+
+
+def test_a_checkpoint_read_during_the_last_save_is_pruned_once_the_reader_is_done(tmp_path):
+    """The last save has no next save to prune after it: it waits for the reader (readers pin only while they
+    read), then keeps --keep_last."""
+    run, err = _resume_while_reading(tmp_path)
     assert steps(run) == [4] and "beyond --keep_last" not in err
 
 
 def test_a_reader_that_outlasts_the_wait_keeps_its_checkpoint_with_one_warning(tmp_path, monkeypatch):
     from simclr.train import resume
     monkeypatch.setattr(resume, "FINAL_PRUNE_WAIT_S", 0.0)
-    run = tmp_path / "R"
-    rc, _, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", run_dir=run, iters=2, keep_last=2))
-    assert rc == 0, err
-    t = _reader_until(ckpt_lib.checkpoint_path(run, 1), ckpt_lib.checkpoint_path(run, 4))
-    try:
-        rc, _, err = cli("pretrain", "--resume", run, "--iters", "4", "--keep_last", "1",
-                         "--allow_config_change", "true")
-    finally:
-        t.join()
-    assert rc == 0, err
+    run, err = _resume_while_reading(tmp_path)
     assert steps(run) == [4, 1]  # never deleted under a reader
     (line,) = [ln for ln in err.splitlines() if "beyond --keep_last 1" in ln]
     assert "checkpoint-00000001.pt" in line and "delete them by hand" in line
