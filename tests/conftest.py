@@ -8,6 +8,7 @@ fresh copies of one tiny run trained once per session.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import runpy
@@ -33,6 +34,15 @@ os.environ.setdefault("SIMCLR_CACHE", str(REPO / ".cache" / "simclr"))
 # detection on and off explicitly.
 os.environ["SIMCLR_CPU_BF16"] = "0"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def said(caplog):
+    """What the project said (its messages are ``logging`` records of the ``simclr`` logger, simclr.messages):
+    ``said()`` every message so far, ``said(logging.WARNING)`` the warnings only."""
+    caplog.set_level(logging.INFO, logger="simclr")
+    return lambda level=logging.INFO: [r.getMessage() for r in caplog.records
+                                       if r.name.startswith("simclr") and r.levelno >= level]
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def test_linear_probe_separable_toy_reaches_100():
                           weight_decay=1e-4, encoder_lr=-1)
     head = train_on_features(x, y, 4, cfg)
     assert (predict(head, xt).argmax(1) == yt).float().mean().item() > 0.99
-    fast, details = fast_linear_probe(x, y, 4, [1e-3, 1e-1], log=lambda *_: None)
+    fast, details = fast_linear_probe(x, y, 4, [1e-3, 1e-1])
     assert (predict(fast, xt).argmax(1) == yt).float().mean().item() > 0.99
     assert details["l2"] in (1e-3, 1e-1)
     # augmented copies (K, N, d): the head is trained on all of them, predictions averaged
@@ -146,7 +146,7 @@ def test_fast_linear_folds_standardisation_into_raw_weights():
     # the returned head takes raw features: its logits equal the fit on standardised features
     x, y = _blobs(n=200, d=5, c=3)
     x = x * torch.tensor([1.0, 10.0, 0.1, 5.0, 2.0])
-    head, _ = fast_linear_probe(x, y, 3, [1e-2], log=lambda *_: None)
+    head, _ = fast_linear_probe(x, y, 3, [1e-2])
     from simclr.evaluate.fast_linear import fit_logreg
     mean, std = x.mean(0), x.std(0)
     ref = fit_logreg((x - mean) / std, y, 3, 1e-2)
@@ -256,14 +256,14 @@ def test_linear_eval_keeps_the_encoder_frozen(tmp_path, encoder_ckpt):
                                 "--seed", "0"])
 
     def linear_eval(cfg):
-        inp = load_inputs(cfg, log=lambda msg: None)
+        inp = load_inputs(cfg)
         run = RunDir.create(cfg.root, cfg.name, "")
         try:
-            return inp, linear(cfg, inp, Features(cfg, inp, lambda msg: None), run, lambda msg: None)
+            return inp, linear(cfg, inp, Features(cfg, inp), run)
         finally:
             run.close()
 
-    before = copy.deepcopy(load_inputs(copy.deepcopy(cfg), log=lambda msg: None).encoder.model.state_dict())
+    before = copy.deepcopy(load_inputs(copy.deepcopy(cfg)).encoder.model.state_dict())
     inp, res = linear_eval(cfg)
     after = inp.encoder.model.state_dict()
     assert before.keys() == after.keys()

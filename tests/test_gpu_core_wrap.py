@@ -7,6 +7,7 @@
   value wins; cuDNN autotuning on CUDA unless ``--deterministic``.
 """
 import datetime
+import logging
 
 import numpy as np
 import pytest
@@ -81,17 +82,17 @@ def _parts_and_input(compile_value="auto"):
     return cfg, p, torch.rand(4, 3, 16, 16)
 
 
-def test_compile_raising_falls_back_to_eager_with_one_warning(monkeypatch):
+def test_compile_raising_falls_back_to_eager_with_one_warning(monkeypatch, said):
     def broken(module, **kw):
         raise RuntimeError("no compiler for this platform")
 
     monkeypatch.setattr(torch, "compile", broken)
     cfg, p, x = _parts_and_input()
-    warnings = []
-    wrap(p, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False)
     assert isinstance(p.forward, EagerFallback)
     for _ in range(3):
         assert torch.equal(p.forward(x)["z"], p.model(x)["z"])
+    warnings = said(logging.WARNING)
     assert len(warnings) == 1 and "torch.compile failed" in warnings[0] and "no compiler" in warnings[0]
 
 
@@ -109,29 +110,28 @@ class _FailsOnCall(nn.Module):
         return {"z": torch.zeros(1)}
 
 
-def test_compiled_module_raising_on_first_call_falls_back_to_eager_once(monkeypatch):
+def test_compiled_module_raising_on_first_call_falls_back_to_eager_once(monkeypatch, said):
     fake = _FailsOnCall(RuntimeError("inductor: C++ compile failed"))
     monkeypatch.setattr(torch, "compile", lambda module, **kw: fake)
     cfg, p, x = _parts_and_input()
-    warnings = []
-    wrap(p, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False)
     p.model.eval()  # same output twice (no batch statistics)
     ref = p.model(x)["z"]
     for _ in range(3):
         assert torch.equal(p.forward(x)["z"], ref)  # the eager model's result, not the stand-in's zeros
+    warnings = said(logging.WARNING)
     assert fake.calls == 1 and len(warnings) == 1 and "C++ compile failed" in warnings[0]
 
 
-def test_a_later_error_that_is_not_compiling_is_raised(monkeypatch):
+def test_a_later_error_that_is_not_compiling_is_raised(monkeypatch, said):
     fake = _FailsOnCall(ValueError("a real bug"), after=1)
     monkeypatch.setattr(torch, "compile", lambda module, **kw: fake)
     cfg, p, x = _parts_and_input()
-    warnings = []
-    wrap(p, distributed_run=False, warn=warnings.append)
+    wrap(p, distributed_run=False)
     p.forward(x)
     with pytest.raises(ValueError, match="a real bug"):
         p.forward(x)
-    assert warnings == []
+    assert said(logging.WARNING) == []
 
 
 def test_compile_true_stops_on_a_compile_error(monkeypatch):
@@ -141,7 +141,7 @@ def test_compile_true_stops_on_a_compile_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     cfg, p, x = _parts_and_input("true")
     with pytest.raises(RuntimeError, match="no compiler"):
-        wrap(p, distributed_run=False, warn=lambda msg: None)
+        wrap(p, distributed_run=False)
 
 
 def test_eager_fallback_forwards_no_sync_of_the_wrapped_module(monkeypatch, one_rank_group):

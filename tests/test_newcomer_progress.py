@@ -42,7 +42,7 @@ def test_on_a_terminal_it_is_a_bar_and_disabled_it_is_silent():
 
 def test_messages_are_timestamped_off_a_terminal():
     out = io.StringIO()
-    progress.say("hello", out)
+    progress.line("hello", out)
     assert STAMPED.match(out.getvalue()) and out.getvalue().endswith("hello\n")
 
 

@@ -1,6 +1,8 @@
 """simclr.progress as pretraining uses it off a terminal (a pipe, SLURM): the step lines carry the loss."""
 from __future__ import annotations
 
+import logging
+
 from conftest import run_cli, tiny_args
 
 
@@ -21,7 +23,7 @@ def test_a_bar_does_not_repeat_where_it_ended_after_a_message_said_so(capsys):
     bar = progress.Progress(3, "work", file=None, every=1e9)
     bar.t0 -= 5  # it took time
     bar.update(3)
-    progress.say("step 3/3 done")
+    logging.getLogger("simclr.train").info("step 3/3 done")  # a message, as the step line is
     bar.close()
     err = capsys.readouterr().err
     assert "step 3/3 done" in err and "work: 3/3" not in err

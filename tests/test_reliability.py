@@ -10,6 +10,7 @@ import ast
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -108,20 +109,20 @@ def test_save_is_atomic_and_checksummed(tmp_path):
         ckpt_lib.read(path)
 
 
-def test_latest_valid_skips_truncated_and_corrupt(tmp_path):
+def test_latest_valid_skips_truncated_and_corrupt(tmp_path, said):
     for s in (1, 2, 3, 4):
         ckpt_lib.save_checkpoint(ckpt_lib.checkpoint_path(tmp_path, s), _payload(s))
     p4, p3 = ckpt_lib.checkpoint_path(tmp_path, 4), ckpt_lib.checkpoint_path(tmp_path, 3)
     p4.write_bytes(p4.read_bytes()[: p4.stat().st_size // 2])  # truncated, as by a crash without atomic rename
     p3.with_suffix(".json").unlink()  # no card: the loader itself must notice the garbage
     p3.write_bytes(b"\x00" * 100)
-    warnings = []
-    assert ckpt_lib.latest_valid(tmp_path, log=warnings.append) == ckpt_lib.checkpoint_path(tmp_path, 2)
+    assert ckpt_lib.latest_valid(tmp_path) == ckpt_lib.checkpoint_path(tmp_path, 2)
+    warnings = said(logging.WARNING)
     assert len(warnings) == 2 and "checkpoint-00000004" in warnings[0] and "checkpoint-00000003" in warnings[1]
     # every checkpoint broken: None, not an exception
     for s in (1, 2):
         ckpt_lib.checkpoint_path(tmp_path, s).write_bytes(b"junk")
-    assert ckpt_lib.latest_valid(tmp_path, log=warnings.append) is None
+    assert ckpt_lib.latest_valid(tmp_path) is None
 
 
 def test_prune_keeps_last_and_removes_leftovers_of_a_killed_save(tmp_path):

@@ -5,13 +5,12 @@ from simclr import checkpoint
 from simclr.report.pictures import load_run_encoder
 
 
-def test_a_checkpoint_pruned_while_the_report_reads_is_passed_over_not_called_corrupt(trained_run, monkeypatch):
+def test_a_checkpoint_pruned_while_the_report_reads_is_passed_over_not_called_corrupt(trained_run, monkeypatch, said):
     newest = sorted((trained_run / "checkpoints").glob("checkpoint-*.pt"))[-1]
     vanished = newest.with_name("checkpoint-00000005.pt")  # listed, then pruned by the training run
     monkeypatch.setattr(checkpoint, "list_checkpoints", lambda run: [vanished, newest])
-    said = []
-    encoder, path = load_run_encoder(trained_run, {}, log=said.append)
-    assert encoder is not None and path == newest and said == []
+    encoder, path = load_run_encoder(trained_run, {})
+    assert encoder is not None and path == newest and said() == []
 
 
 def test_the_checkpoint_being_read_is_held_against_pruning(trained_run, monkeypatch):
@@ -26,5 +25,5 @@ def test_the_checkpoint_being_read_is_held_against_pruning(trained_run, monkeypa
         checkpoint.prune(trained_run, 1)
         return real(p, *a, **k)
     monkeypatch.setattr(weights, "load_encoder", load_while_a_save_prunes)
-    encoder, path = load_run_encoder(trained_run, {}, log=print)
+    encoder, path = load_run_encoder(trained_run, {})
     assert encoder is not None and path == oldest and oldest.exists() and newest.exists()

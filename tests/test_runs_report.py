@@ -109,7 +109,7 @@ def test_report_on_a_real_run(real_run, saved_figures):
     # an earlier report's picture (its PNG mark, listed in its manifest): must not survive
     (run / "report" / "stale.png").write_bytes(b"\x89PNG\r\n\x1a\n tEXtSoftware\0simclr report")
     (run / "report" / "manifest.json").write_text(json.dumps({"files": ["stale.png"]}))
-    page = report.write_report(run, gallery=100, n_embed=100, n_queries=4, log=lambda m: None)
+    page = report.write_report(run, gallery=100, n_embed=100, n_queries=4)
     assert page == run / "report.html"
     want = {"curves", "lr", "accuracy", "speed", "views", "retrieval", "embedding", "confusion"}
     assert {p.stem for p in (run / "report").glob("*.png")} == want
@@ -138,13 +138,13 @@ def test_report_reads_images_where_the_run_did(real_run, tmp_path, monkeypatch):
     run = real_run
     monkeypatch.delenv("DATA_ROOT")
     monkeypatch.chdir(tmp_path)  # ./data does not exist here
-    report.write_report(run, gallery=50, n_embed=50, n_queries=2, log=lambda m: None)
+    report.write_report(run, gallery=50, n_embed=50, n_queries=2)
     assert {"views", "retrieval", "embedding"} <= {p.stem for p in (run / "report").glob("*.png")}
     assert "DATA_ROOT" not in os.environ
     # an explicit data root wins over the recorded one (which would not be found)
     env = json.loads((run / "env.json").read_text())
     (run / "env.json").write_text(json.dumps(dict(env, data_root=str(tmp_path / "nowhere"))))
-    page = report.write_report(run, pictures=True, gallery=50, n_embed=50, log=lambda m: None,
+    page = report.write_report(run, pictures=True, gallery=50, n_embed=50,
                                data_root=env["data_root"])
     assert "views.png" in page.read_text() and "skipped" not in page.read_text()
     n = len([d for d in (Path(env["data_root"]) / "cifar10" / "test").iterdir() if d.is_dir()])
@@ -189,7 +189,7 @@ def test_eval_figure_is_named_and_captioned_for_what_it_draws(tmp_path):
     cm = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
     (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3, "classes": ["a", "b", "c"],
                                                "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}, "confusion": cm}))
-    page = report.write_report(run, pictures=False, log=lambda m: None)
+    page = report.write_report(run, pictures=False)
     assert {p.stem for p in (run / "report").glob("*.png")} >= {"confusion"}
     assert "Confusion matrix from eval.json: rows are true classes" in page.read_text()
     ax = plots.eval_figure({"confusion": cm, "classes": ["a", "b", "c"]}).axes[0]
@@ -198,7 +198,7 @@ def test_eval_figure_is_named_and_captioned_for_what_it_draws(tmp_path):
     assert ax.images[0].get_array().tolist() == [[80.0, 20.0, 0.0], [10.0, 90.0, 0.0], [0.0, 50.0, 50.0]]
     (run / "eval.json").write_text(json.dumps({"protocol": "linear", "top1": 73.3,
                                                "per_class": {"a": 80.0, "b": 90.0, "c": 50.0}}))
-    text = report.write_report(run, pictures=False, log=lambda m: None).read_text()
+    text = report.write_report(run, pictures=False).read_text()
     assert {p.stem for p in (run / "report").glob("*.png")} >= {"per_class"}
     assert not (run / "report" / "confusion.png").exists() and "Confusion matrix" not in text
     assert "Per-class top-1 accuracy from eval.json, which holds no confusion matrix" in text

@@ -5,6 +5,10 @@
 """
 import importlib
 
+from . import messages as _messages
+
+_messages.install()  # the project's messages on the terminal (simclr.messages: how to silence or redirect them)
+
 __version__ = "0.1.0"
 
 # public name -> the module that defines it

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import shutil
 import subprocess
-import sys
 import stat
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 from .errors import UserError
-from .progress import printable
+
+log = logging.getLogger(__name__)
 
 Content = Union[bytes, str, Callable]
 
@@ -168,8 +169,8 @@ def cache_write(path: Path, content: Content) -> bool:
         if path.parent not in _CACHE_WARNED:
             _CACHE_WARNED.add(path.parent)
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            print(printable(f"warning: cannot write the cache {path.parent} ({why}); continuing without it (set "
-                            f"SIMCLR_CACHE to a writable folder to keep it)"), file=sys.stderr, flush=True)
+            log.warning(f"warning: cannot write the cache {path.parent} ({why}); continuing without it (set "
+                        f"SIMCLR_CACHE to a writable folder to keep it)")
         return False
 
 

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import sys
 from pathlib import Path
 
-from .progress import printable
+log = logging.getLogger(__name__)
 
 HELD, BUSY, NONE = "held", "busy", "none"
 # flock's answer where the file system keeps no locks at all (not: another process holds one)
@@ -51,10 +51,10 @@ def warn_unlocked(path, err: OSError) -> None:
     _WARNED.append(str(path))
     kind = fs_type(Path(path).parent)
     what = f"the {kind} file system" if kind else "the file system"
-    print(printable(f"warning: {what} of {Path(path).parent} keeps no file locks (flock: "
-                    f"{err.strerror or os.strerror(err.errno)}; e.g. Lustre mounted without flock); working "
-                    f"without them: nothing stops a second process from writing the same run folder, or a run from "
-                    f"pruning a checkpoint another command is reading"), file=sys.stderr, flush=True)
+    log.warning(f"warning: {what} of {Path(path).parent} keeps no file locks (flock: "
+                f"{err.strerror or os.strerror(err.errno)}; e.g. Lustre mounted without flock); working "
+                f"without them: nothing stops a second process from writing the same run folder, or a run from "
+                f"pruning a checkpoint another command is reading")
 
 
 def try_lock(fd: int, path, exclusive: bool, wait: bool = False) -> str:

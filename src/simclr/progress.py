@@ -1,18 +1,23 @@
-"""Progress output, one rule for every command.
+"""Progress and the terminal, one rule for every command.
 
 On a terminal: a tqdm bar, with messages written above it. Anywhere else (a pipe, a redirected log,
 SLURM): no carriage returns, only timestamped lines — a message as it comes, and for a bar a line with
 ``done/total``, elapsed time and ETA at most every :data:`EVERY` seconds of silence (and one at the end).
-A phase that can take more than a few seconds says what it is about to do in a line first (:func:`say`).
+
+Messages are ``logging`` records of the ``simclr`` logger (:mod:`simclr.messages`); :data:`TERMINAL` is the handler
+that writes them here. A phase that can take more than a few seconds says what it is about to do first, shown even
+without ``--verbose``: ``log.info(msg, extra=ALWAYS)``.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Optional, TextIO
 
 EVERY = 30.0  # seconds without a line, off a terminal, before a bar reports where it is
 _last_line = [0.0]  # when the last line went out (a bar stays quiet while messages keep coming)
+ALWAYS = {"always": True}  # ``extra=`` of a note the terminal shows even without --verbose
 
 
 def on_terminal(file: Optional[TextIO] = None) -> bool:
@@ -37,9 +42,9 @@ def printable(text: str) -> str:
     return str(text).translate(_CONTROL)
 
 
-def say(msg: str, file: Optional[TextIO] = None) -> None:
-    """One message: above the bars on a terminal, else a timestamped line."""
-    f = file or sys.stderr
+def line(msg: str, file: Optional[TextIO] = None) -> None:
+    """One line on the terminal: above the bars on a terminal, else timestamped."""
+    f = file or sys.stderr  # looked up now: a test, or a caller, may have replaced sys.stderr
     msg = printable(msg)
     if on_terminal(f):
         from tqdm import tqdm
@@ -47,6 +52,24 @@ def say(msg: str, file: Optional[TextIO] = None) -> None:
     else:
         print(f"{stamp()} {msg}", file=f, flush=True)
     _last_line[0] = time.monotonic()
+
+
+class Terminal(logging.Handler):
+    """The terminal's handler of the ``simclr`` logger: warnings always; notes with ``verbose`` (``--verbose``, on
+    by default) or when marked :data:`ALWAYS`; nothing while ``muted`` (a process other than the main one)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.verbose, self.muted = True, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.muted or (record.levelno < logging.WARNING and not self.verbose
+                          and not getattr(record, "always", False)):
+            return
+        line(record.getMessage())
+
+
+TERMINAL = Terminal()
 
 
 def rate(per_second: float) -> str:
@@ -107,7 +130,7 @@ class Progress:
         done = self.n - self._start
         eta = elapsed / done * (self.total - self.n) if done > 0 else 0.0
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        say(f"{self.desc}: {self.n}/{self.total}{pct} elapsed {hms(elapsed)} eta {hms(eta)}"
+        line(f"{self.desc}: {self.n}/{self.total}{pct} elapsed {hms(elapsed)} eta {hms(eta)}"
             + (f" {self.postfix}" if self.postfix else ""), self.file)
         self._shown = self.n
 

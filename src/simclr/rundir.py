@@ -35,12 +35,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
 from .locks import BUSY, try_lock
-from .progress import printable
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -283,7 +282,7 @@ class RunDir:
                             f"(or set SIMCLR_LOGS).") from None
         held = _HELD.pop(os.path.realpath(self.path), None)  # hold_lock() took it before the set-up
         self._lock_fd = held if held is not None else _take_lock(self.path)
-        self.trackers = Trackers(self.path, "tensorboard" if tensorboard else "none", warn=self.warn)
+        self.trackers = Trackers(self.path, "tensorboard" if tensorboard else "none")
         self._last_beat = 0.0
         self._status: dict = self._earlier_invocations()
         self._began = time.time()
@@ -386,16 +385,11 @@ class RunDir:
             self._beat_stop = None
 
     # --- trackers -------------------------------------------------------------------------
-    def track(self, logger: str, config: dict, project: str, mlflow_uri: str = "",
-              warn: Optional[Callable[[str], None]] = None) -> None:
+    def track(self, logger: str, config: dict, project: str, mlflow_uri: str = "") -> None:
         """Feed the trackers ``logger`` names (:mod:`simclr.trackers`) from now on: the config now, then every
         metrics line; the run's final status when it is closed."""
         self.trackers.finish("finished")
-        self.trackers = Trackers(self.path, logger, config, project, mlflow_uri, warn or self.warn)
-
-    def warn(self, msg: str) -> None:
-        print(printable(msg), file=sys.stderr, flush=True)
-        self.log(msg)
+        self.trackers = Trackers(self.path, logger, config, project, mlflow_uri)
 
     # --- writers ------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
@@ -413,9 +407,6 @@ class RunDir:
         # an append: readers skip a half-written last line
         append_line(self.path / "metrics.jsonl", json.dumps(clean, default=float, allow_nan=False) + "\n")
         self.trackers.log(clean, int(record.get("step", 0)))
-
-    def log(self, msg: str) -> None:
-        append_line(self.path / "log.txt", msg + "\n")
 
     def close(self) -> None:
         self._stop_beating()

@@ -38,6 +38,12 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
 
 
+def out_of_memory_error(device, asked: str, remedies: str) -> UserError:
+    """The one message of an allocation that failed for want of memory, whatever the command: what was asked of
+    ``device`` and the ways to ask less (the command knows which of its options set the memory)."""
+    return UserError(f"out of memory on {device}: {asked} does not fit; {remedies}")
+
+
 def tune_backends(device: torch.device, deterministic: bool) -> None:
     """On CUDA, let cuDNN time its convolution algorithms and keep the fastest (what ``simclr bench`` measures);
     not with ``--deterministic`` (the fastest may be a non-deterministic one). Nothing elsewhere."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import re
 import secrets
@@ -29,6 +30,8 @@ from urllib.parse import urlparse
 from .errors import UserError
 from .files import atomic_write, read_small_json
 from .options import parse_loggers
+
+log = logging.getLogger(__name__)
 
 # logger -> (module to import, the pip install that brings it)
 PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"),
@@ -211,8 +214,8 @@ class Trackers:
     folder's files stay complete, and a tracker must never stop training."""
 
     def __init__(self, run: Path, logger: str = "tensorboard", config: Optional[dict] = None, project: str = "",
-                 mlflow_uri: str = "", warn: Callable[[str], None] = print):
-        self.run, self.warn, self.live = Path(run), warn, {}
+                 mlflow_uri: str = ""):
+        self.run, self.live = Path(run), {}
         ids = self._ids_of_this_folder()
         for name in parse_loggers(logger):
             self._call(name, lambda n=name: self.live.__setitem__(n, ADAPTERS[n](
@@ -222,7 +225,8 @@ class Trackers:
             try:
                 atomic_write(self.run / IDS_FILE, json.dumps(ids, indent=2))
             except (OSError, UserError) as e:  # only a later resume needs it: not a reason to stop this run
-                self.warn(f"warning: could not write {self.run / IDS_FILE} ({e}); a resume will start new tracker runs")
+                log.warning(f"warning: could not write {self.run / IDS_FILE} ({e}); a resume will start new tracker "
+                            f"runs")
 
     def _ids_of_this_folder(self) -> dict:
         """trackers.json's ids when they are this folder's. A copy of a run folder (``cp -r R R2`` while R stays)
@@ -247,7 +251,7 @@ class Trackers:
         except Exception as e:  # whatever a tracker raises (disk, protobuf, its service process): warn, turn off
             self.live.pop(name, None)
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            self.warn(f"warning: --logger {name} {'could not start' if starting else 'failed'} ({msg}); it is off "
+            log.warning(f"warning: --logger {name} {'could not start' if starting else 'failed'} ({msg}); it is off "
                       f"for the rest of this run (the run folder's files are complete)")
 
     def describe(self) -> str:

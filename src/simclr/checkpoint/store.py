@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -15,8 +15,11 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import DiskFullError, atomic_write, check_own, is_temp, read_small_json, sha256_file
+from ..progress import ALWAYS
 from ..locks import BUSY, NONE, open_for_lock, try_lock, warn_unlocked
 from .reader import MAX_CARD_BYTES, card_describes, read
+
+log = logging.getLogger(__name__)
 
 FORMAT = "simclr"
 FORMAT_VERSION = 1
@@ -156,7 +159,7 @@ def unpin(path: Path) -> None:
         os.close(fd)
 
 
-def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
+def latest_valid(run_dir: Path) -> Optional[Path]:
     """The newest checkpoint that passes its checksum, loads, and is one of ours; others are skipped with a
     warning, and one pruned while it was looked at is passed over in silence. The one returned is pinned
     (:func:`pin`): the caller reads it, then unpins it."""
@@ -166,33 +169,33 @@ def latest_valid(run_dir: Path, log=print) -> Optional[Path]:
         try:
             if is_ours(read(p)):
                 return p
-            log(f"warning: skipping {p.name}: not a checkpoint of this project")
+            log.warning(f"warning: skipping {p.name}: not a checkpoint of this project")
         except CheckpointError as e:
             if p.exists():
-                log(f"warning: skipping {p.name}: {e}")
+                log.warning(f"warning: skipping {p.name}: {e}")
         unpin(p)
     return None
 
 
 
-def resolve(path, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+def resolve(path) -> Path:
     """What a user means where a checkpoint is expected: a run folder (or its checkpoints/) is its newest
     valid checkpoint, a model card is the file it describes; anything else is itself. Says which file it took."""
     path = Path(path)
     if path.is_dir():
         run = path.parent if path.name == "checkpoints" else path
         if (run / "checkpoints").is_dir() or (run / "status.json").is_file():
-            found = latest_valid(run, log=log)
+            found = latest_valid(run)
             if found is None:
                 raise CheckpointError(f"{run} is a run folder without a valid checkpoint (none saved yet, or all "
                                       f"corrupt); pass a checkpoint file or a run that saved one")
-            log(f"note: {path} is a run folder: using its newest valid checkpoint {found}")
+            log.info(f"note: {path} is a run folder: using its newest valid checkpoint {found}", extra=ALWAYS)
             return found
         return path  # read() says it is a folder
     if path.suffix == ".json" and path.is_file():
         target = card_describes(path)
         if target is not None and target.is_file():
-            log(f"note: {path} is a model card: using the checkpoint it describes, {target}")
+            log.info(f"note: {path} is a model card: using the checkpoint it describes, {target}", extra=ALWAYS)
             return target
     return path
 

@@ -15,6 +15,7 @@ which may be read-only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +28,14 @@ from PIL import Image
 from ..errors import DataError
 from ..files import cache_write
 from ..names import DATASETS
-from ..progress import say
+from ..progress import ALWAYS
 from .cache import bound_cache, cache_dir, cache_used, max_bytes
 from .identity import files_identity
 from .scan import (HEADER_CHECK_MAX, IMG_EXTENSIONS, PathList, _bad_image_error, bad_image_fix, check_headers,
                    listed, once, scan_folder)
 from .images import DECODER, open_rgb
+
+log = logging.getLogger(__name__)
 
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
 
@@ -188,7 +191,7 @@ def _folder_to_array(root: Path, name: str, skip_bad_images: Optional[bool]) -> 
         except Exception:
             cached.unlink(missing_ok=True)  # corrupt cache: rebuild
     if len(files) >= 5000:  # a minute or more: say so before, once per folder (the array is cached)
-        say(f"decoding {len(files)} images of {root} once (cached as {cached})")
+        log.info(f"decoding {len(files)} images of {root} once (cached as {cached})", extra=ALWAYS)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         decoded = list(ex.map(_try_decode, files, chunksize=256))
     bad = [(f, why) for f, (a, why) in zip(files, decoded) if a is None]

@@ -15,6 +15,7 @@ train split). Here:
 from __future__ import annotations
 
 import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +28,9 @@ from PIL import Image
 from torchvision.datasets.folder import find_classes
 
 from ..errors import DataError
-from ..progress import rate, say
+from ..progress import ALWAYS, rate
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -173,7 +176,8 @@ def check_headers(files: list, targets: list, skip_bad_images: Optional[bool],
 def listed(folder: Path, n: int, seconds: float, what: str) -> None:
     """The progress line of a long listing: how many files, how long, how fast (files/s)."""
     if seconds >= SAY_AFTER:
-        say(f"{what} {n} image files of {folder} in {seconds:.1f} s ({rate(n / max(seconds, 1e-9))} files/s)")
+        log.info(f"{what} {n} image files of {folder} in {seconds:.1f} s ({rate(n / max(seconds, 1e-9))} files/s)",
+                 extra=ALWAYS)
 
 
 # --------------------------------------------------------------------------------------------

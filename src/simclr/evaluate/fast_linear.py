@@ -10,7 +10,8 @@ features exactly like a head trained by the spec's protocol (same checkpoint, sa
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 
 from ..runtime import small_work_threads
 from .linear import make_head, predict
+
+log = logging.getLogger(__name__)
 
 
 def stratified_holdout(y: torch.Tensor, frac: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +75,7 @@ def _fold(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
 
 
 def fast_linear_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, l2_grid: Sequence[float],
-                      holdout: float = 0.1, max_iter: int = 300, seed: int = 0,
-                      log: Callable = print) -> tuple[nn.Linear, dict]:
+                      holdout: float = 0.1, max_iter: int = 300, seed: int = 0) -> tuple[nn.Linear, dict]:
     """Pick L2 (lowest held-out cross-entropy) on a stratified held-out split of the training
     images, refit on all of them.
 
@@ -99,7 +101,7 @@ def fast_linear_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, l2_g
             p_held = p_held if feats.dim() == 3 else torch.softmax(p_held, dim=1)
             losses[l2] = F.nll_loss(p_held.clamp_min(1e-12).log(), y[held_idx]).item()
         scores[l2] = (p_held.argmax(1) == y[held_idx]).float().mean().item() * 100
-        log(f"fast-linear: l2 {l2:g} held-out top-1 {scores[l2]:.2f}% loss {losses[l2]:.4f}")
+        log.info(f"fast-linear: l2 {l2:g} held-out top-1 {scores[l2]:.2f}% loss {losses[l2]:.4f}")
     # the lowest held-out cross-entropy: on a held-out split of a few hundred images it varies far
     # less from one L2 to the next than the 0/1 accuracy does (which ties or jumps by single images)
     chosen = min(losses, key=losses.get)

@@ -1,7 +1,8 @@
 """Frozen features of a dataset: plain (batched, no augmentation), augmented copies, and a disk cache."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+import logging
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ from ..data.datasets import LabeledImages
 from ..errors import CheckpointError
 from ..files import cache_write
 from ..data.transforms import eval_transform
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..eval_options import EvalConfig
@@ -152,11 +155,11 @@ class FeatureCache:
     dataset fingerprint, transform, copies, seed). ``enabled=False`` (or no encoder hash, e.g. a
     random encoder) computes every time."""
 
-    def __init__(self, encoder_hash: str, enabled: bool = True, log=print):
+    def __init__(self, encoder_hash: str, enabled: bool = True):
         from ..data.cache import cache_dir, max_bytes
         if enabled:
             max_bytes()  # a bad SIMCLR_CACHE_MAX_GB fails before the work, not after it
-        self.encoder_hash, self.enabled, self.log = encoder_hash, enabled and bool(encoder_hash), log
+        self.encoder_hash, self.enabled = encoder_hash, enabled and bool(encoder_hash)
         self.folder = cache_dir() / "features" if self.enabled else None
         self.hits = 0
 
@@ -204,9 +207,9 @@ class Features:
     """Plain or augmented-copies features of the train, test and unlabelled splits, as (features, labels) on
     the device; ``cfg.cache_features`` keeps them on disk keyed by the encoder file's hash and the data."""
 
-    def __init__(self, cfg: EvalConfig, inp, log: Callable[[str], None]):  # inp: run.Inputs (run imports this)
-        self.cfg, self.inp, self.log = cfg, inp, log
-        self.cache = FeatureCache(inp.encoder_hash, cfg.cache_features, log=log)
+    def __init__(self, cfg: EvalConfig, inp):  # inp: run.Inputs (run imports this)
+        self.cfg, self.inp = cfg, inp
+        self.cache = FeatureCache(inp.encoder_hash, cfg.cache_features)
 
     def encoder_changed(self) -> None:
         """After fine-tuning: the encoder's features are no longer the cached ones."""
@@ -217,7 +220,7 @@ class Features:
         bs = cfg.precompute_emb_bs if cfg.precompute_emb_bs > 0 else cfg.test_bs
 
         def compute():
-            self.log(f"extracting features: {split} ({len(images)} images, layer {inp.layer})")
+            log.info(f"extracting features: {split} ({len(images)} images, layer {inp.layer})")
             return extract_features(inp.encode, images, inp.image_size, bs, cfg.workers, inp.device, inp.amp,
                                     progress=cfg.verbose)
 
@@ -230,7 +233,7 @@ class Features:
         transform = augment_transform(inp.aug, inp.image_size, native_side(images), cfg.scale_lower)
 
         def compute():
-            self.log(f"extracting features: {copies} augmented copies of {split} ({len(images)} images, "
+            log.info(f"extracting features: {copies} augmented copies of {split} ({len(images)} images, "
                      f"{inp.aug})")
             return extract_augmented(inp.encode, images, transform, copies, seed, cfg.test_bs, cfg.workers,
                                      inp.device, inp.amp, progress=cfg.verbose)

@@ -38,9 +38,9 @@ def linear_eval(train: Split, test: Split, classes: Sequence[str], cfg, seed: in
 
 
 def fast_linear_eval(train: Split, test: Split, classes: Sequence[str], l2_grid: Sequence[float], holdout: float,
-                     iters: int, seed: int, log: Callable = print, unlabeled: Optional[Split] = None):
+                     iters: int, seed: int, unlabeled: Optional[Split] = None):
     """L-BFGS logistic regression with the L2 weight chosen on a held-out part -> (head, report, details)."""
-    head, details = fast_linear_probe(train[0], train[1], len(classes), l2_grid, holdout, iters, seed=seed, log=log)
+    head, details = fast_linear_probe(train[0], train[1], len(classes), l2_grid, holdout, iters, seed=seed)
     res, extra = head_eval(head, test, classes, unlabeled)
     return head, res, dict(details, **extra, fit="lbfgs")
 

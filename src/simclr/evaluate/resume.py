@@ -16,6 +16,7 @@ fingerprint), classes and input size; anything else is refused with one line bef
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..eval_options import EvalConfig
 from ..files import read_small_json
 from ..rundir import MAX_RUN_JSON, RunDir, check_run_folder, folder_kind, hold_lock, is_run, newest_run
 from .linear import Fit, save_head
+
+log = logging.getLogger(__name__)
 
 HEAD_RE = re.compile(r"^linear-head-(\d+)\.pt\Z")  # the periodic heads (the whole name)
 FINAL_HEADS = ("linear-head.pt", "finetuned.pt")
@@ -58,16 +61,16 @@ class ResumePoint:
     ck: Optional[dict] = None     # that checkpoint's content
 
 
-def resume_point(cfg: EvalConfig, log: Callable[[str], None]) -> ResumePoint:
+def resume_point(cfg: EvalConfig) -> ResumePoint:
     """The run folder ``--resume`` names, locked (:func:`simclr.rundir.hold_lock`) before its newest head
     checkpoint is chosen and read; a drawn seed (``--seed -1``) becomes the evaluation's own."""
-    run = _resumed_run(cfg, log)
+    run = _resumed_run(cfg)
     if run is None:
         return ResumePoint()
     hold_lock(run)
-    path, ck = _newest_state(run, getattr(log, "warn", log))
+    path, ck = _newest_state(run)
     if path is None:
-        log(f"note: {run} holds no head checkpoint to continue from; starting it from step 0")
+        log.info(f"note: {run} holds no head checkpoint to continue from; starting it from step 0")
         return ResumePoint(run)
     seed = (ck.get("config") or {}).get("seed")
     if cfg.seed < 0 and isinstance(seed, int) and seed >= 0:  # which images a step draws follows the seed
@@ -75,7 +78,7 @@ def resume_point(cfg: EvalConfig, log: Callable[[str], None]) -> ResumePoint:
     return ResumePoint(run, path, ck)
 
 
-def _resumed_run(cfg: EvalConfig, log) -> Optional[Path]:
+def _resumed_run(cfg: EvalConfig) -> Optional[Path]:
     if not cfg.resume:
         return None
     if not resumable(cfg):
@@ -87,7 +90,7 @@ def _resumed_run(cfg: EvalConfig, log) -> Optional[Path]:
             return _checked(Path(cfg.run_dir)) if is_run(Path(cfg.run_dir)) else None
         run = newest_run(Path(cfg.root) / cfg.name, "eval")
         if run is None or _status(run) == "finished":  # a name holds the evaluations of many encoders
-            log(f"note: no unfinished evaluation under {Path(cfg.root) / cfg.name}; starting a new one")
+            log.info(f"note: no unfinished evaluation under {Path(cfg.root) / cfg.name}; starting a new one")
             return None
         return _checked(run)
     run = Path(cfg.resume)
@@ -117,7 +120,7 @@ def _checked(run: Path) -> Path:
     return run
 
 
-def _newest_state(run: Path, log) -> tuple[Optional[Path], Optional[dict]]:
+def _newest_state(run: Path) -> tuple[Optional[Path], Optional[dict]]:
     """The final head, else the newest periodic one, that reads, checks out and holds a resume state; others are
     skipped with a warning (one pruned while looked at, in silence)."""
     finals = [run / "checkpoints" / n for n in FINAL_HEADS if (run / "checkpoints" / n).is_file()]
@@ -129,10 +132,10 @@ def _newest_state(run: Path, log) -> tuple[Optional[Path], Optional[dict]]:
             if ck.get("format") == ckpt_lib.FORMAT and ck.get("kind") == "linear" and isinstance(ck.get("resume"),
                                                                                                    dict):
                 return p, ck
-            log(f"warning: skipping {p.name}: no state to continue from (written before evaluations resumed)")
+            log.warning(f"warning: skipping {p.name}: no state to continue from (written before evaluations resumed)")
         except CheckpointError as e:
             if p.exists():
-                log(f"warning: skipping {p.name}: {e}")
+                log.warning(f"warning: skipping {p.name}: {e}")
         finally:
             ckpt_lib.unpin(p)
     return None, None
@@ -205,10 +208,10 @@ class HeadCheckpoints:
     due and, asked to stop (``should_stop``, ``--stop_after``), saves and raises :class:`Stopped`. ``started`` is
     called as the steps begin (the entry point: from then on a signal waits for the step)."""
 
-    def __init__(self, cfg: EvalConfig, inp, run: RunDir, log, point: Optional[ResumePoint] = None,
+    def __init__(self, cfg: EvalConfig, inp, run: RunDir, point: Optional[ResumePoint] = None,
                  should_stop: Callable[[], bool] = lambda: False, started: Callable[[], None] = lambda: None,
                  train_fingerprint: Optional[str] = None):
-        self.cfg, self.inp, self.run, self.log = cfg, inp, run, log
+        self.cfg, self.inp, self.run = cfg, inp, run
         self.point = point or ResumePoint()
         self.should_stop, self.started, self.fingerprint = should_stop, started, train_fingerprint
         self.fit: Optional[Fit] = None
@@ -217,7 +220,7 @@ class HeadCheckpoints:
     def start(self, fit: Fit) -> None:
         if self.point.ck is not None:
             _restore(fit, self.point.ck, self.point.path, self.inp)
-            self.log(f"resumed from {self.point.path} at step {fit.step}")
+            log.info(f"resumed from {self.point.path} at step {fit.step}")
         self.fit = fit
         if self.cfg.stop_after:
             self.stop_at = min(self.cfg.iters, fit.step + self.cfg.stop_after)

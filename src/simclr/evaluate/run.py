@@ -6,8 +6,8 @@ folder. The SGD linear head's steps are checkpointed, stopped and resumed by :mo
 """
 from __future__ import annotations
 
+import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +17,14 @@ from typing import Callable, Optional
 import torch
 
 from .. import config as config_lib
+from .. import runtime
 from ..checkpoint import load_weights, resolve, unpin
 from ..data import balanced_indices, check_same_classes, data_folder, get_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..files import sha256_file
-from ..progress import hms, printable, say
-from ..runtime import out_of_memory
+from ..lifecycle import Lifecycle
+from ..progress import hms
+from ..runtime import describe_compute
 from ..eval_options import EvalConfig
 from ..rundir import RunDir, check_kind, check_run_folder, environment, release_held
 from ..trackers import require
@@ -33,6 +35,8 @@ from .linear import head_from_state, load_head, save_head, train_on_images
 from .protocols import fast_linear_eval, head_eval, knn_eval, linear_eval, protocol_variant
 from .resume import (HeadCheckpoints, Stopped, check_fits, head_info, record_refusal, result_metrics,
                      resume_point)
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +76,7 @@ def run_kind(cfg: EvalConfig) -> str:
     return "knn" if cfg.protocol == "knn" and not cfg.compare else "eval"
 
 
-def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
+def load_inputs(cfg: EvalConfig) -> Inputs:
     from ..runtime import autocast_dtype, channels_last_on, resolve_device
     require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
     if cfg.run_dir and Path(cfg.run_dir).is_dir():  # a folder of another kind is refused before any work
@@ -92,9 +96,9 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
         head_state = load_head(cfg.ckpt, cfg.trust_checkpoint)
         saved = head_state["info"].get("config") or {}
         if saved.get("encode_layer") and saved["encode_layer"] != layer:
-            log(f"note: the head was trained on encode_layer {saved['encode_layer']}; using it")
+            log.info(f"note: the head was trained on encode_layer {saved['encode_layer']}; using it")
             layer = saved["encode_layer"]
-    encoder, encoder_hash = _load_encoder(cfg, device, layer, log)
+    encoder, encoder_hash = _load_encoder(cfg, device, layer)
     if head_state is not None and head_state["encoder"] is not None:
         origin = saved.get("encoder_ckpt") or "its encoder"  # a fine-tuned result
         load_weights(encoder.model, head_state["encoder"], f"{cfg.ckpt} (its fine-tuned encoder)",
@@ -115,16 +119,16 @@ def load_inputs(cfg: EvalConfig, log: Callable[[str], None]) -> Inputs:
             ds = ds.base
         bad = getattr(ds, "bad_images", None)
         if bad:  # --skip_bad_images true
-            log(f"warning: skipped {len(bad)} unreadable image file(s) of the {split} split, e.g. {bad[0]}")
+            log.info(f"warning: skipped {len(bad)} unreadable image file(s) of the {split} split, e.g. {bad[0]}")
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes, channels_last)
     if head_state is not None:  # a head that does not fit fails before any folder is created
         _check_head(cfg, inp, head_state["weight"])
-        match_head_classes(head_state, classes, cfg.ckpt, log)
+        match_head_classes(head_state, classes, cfg.ckpt)
     return inp
 
 
-def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tuple[Encoder, str]:
+def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str) -> tuple[Encoder, str]:
     if cfg.encoder_ckpt:  # a run folder means its newest valid checkpoint; recorded as the file it took
         cfg.encoder_ckpt = str(resolve(cfg.encoder_ckpt))  # a run folder's is pinned against pruning ...
         try:
@@ -137,8 +141,8 @@ def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str, log) -> tup
         from ..models import build_model, is_timm
         size = native_size(cfg.data, cfg.image_size)
         width = "" if is_timm(cfg.encoder_arch) else f"width {cfg.encoder_width}, "
-        log(f"note: no --encoder_ckpt given: evaluating a randomly initialised {cfg.encoder_arch} "
-            f"({width}seed {cfg.seed}) — a baseline, not a trained encoder")
+        log.info(f"note: no --encoder_ckpt given: evaluating a randomly initialised {cfg.encoder_arch} "
+                 f"({width}seed {cfg.seed}) — a baseline, not a trained encoder")
         model = build_model(SimpleNamespace(arch=cfg.encoder_arch, width=cfg.encoder_width, proj_layers=2,
                                             proj_dim=128, timm_kwargs=cfg.timm_kwargs), size)
         enc, digest = Encoder(model, size, "random-init").to(device), ""
@@ -193,14 +197,14 @@ def _check_head(cfg: EvalConfig, inp: Inputs, weight: torch.Tensor) -> None:
                               f"{cfg.data} has {len(inp.classes)}")
 
 
-def match_head_classes(head_state: dict, classes: list, ckpt: str, log) -> None:
+def match_head_classes(head_state: dict, classes: list, ckpt: str) -> None:
     """A head scores classes by name, not by position: its rows are put in the order of this data's classes.
     A head that records no class names (the spec's) is taken by position, with a note; names that differ (a
     class folder renamed, another dataset) are refused, naming them."""
     saved = (head_state.get("info") or {}).get("classes")
     if not isinstance(saved, list) or len(saved) != len(classes) or not all(isinstance(c, str) for c in saved):
-        log(f"note: {ckpt} records no class names: its rows are taken in the order of the data's classes "
-            f"({', '.join(map(str, classes[:4]))}{' ...' if len(classes) > 4 else ''})")
+        log.info(f"note: {ckpt} records no class names: its rows are taken in the order of the data's classes "
+                 f"({', '.join(map(str, classes[:4]))}{' ...' if len(classes) > 4 else ''})")
         return
     if saved == list(classes):
         return
@@ -216,7 +220,7 @@ def match_head_classes(head_state: dict, classes: list, ckpt: str, log) -> None:
 # --------------------------------------------------------------------------------------------
 # each protocol: features from the job, the tensors to :mod:`.protocols`, the head into the run folder
 # --------------------------------------------------------------------------------------------
-def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log,
+def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir,
            ckpts: Optional[HeadCheckpoints] = None) -> dict:
     """The SGD linear head; ``ckpts`` restores, saves and stops its steps (default: no resume, no stop)."""
     if inp.head_state is not None:  # --eval_only: a saved head on this encoder's test features
@@ -225,22 +229,22 @@ def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log,
         saved = inp.head_state["info"].get("metrics") or {}
         details.update(eval_only=True, head_source=cfg.ckpt, saved_top1=saved.get("top1"))
         return dict(res, details=details, head_ckpt=None)
-    ckpts = ckpts or HeadCheckpoints(cfg, inp, run, log)
+    ckpts = ckpts or HeadCheckpoints(cfg, inp, run)
     if not cfg.finetune and (inp.aug == "none" or cfg.n_augs_train > 0):
         f, y = feats.train()
-        log(f"training the linear head on {'x'.join(map(str, f.shape[:-1]))} precomputed features "
-            f"(dim {f.shape[-1]}) for {cfg.iters} steps")
+        log.info(f"training the linear head on {'x'.join(map(str, f.shape[:-1]))} precomputed features "
+                 f"(dim {f.shape[-1]}) for {cfg.iters} steps")
         head, res, details = linear_eval((f, y), feats.test(), inp.classes, cfg, cfg.seed, cfg.verbose,
                                          ckpts.after_step, feats.unlabeled(), start=ckpts.start)
     else:  # images augmented on the fly: the frozen encoder's features every step, or fine-tuning it
         if cfg.finetune:
-            log(f"fine-tuning the encoder (lr {cfg.encoder_lr if cfg.encoder_lr >= 0 else cfg.lr}) and a "
-                f"linear head (lr {cfg.lr}) on {len(inp.train)} images for {cfg.iters} steps")
+            log.info(f"fine-tuning the encoder (lr {cfg.encoder_lr if cfg.encoder_lr >= 0 else cfg.lr}) and a "
+                     f"linear head (lr {cfg.lr}) on {len(inp.train)} images for {cfg.iters} steps")
         else:
-            log(f"training the linear head on {inp.aug}-augmented images (frozen encoder, features "
-                f"computed every step) for {cfg.iters} steps")
+            log.info(f"training the linear head on {inp.aug}-augmented images (frozen encoder, features "
+                     f"computed every step) for {cfg.iters} steps")
         transform = augment_transform(inp.aug, inp.image_size, native_side(inp.train), cfg.scale_lower)
-        on_step = _cpu_cost_note(cfg, inp, log, "fine-tuning" if cfg.finetune else "on-the-fly augmentation",
+        on_step = _cpu_cost_note(cfg, inp, "fine-tuning" if cfg.finetune else "on-the-fly augmentation",
                                  ckpts.after_step)
         head = train_on_images(inp.encoder, inp.encode, inp.train, transform, len(inp.classes), inp.feat_dim(),
                                cfg, inp.device, inp.amp, finetune=cfg.finetune, seed=cfg.seed,
@@ -254,16 +258,16 @@ def linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log,
     return dict(res, details=details, head_ckpt=str(ckpts.final(res)))
 
 
-def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, log, what: str, on_step: Callable) -> Callable:
+def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, what: str, on_step: Callable) -> Callable:
     """Training on images (the spec's default protocol) encodes a whole batch every step: minutes to an hour on a
     CPU. Said at the start, with the fast ways to the same kind of number; returns ``on_step`` that also says
     what the first step (of this invocation) took and what all of them will."""
     if inp.device.type != "cpu":
         return on_step
     bs = min(cfg.batch_size, len(inp.train))
-    log(f"note: on the CPU, {what} encodes {bs} images every step, {cfg.iters} steps ({bs * cfg.iters} encoder "
-        f"passes): hours for the spec's settings (an estimate follows the first step). Faster: --augmentation none "
-        f"(features computed once) or --protocol fast-linear")
+    log.info(f"note: on the CPU, {what} encodes {bs} images every step, {cfg.iters} steps ({bs * cfg.iters} encoder "
+             f"passes): hours for the spec's settings (an estimate follows the first step). Faster: --augmentation "
+             f"none (features computed once) or --protocol fast-linear")
     t0, first = time.time(), []
 
     def step(fit) -> None:
@@ -271,26 +275,26 @@ def _cpu_cost_note(cfg: EvalConfig, inp: Inputs, log, what: str, on_step: Callab
             first.append(fit.step)
             took = time.time() - t0
             left = cfg.iters - fit.step + 1
-            log(f"first step took {took:.1f} s: about {hms(took * left)} for {left} steps")
+            log.info(f"first step took {took:.1f} s: about {hms(took * left)} for {left} steps")
         on_step(fit)
     return step
 
 
-def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log, ckpts=None) -> dict:
+def fast_linear(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, ckpts=None) -> dict:
     if cfg.finetune:
         raise ConfigError("--finetune true trains the encoder, which the fast linear probe does not; use "
                           "--protocol linear")
     f, y = feats.train()
-    log(f"fast linear probe: L-BFGS logistic regression on {'x'.join(map(str, f.shape[:-1]))} "
-        f"features (dim {f.shape[-1]})")
+    log.info(f"fast linear probe: L-BFGS logistic regression on {'x'.join(map(str, f.shape[:-1]))} "
+             f"features (dim {f.shape[-1]})")
     head, res, details = fast_linear_eval((f, y), feats.test(), inp.classes, parse_grid(cfg.l2_grid), cfg.holdout,
-                                          cfg.fast_iters, cfg.data_split_seed, log, feats.unlabeled())
+                                          cfg.fast_iters, cfg.data_split_seed, feats.unlabeled())
     path = run.path / "checkpoints" / "fast-linear-head.pt"
     save_head(path, head, head_info(cfg, inp, cfg.iters, "fast-linear", result_metrics(res)))
     return dict(res, details=details, head_ckpt=str(path))
 
 
-def knn(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, log, ckpts=None) -> dict:
+def knn(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, ckpts=None) -> dict:
     if cfg.finetune:
         raise ConfigError("--finetune true is for --protocol linear; kNN uses the frozen encoder")
     unlabeled = None if inp.unlabeled is None else feats.plain(inp.unlabeled, "unlabelled rest of train")
@@ -305,33 +309,6 @@ PROTOCOLS = {"linear": linear, "fast-linear": fast_linear, "knn": knn}
 # --------------------------------------------------------------------------------------------
 # the job
 # --------------------------------------------------------------------------------------------
-class _Log:
-    """Messages on stderr (with --verbose) and in the run folder's log.txt (those from before it exists, once
-    it does)."""
-
-    def __init__(self, verbose: bool):
-        self.verbose, self.run, self.pending = verbose, None, []
-
-    def attach(self, run: RunDir) -> None:
-        self.run = run
-        for msg in self.pending:
-            run.log(msg)
-
-    def __call__(self, msg: str) -> None:
-        if self.verbose:  # a bar on a terminal, timestamped lines in a log file
-            say(msg)
-        if self.run is not None:
-            self.run.log(msg)
-        else:
-            self.pending.append(msg)
-
-    def warn(self, msg: str) -> None:
-        """Also on stderr with --verbose false: a skipped corrupt checkpoint must not go unseen."""
-        if not self.verbose:
-            print(printable(msg), file=sys.stderr, flush=True)
-        self(msg)
-
-
 def _timed(protocol: Callable, *args) -> dict:
     t = time.time()
     res = protocol(*args)
@@ -344,99 +321,89 @@ def run_eval(cfg: EvalConfig, should_stop: Callable[[], bool] = lambda: False,
     """Run ``cfg.protocol`` (and, with ``compare``, both linear protocols); write eval.json. ``should_stop`` is
     asked after every step of the SGD linear head (the entry point answers it from SIGTERM/SIGINT): its state is then
     saved and the run stops ``interrupted`` (returned: ``status``, ``step``, ``run_dir``); ``started`` is called as
-    those steps begin (until then a signal stops the job at once: nothing to save yet)."""
-    t0, log = time.time(), _Log(cfg.verbose)
-    try:
-        point = resume_point(cfg, log)  # the run folder continued is locked before its checkpoint is read
+    those steps begin (until then a signal stops the job at once: nothing to save yet). The run's status, messages
+    and close: :class:`Lifecycle`."""
+    t0, inp = time.time(), None
+    with Lifecycle(cfg.verbose, out_of_memory=lambda: out_of_memory_error(cfg, inp)) as life:
         try:
-            inp = load_inputs(cfg, log)
-            data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
-                        for split, ds in (("train", inp.train), ("test", inp.test))}
-            check_fits(point, cfg, inp, data_ids["train"])
-        except UserError as e:
-            record_refusal(point.run, e)
-            raise
-        run = RunDir.create(cfg.root, cfg.name, str(point.run or cfg.run_dir), kind=run_kind(cfg),
-                            data=data_folder(cfg.data, cfg.data_path))
-    finally:
-        release_held()
-    log.attach(run)
-    feats = Features(cfg, inp, log)
-    ckpts = HeadCheckpoints(cfg, inp, run, log, point, should_stop, started, data_ids["train"])
-    try:
-        config_lib.save(cfg, run.path / "config.yaml", run_dir="")
-        run.record_environment(dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute))
-        run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri)
-        if run.trackers.live:
-            log(f"trackers: {run.trackers.describe()}")
-        run.set_status("running", protocol=cfg.protocol, iters=cfg.iters)
-        from ..runtime import describe_compute
+            point = resume_point(cfg)  # the run folder continued is locked before its checkpoint is read
+            try:
+                inp = load_inputs(cfg)
+                data_ids = {split: getattr(getattr(ds, "base", ds), "fingerprint", "") or None  # the files' identity
+                            for split, ds in (("train", inp.train), ("test", inp.test))}
+                check_fits(point, cfg, inp, data_ids["train"])
+            except UserError as e:
+                record_refusal(point.run, e)
+                raise
+            run = RunDir.create(cfg.root, cfg.name, str(point.run or cfg.run_dir), kind=run_kind(cfg),
+                                data=data_folder(cfg.data, cfg.data_path))
+        finally:
+            release_held()
+        feats = Features(cfg, inp)
+        ckpts = HeadCheckpoints(cfg, inp, run, point, should_stop, started, data_ids["train"])
+        life.begin(run, cfg, dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute),
+                   protocol=cfg.protocol, iters=cfg.iters)
         train_part = "" if cfg.eval_only else f"{len(inp.train)} labelled training images, "
-        log(f"evaluating {inp.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
-            f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {train_part}{len(inp.test)} test images, "
-            f"{inp.image_size}px, {inp.device}, {describe_compute(inp.amp, inp.channels_last, inp.device)}; "
-            f"run folder {run.path}")
-        args = (cfg, inp, feats, run, log, ckpts)
-        res = _timed(PROTOCOLS[cfg.protocol], *args)
-        compare = None
-        if cfg.compare:
-            other = "fast-linear" if cfg.protocol == "linear" else "linear"
-            both = {cfg.protocol: res, other: _timed(PROTOCOLS[other], *args)}
-            if "linear" not in both:  # protocol knn: compare the two linear ones
-                both["linear"] = linear(*args)
-            compare = {k: {"top1": v["top1"], "top5": v["top5"], "seconds": v.get("seconds")}
-                       for k, v in both.items()}
-            compare["difference"] = both["fast-linear"]["top1"] - both["linear"]["top1"]
-        result = {
-            "kind": "eval" if cfg.encoder_ckpt else "baseline",
-            "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
-            "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"], "confusion": res.get("confusion"),
-            "n_train": 0 if cfg.eval_only else len(inp.train), "n_test": res["n"], "classes": inp.classes,
-            "encoder": {"path": cfg.encoder_ckpt, "sha256": inp.encoder_hash, "arch": inp.encoder.name,
-                        "feat_dim": inp.encoder.feat_dim, "layer": inp.layer, "input_size": inp.encoder.input_size,
-                        "random_init": not cfg.encoder_ckpt},
-            "data": {"name": cfg.data, "path": cfg.data_path, "image_size": inp.image_size,
-                     "train_size": cfg.train_size, "data_split_seed": cfg.data_split_seed,
-                     "augmentation": inp.aug, "n_augs_train": cfg.n_augs_train, "n_augs_test": cfg.n_augs_test,
-                     "fingerprint": data_ids},
-            "details": dict(res["details"], protocol_variant=protocol_variant(cfg, inp.aug), problem=cfg.problem),
-            "head_ckpt": res["head_ckpt"], "compare": compare,
-            "feature_cache_hits": feats.cache.hits, "seconds": time.time() - t0, "device": str(inp.device),
-            "compute": inp.compute,
-            "config": config_lib.to_dict(cfg), "run_dir": str(run.path),
-        }
+        log.info(f"evaluating {inp.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
+                 f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {train_part}{len(inp.test)} test images, "
+                 f"{inp.image_size}px, {inp.device}, {describe_compute(inp.amp, inp.channels_last, inp.device)}; "
+                 f"run folder {run.path}")
+        try:
+            result = _evaluate(cfg, inp, feats, run, ckpts, data_ids, t0)
+        except Stopped as stop:
+            log.info(f"stopped at step {stop.step} of {cfg.iters}; saved {stop.path}")
+            life.end("interrupted", step=stop.step, iters=cfg.iters, protocol=cfg.protocol)
+            return {"status": "interrupted", "step": stop.step, "iters": cfg.iters, "run_dir": str(run.path)}
         # paths inside the run folder are recorded relative to it: a copied folder describes itself
         run.write_json("eval.json", dict(result, run_dir=".", head_ckpt=_relative(result["head_ckpt"], run.path)))
         run.log_metrics({"step": cfg.iters, "top1": result["top1"], "top5": result["top5"]})
-        run.trackers.results(result, cfg.iters, "eval.json")
-        run.set_status("finished", top1=result["top1"], top5=result["top5"])
+        life.end("finished", (result, cfg.iters, "eval.json"), top1=result["top1"], top5=result["top5"])
         return result
-    except Stopped as stop:
-        log(f"stopped at step {stop.step} of {cfg.iters}; saved {stop.path}")
-        run.set_status("interrupted", step=stop.step, iters=cfg.iters, protocol=cfg.protocol)
-        return {"status": "interrupted", "step": stop.step, "iters": cfg.iters, "run_dir": str(run.path)}
-    except BaseException as raised:
-        e = out_of_memory_error(cfg, inp, raised) if out_of_memory(raised) else raised
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        try:
-            run.set_status(status, error=f"{type(e).__name__}: {e}")
-        except (OSError, UserError):
-            pass
-        if e is not raised:
-            raise e from None
-        raise
-    finally:
-        run.close()
 
 
-def out_of_memory_error(cfg: EvalConfig, inp: Inputs, e: BaseException) -> UserError:
-    """An allocation that failed for want of memory, as one line naming the batch sizes that set it."""
+def _evaluate(cfg: EvalConfig, inp: Inputs, feats: Features, run: RunDir, ckpts: HeadCheckpoints, data_ids: dict,
+              t0: float) -> dict:
+    """The protocol (and with ``--compare`` the other linear one) -> what eval.json holds."""
+    args = (cfg, inp, feats, run, ckpts)
+    res = _timed(PROTOCOLS[cfg.protocol], *args)
+    compare = None
+    if cfg.compare:
+        other = "fast-linear" if cfg.protocol == "linear" else "linear"
+        both = {cfg.protocol: res, other: _timed(PROTOCOLS[other], *args)}
+        if "linear" not in both:  # protocol knn: compare the two linear ones
+            both["linear"] = linear(*args)
+        compare = {k: {"top1": v["top1"], "top5": v["top5"], "seconds": v.get("seconds")}
+                   for k, v in both.items()}
+        compare["difference"] = both["fast-linear"]["top1"] - both["linear"]["top1"]
+    return {
+        "kind": "eval" if cfg.encoder_ckpt else "baseline",
+        "protocol": "eval-only" if cfg.eval_only else cfg.protocol + ("+finetune" if cfg.finetune else ""),
+        "top1": res["top1"], "top5": res["top5"], "per_class": res["per_class"], "confusion": res.get("confusion"),
+        "n_train": 0 if cfg.eval_only else len(inp.train), "n_test": res["n"], "classes": inp.classes,
+        "encoder": {"path": cfg.encoder_ckpt, "sha256": inp.encoder_hash, "arch": inp.encoder.name,
+                    "feat_dim": inp.encoder.feat_dim, "layer": inp.layer, "input_size": inp.encoder.input_size,
+                    "random_init": not cfg.encoder_ckpt},
+        "data": {"name": cfg.data, "path": cfg.data_path, "image_size": inp.image_size,
+                 "train_size": cfg.train_size, "data_split_seed": cfg.data_split_seed,
+                 "augmentation": inp.aug, "n_augs_train": cfg.n_augs_train, "n_augs_test": cfg.n_augs_test,
+                 "fingerprint": data_ids},
+        "details": dict(res["details"], protocol_variant=protocol_variant(cfg, inp.aug), problem=cfg.problem),
+        "head_ckpt": res["head_ckpt"], "compare": compare,
+        "feature_cache_hits": feats.cache.hits, "seconds": time.time() - t0, "device": str(inp.device),
+        "compute": inp.compute,
+        "config": config_lib.to_dict(cfg), "run_dir": str(run.path),
+    }
+
+
+def out_of_memory_error(cfg: EvalConfig, inp: Optional[Inputs]) -> UserError:
+    """What was asked of the device, and the batch sizes that set it."""
     train = f"--batch_size {cfg.batch_size} (training the head{', and the encoder' if cfg.finetune else ''})"
     key = "precompute_emb_bs" if cfg.precompute_emb_bs > 0 else "test_bs"
     extract = f"--{key} {getattr(cfg, key)} (feature extraction)"
     lower = extract if run_kind(cfg) == "knn" else f"{extract} or {train}"
-    return UserError(f"out of memory on {inp.device} evaluating {inp.encoder.name} at {inp.image_size}px: "
-                     f"lower {lower}")
+    device = inp.device if inp is not None else cfg.device
+    what = f"evaluating {inp.encoder.name} at {inp.image_size}px" if inp is not None else f"evaluating on {cfg.data}"
+    return runtime.out_of_memory_error(device, what, f"lower {lower}")
 
 
 def _relative(path, run: Path):

@@ -8,20 +8,23 @@ replaced by a one-line note instead of failing the whole report.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import DataError, UserError
 from ..files import atomic_write, claim_output, replace_outputs, written_by
-from ..progress import rate, say
+from ..progress import ALWAYS, rate
 from ..runs import read_config, read_json, read_metrics, with_links
 from ..runs.evals import encoder_sha
 from . import plots
 from .pictures import Datasets, load_run_encoder, plot_retrieval_and_embedding, plot_views
+
+log = logging.getLogger(__name__)
 
 PICTURES = "report"  # sub-folder of the output folder holding the PNGs (and manifest.json: which are ours)
 HTML_MARK = '<meta name="generator" content="simclr report">'  # in every report.html we write
@@ -105,19 +108,20 @@ def _knn_note(cfg: dict, evals: list) -> str:
 
 
 def _pictures(figs: _Figures, run: Path, cfg: dict, pic_dir: Path, datasets: Datasets, n_queries: int,
-              gallery: int, n_embed: int, device: str, log: Callable) -> None:
+              gallery: int, n_embed: int, device: str) -> None:
     try:
         p, cap = plot_views(cfg, pic_dir / "views.png", datasets=datasets)
         figs.add("What the network sees: augmented views", p, cap, "")
     except (DataError, UserError, OSError) as e:
         figs.add("What the network sees: augmented views", None, None, f"skipped: {e}")
-    encoder, src = load_run_encoder(run, cfg, log=log)
+    encoder, src = load_run_encoder(run, cfg)
     if encoder is None:
         figs.add("Nearest-neighbour retrieval", None, None, "skipped: no loadable encoder checkpoint in this run")
         return
     big = (encoder.input_size or 32) > 64
     gallery, n_embed = gallery or (300 if big else 1000), n_embed or (300 if big else 500)
-    say(f"report: embedding {gallery} training and {n_embed} test images with {src.name} (retrieval, embedding)")
+    log.info(f"report: embedding {gallery} training and {n_embed} test images with {src.name} (retrieval, "
+             f"embedding)", extra=ALWAYS)
     try:
         res = plot_retrieval_and_embedding(encoder, cfg, pic_dir, n_queries=n_queries, gallery=gallery,
                                            n_embed=n_embed, device=device, datasets=datasets)
@@ -201,7 +205,7 @@ def _facts(run: Path, row: dict) -> list:
 
 
 def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_queries: int = 0,
-                 gallery: int = 0, n_embed: int = 0, device: str = "cpu", log=print,
+                 gallery: int = 0, n_embed: int = 0, device: str = "cpu",
                  data_root: Optional[str] = None, runs_root: Optional[str] = None, force: bool = False) -> Path:
     """Write ``report.html`` (+ PNGs in ``report/``) for a run folder; returns the HTML path.
 
@@ -244,7 +248,7 @@ def write_report(run_dir, out: Optional[Path] = None, pictures: bool = True, n_q
     figs = _Figures()
     _plots(figs, records, evals, cfg, pic_dir, row["kind"] != "pretrain")
     if pictures and cfg:
-        _pictures(figs, run, cfg, pic_dir, Datasets(cfg, data_root), n_queries, gallery, n_embed, device, log)
+        _pictures(figs, run, cfg, pic_dir, Datasets(cfg, data_root), n_queries, gallery, n_embed, device)
     elif not cfg:
         figs.add("Pictures", None, None, "skipped: the run has no readable config.yaml")
     else:

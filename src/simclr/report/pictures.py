@@ -9,12 +9,15 @@ read them); nothing here changes the process environment.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .plots import figure, save
+
+log = logging.getLogger(__name__)
 
 
 def _to_hwc(x) -> np.ndarray:
@@ -88,7 +91,7 @@ def plot_views(cfg: dict, path: Path, n_images: int = 6, n_views: int = 6, seed:
     return path, caption
 
 
-def load_run_encoder(run: Path, cfg: dict, log=print):
+def load_run_encoder(run: Path, cfg: dict):
     """The encoder of the run's newest loadable checkpoint (or, for an eval run, its encoder_ckpt). Each file is
     pinned while it is read, as every reader does (:func:`simclr.checkpoint.pin`): a run still training does not
     prune it under the reader, and one pruned since it was listed is passed over in silence, not called corrupt."""
@@ -105,7 +108,7 @@ def load_run_encoder(run: Path, cfg: dict, log=print):
         try:
             return load_encoder(p), p
         except CheckpointError as e:
-            log(f"note: skipping {p}: {e}")
+            log.info(f"note: skipping {p}: {e}")
         finally:
             unpin(p)
     return None, None

@@ -7,6 +7,7 @@ changes neither, so such a resume goes on; images rewritten, added or removed ar
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from ..errors import UserError
 from ..files import read_small_json
 from ..rundir import MAX_RUN_JSON, RunDir, is_run
 
+log = logging.getLogger(__name__)
 
-def check_data_identity(ck: dict, images, path: Path, allow: bool, log) -> None:
+
+def check_data_identity(ck: dict, images, path: Path, allow: bool) -> None:
     """Refuse to continue on other images than the checkpoint's: that is another trajectory.
     ``--allow_config_change`` continues with a warning.
 
@@ -33,7 +36,8 @@ def check_data_identity(ck: dict, images, path: Path, allow: bool, log) -> None:
     elif listing and images.listing:
         if listing == images.listing:
             if ck.get("data_fingerprint"):
-                log(f"note: {path} predates content fingerprints: its images were compared by names and sizes only")
+                log.info(f"note: {path} predates content fingerprints: its images were compared by names and sizes "
+                         f"only")
             return
         what = f"data listing {listing} -> {images.listing}: {other_files}"
     else:
@@ -41,7 +45,7 @@ def check_data_identity(ck: dict, images, path: Path, allow: bool, log) -> None:
     what = f"the training images changed since {path} was saved ({what})"
     if not allow:
         raise UserError(f"{what}; restore them, or pass --allow_config_change true to continue on these")
-    log.warn(f"warning: {what}; continuing on them (--allow_config_change)")
+    log.warning(f"warning: {what}; continuing on them (--allow_config_change)")
 
 
 def record_refusal(run_dir: str, error: Exception) -> None:

@@ -4,6 +4,7 @@ non-finite step; the loop records it (:func:`record_skip`, :func:`stop_if_diverg
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -17,6 +18,8 @@ from ..runtime import describe_compute
 from .resume import save
 from .session import Session
 from .step import train_step
+
+log = logging.getLogger(__name__)
 
 
 def _due(step: int, every: int, iters: int) -> bool:
@@ -62,11 +65,7 @@ def loop(s: Session, should_stop: Callable[[], bool]) -> dict:
     written_before = s.saved_step == s.step
     path = save(s)
     if path is not None and not written_before:
-        s.log(f"saved checkpoint {path}")
-    if s.run:
-        s.run.trackers.results(dict(s.metrics, status=status), s.step, "summary.json")
-        s.run.set_status(status, step=s.step, metrics=s.metrics)
-        s.run.close()
+        log.info(f"saved checkpoint {path}")
     return dict(s.metrics, step=s.step, status=status, run_dir=str(s.run.path) if s.run else "")
 
 
@@ -79,7 +78,7 @@ def progress_bar(s: Session) -> Progress:
 def record_skip(s: Session) -> None:
     """``--on_nan skip``: a step the guard skipped still counts (schedule, data order, logging, checkpoints go on)."""
     s.nan_skips += 1
-    s.log(f"non-finite loss or gradient at step {s.step}: step skipped")
+    log.info(f"non-finite loss or gradient at step {s.step}: step skipped")
     if s.run:
         s.run.log_metrics({"step": s.step, "event": "nan", "action": "skip"})
 
@@ -92,7 +91,7 @@ def stop_if_diverged(s: Session) -> None:
         return
     s.step = first_bad  # steps completed with finite values: the state is that of checkpoint first_bad
     msg = f"non-finite loss or gradient at step {first_bad}"
-    s.log(msg)
+    log.info(msg)
     if s.run:
         s.run.log_metrics({"step": first_bad, "event": "nan", "action": "stop"})
         s.run.set_status("failed", step=first_bad, error=f"{msg}; last good checkpoint kept; lower --lr or use "
@@ -157,16 +156,16 @@ def log_step(s: Session, loss: torch.Tensor, acc: torch.Tensor, speed: Speed, ba
     if s.parts.device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.parts.device) / 2 ** 30
         mem = f" mem {rec['peak_mem_gib']:.1f} GiB"
-    s.log(f"step {s.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
-          f"lr {rec['lr']:.4g} {rate(images_per_s)} img/s data {100 * data_frac:.0f}%{mem} "
-          f"elapsed {hms(elapsed)} eta {hms(eta)}")
+    log.info(f"step {s.step}/{s.cfg.iters} epoch {rec['epoch']:.2f} loss {loss_v:.4f} contrast_acc {acc_v:.3f}{probe} "
+             f"lr {rec['lr']:.4g} {rate(images_per_s)} img/s data {100 * data_frac:.0f}%{mem} "
+             f"elapsed {hms(elapsed)} eta {hms(eta)}")
 
 
 def monitor(s: Session, at_start: bool = False) -> dict:
     """The kNN monitor on every rank (each embeds its share); the main process records it."""
     cfg, p = s.cfg, s.parts
-    s.log(f"step {s.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
-          f"images{' (random init)' if at_start else ''}")
+    log.info(f"step {s.step}: kNN monitor: embedding {len(s.knn_sets[0])} training and {len(s.knn_sets[1])} test "
+             f"images{' (random init)' if at_start else ''}")
     res = knn_monitor(p.model.convnet, *s.knn_sets, s.images.image_size, p.device, p.amp_dtype,
                       cfg.knn_k, cfg.knn_t, progress=s.dist.is_main and cfg.verbose)
     if s.dist.is_main:
@@ -177,8 +176,8 @@ def monitor(s: Session, at_start: bool = False) -> dict:
             s.metrics["best_knn_top1"] = max(s.metrics.get("best_knn_top1", 0.0), res["knn_top1"])
         if s.run:
             s.run.log_metrics({"step": s.step, "epoch": s.step / p.loader.steps_per_epoch, **res})
-        s.log(f"step {s.step}{' (random init)' if at_start else ''}: kNN top-1 {res['knn_top1']:.2f}%  "
-              f"top-5 {res['knn_top5']:.2f}%")
+        log.info(f"step {s.step}{' (random init)' if at_start else ''}: kNN top-1 {res['knn_top1']:.2f}%  "
+                 f"top-5 {res['knn_top5']:.2f}%")
     distributed.barrier()
     return res
 
@@ -186,15 +185,15 @@ def monitor(s: Session, at_start: bool = False) -> dict:
 def announce(s: Session) -> None:
     cfg = s.cfg
     if s.step >= cfg.iters:
-        s.log(f"nothing to do: the run is already at step {s.step} of {cfg.iters} (to train longer, resume it with "
-              f"a larger --iters and --allow_config_change true)")
+        log.info(f"nothing to do: the run is already at step {s.step} of {cfg.iters} (to train longer, resume it with "
+                 f"a larger --iters and --allow_config_change true)")
         return
     what = s.parts.model.name + (f" (width {cfg.width})" if s.parts.model.width % 64 else "")
-    s.log(f"pretraining {what} on {cfg.data} ({len(s.images)} images, "
-          f"{s.images.image_size}px), batch {cfg.batch_size} x {cfg.multiplier} views, {cfg.iters} steps "
-          f"({cfg.iters / max(s.parts.loader.steps_per_epoch, 1):.1f} epochs), {s.parts.device}, "
-          f"{s.dist.world} process(es), {describe_compute(s.parts.amp_dtype, s.parts.channels_last, s.parts.device)}"
-          + (f"; run folder {s.run.path}" if s.run else ""))
+    log.info(f"pretraining {what} on {cfg.data} ({len(s.images)} images, "
+             f"{s.images.image_size}px), batch {cfg.batch_size} x {cfg.multiplier} views, {cfg.iters} steps "
+             f"({cfg.iters / max(s.parts.loader.steps_per_epoch, 1):.1f} epochs), {s.parts.device}, "
+             f"{s.dist.world} process(es), {describe_compute(s.parts.amp_dtype, s.parts.channels_last, s.parts.device)}"
+             + (f"; run folder {s.run.path}" if s.run else ""))
     if s.bad_images:
         s.metrics["skipped_images"] = len(s.bad_images)
-        s.log.warn(f"warning: skipped {len(s.bad_images)} unreadable image file(s), e.g. {s.bad_images[0]}")
+        log.warning(f"warning: skipped {len(s.bad_images)} unreadable image file(s), e.g. {s.bad_images[0]}")

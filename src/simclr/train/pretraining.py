@@ -21,23 +21,23 @@ from typing import Callable, Optional
 import torch
 
 from .. import config as config_lib
-from .. import distributed
+from .. import distributed, runtime
 from .. import trackers
 from ..data import check_same_classes, data_folder, get_dataset, maybe_subset, native_size
 from ..data.scan import one_scan
 from ..errors import UserError
+from ..lifecycle import Lifecycle
 from ..evaluate.monitor import knn_monitor
 from ..files import append_line
 from ..models import build_model
 from ..names import is_timm, resolve_width
 from ..options import PretrainConfig
 from ..rundir import RunDir, environment, release_held
-from ..runtime import (autocast_dtype, channels_last_on, out_of_memory, resolve_device, seed_everything,
-                       tune_backends)
+from ..runtime import autocast_dtype, channels_last_on, resolve_device, seed_everything, tune_backends
 from .data_identity import check_data_identity, refusal_recorded
 from .loop import loop
 from .resume import read_resume, restore, resume_point
-from .session import Log, Session
+from .session import Session
 from .step import build, wrap
 
 
@@ -46,40 +46,35 @@ def pretrain(cfg: PretrainConfig, should_stop: Callable[[], bool] = lambda: Fals
     """Set up and run ``cfg``; returns the final metrics, step, status and run folder. ``should_stop`` is asked
     after every step (the entry point answers it from SIGTERM/SIGINT); the run then saves and stops.
     ``started`` is called once the set-up is done, as the loop begins (the entry point: from here on a signal
-    waits for the step; before, it stops at once)."""
+    waits for the step; before, it stops at once). The run's status, messages and close: :class:`Lifecycle`."""
     s = None
+    life = Lifecycle(cfg.verbose, out_of_memory=lambda: out_of_memory_error(cfg, s),
+                     at_failure=lambda: {"step": s.step} if s is not None else {})
     try:
-        s = setup(cfg)
-        started()
-        return loop(s, should_stop)
-    except BaseException as raised:
-        e = out_of_memory_error(cfg, s, raised) if out_of_memory(raised) else raised
+        with life:
+            s = setup(cfg, life)
+            started()
+            out = loop(s, should_stop)
+            life.end(out["status"], (dict(s.metrics, status=out["status"]), s.step, "summary.json"), step=s.step,
+                     metrics=s.metrics)
+            return out
+    except BaseException as e:
         failure = distributed.peer_failure(e, s.dist.rank if s else 0)
-        if s is not None and s.run is not None:  # SystemExit: a second signal exits without saving
-            status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
-            try:
-                s.run.set_status(status, step=s.step, error=f"{type(e).__name__}: {e}")
-            except (OSError, UserError):
-                pass
-            finally:
-                s.run.close()  # the heartbeat stops and the run folder's lock is released
         if failure is not None:  # a peer died or hung: one clear line instead of a gloo/NCCL traceback
             e = failure
-        if s is not None and s.run is not None and isinstance(e, UserError):
-            e.run_dir = str(s.run.path)  # the entry point says how to continue
+        if life.run is not None and isinstance(e, UserError):
+            e.run_dir = str(life.run.path)  # the entry point says how to continue
         if failure is not None:
             raise failure from None
-        if e is not raised:
-            raise e from None
         raise
     finally:
         release_held()  # a set-up that failed before its RunDir took the run folder's lock over
         distributed.cleanup()
 
 
-def out_of_memory_error(cfg: PretrainConfig, s: Optional[Session], e: BaseException) -> UserError:
-    """An allocation that failed for want of memory, as one line: what was asked of the device and the three
-    ways to ask less (the activations grow with the batch, and with the model's width and depth)."""
+def out_of_memory_error(cfg: PretrainConfig, s: Optional[Session]) -> UserError:
+    """What was asked of the device, and the three ways to ask less (the activations grow with the batch, and with
+    the model's width and depth)."""
     device = s.parts.device if s is not None and s.parts is not None else cfg.device
     if is_timm(cfg.arch):
         model = cfg.arch
@@ -89,9 +84,9 @@ def out_of_memory_error(cfg: PretrainConfig, s: Optional[Session], e: BaseExcept
     chunks = (f"raise --grad_cache_chunks (now {cfg.grad_cache_chunks})" if cfg.grad_cache_chunks > 1 else
               "pass --grad_cache_chunks K (the same gradient in K chunks of the batch, about 1/K of the activations)")
     size = native_size(cfg.data, cfg.image_size)
-    return UserError(f"out of memory on {device}: --batch_size {cfg.batch_size} x {cfg.multiplier} views of {size}px "
-                     f"through {model} does not fit; {chunks}, lower --batch_size, or train a smaller model "
-                     f"(--arch, --width)")
+    return runtime.out_of_memory_error(
+        device, f"--batch_size {cfg.batch_size} x {cfg.multiplier} views of {size}px through {model}",
+        f"{chunks}, lower --batch_size, or train a smaller model (--arch, --width)")
 
 
 def random_init_knn(cfg: PretrainConfig) -> float:
@@ -107,21 +102,23 @@ def random_init_knn(cfg: PretrainConfig) -> float:
                        cfg.knn_k, cfg.knn_t)["knn_top1"]
 
 
-def setup(cfg: PretrainConfig) -> Session:
-    """Processes, seeds, the checkpoint to resume, data, parts, and (main process) the run folder. Bad input
+def setup(cfg: PretrainConfig, life: Optional[Lifecycle] = None) -> Session:
+    """Processes, seeds, the checkpoint to resume, data, parts, and (main process) the run folder, begun in
+    ``life`` (:func:`pretrain`'s; none given: a session to experiment with, closed by ``s.run.close()``). Bad input
     fails here, before any folder is created."""
+    life = life or Lifecycle(cfg.verbose)
     trackers.require(cfg.logger, cfg.mlflow_uri)  # every process: a missing package stops them all alike
     dist = distributed.init("cuda" if cfg.device.startswith("cuda") or
                             (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     device = resolve_device(cfg.device, dist.local_rank)
-    log = Log(dist.is_main, cfg.verbose)
+    life.set_main(dist.is_main)
     seed_drawn = cfg.seed < 0
     if seed_drawn:
         cfg.seed = int(distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31)))
-    resume_from, run_dir = resume_point(cfg, log, lock=dist.is_main)  # locked before its checkpoint is read
+    resume_from, run_dir = resume_point(cfg, lock=dist.is_main)  # locked before its checkpoint is read
     # a refused resume says "failed" (a requeue loop stops); the split's folder is read once for both of its uses
     with refusal_recorded(run_dir, dist.is_main), one_scan():
-        ck = read_resume(resume_from, cfg, seed_drawn, log) if resume_from is not None else None
+        ck = read_resume(resume_from, cfg, seed_drawn) if resume_from is not None else None
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         seed_everything(cfg.seed + dist.rank)
@@ -130,7 +127,7 @@ def setup(cfg: PretrainConfig) -> Session:
         bad_images = getattr(images, "bad_images", None) or []
         fingerprint, listing = images.fingerprint, images.listing  # of the whole split (a subset is drawn from it)
         if ck is not None:
-            check_data_identity(ck, images, resume_from, cfg.allow_config_change, log)
+            check_data_identity(ck, images, resume_from, cfg.allow_config_change)
         images = maybe_subset(images, cfg.train_subset, seed=0)
         # every rank the same options and images before anything is built (a --width typo died in DDP, an --lr one
         # trained "successfully" with rank 0's value recorded); those of role per_process excepted (where each
@@ -140,26 +137,21 @@ def setup(cfg: PretrainConfig) -> Session:
         # the content identity, not --data_path: each node may read its own copy of the images at its own path
         distributed.check_same_config(dict(shared, data_content=fingerprint))
         monitor_sets = knn_sets(cfg)
-        s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), log, images, bad_images)
+        s = Session(cfg, dist, build(cfg, images, device, dist.rank, dist.world), images, bad_images)
         s.knn_sets = monitor_sets
         s.data_fingerprint, s.data_listing = fingerprint, listing
         if ck is not None:
             restore(s, ck, resume_from)
         distributed.check_same(s.step, "the step to resume from")
     tune_backends(device, cfg.deterministic)
-    wrap(s.parts, dist.enabled, warn=log.warn)
+    wrap(s.parts, dist.enabled)
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir, data=data_folder(cfg.data, cfg.data_path))
-        log.attach(run)
         if ck is not None and ck["config_changes"]:  # --allow_config_change: what changed, and when
             append_line(run.path / "config_history.jsonl", json.dumps(
                 {"time": time.time(), "step": s.step, "changes": ck["config_changes"]}, default=str) + "\n")
-        config_lib.save(cfg, run.path / "config.yaml", run_dir="")  # its location is its identity: not recorded
-        run.record_environment(dict(environment(str(device)), data_fingerprint=fingerprint, compute=s.parts.compute))
-        run.track(cfg.logger, config_lib.to_dict(cfg), cfg.name, cfg.mlflow_uri, warn=log.warn)
-        if run.trackers.live:
-            log(f"trackers: {run.trackers.describe()}")
-        run.set_status("running", step=s.step, iters=cfg.iters)
+        life.begin(run, cfg, dict(environment(str(device)), data_fingerprint=fingerprint, compute=s.parts.compute),
+                   step=s.step, iters=cfg.iters)
         s.run = run
     return s
 

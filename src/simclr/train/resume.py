@@ -5,6 +5,7 @@ this run: its weight shapes, and the options that set the trajectory, unless ``-
 a later :func:`read_resume` reads). What a resume checks of its images is :mod:`.data_identity`."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -16,14 +17,16 @@ from ..options import PretrainConfig
 from ..rundir import check_kind, check_run_folder, find_run_dir, hold_lock, is_run, newest_run
 from ..runtime import cuda_rng_state, rng_state, set_rng_state
 from .resume_message import changes_message
-from .session import Log, Session
+from .session import Session
+
+log = logging.getLogger(__name__)
 
 
 # How long the last save of a run waits for readers (simclr knn/eval/report hold a checkpoint's pin only while they
 # read it: seconds) before it leaves their checkpoints beyond --keep_last in place, with a warning.
 FINAL_PRUNE_WAIT_S = 60.0
 
-def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Optional[Path], str]:
+def resume_point(cfg: PretrainConfig, lock: bool = False) -> tuple[Optional[Path], str]:
     """The checkpoint to continue from (None: start at step 0; else pinned against pruning, see
     :func:`simclr.checkpoint.pin`) and the run folder to write into ('' : a new one).
 
@@ -32,22 +35,22 @@ def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Opt
     checkpoint given with ``--ckpt`` starts a new run folder (its path recorded as ``ckpt`` in config.yaml) unless
     it lies in the run being resumed (``--resume`` / ``--run_dir``): branching never writes into the original.
     With ``lock`` (the main process) an existing run folder to write is locked before its checkpoints are read."""
-    run = resumed_run(cfg, log)
+    run = resumed_run(cfg)
     if run is not None:
         if lock:
             hold_lock(run)
-        chosen = ckpt_lib.resolve(cfg.ckpt, log=log.warn) if cfg.ckpt else None
+        chosen = ckpt_lib.resolve(cfg.ckpt) if cfg.ckpt else None
         if chosen is not None and _inside(chosen, run):  # a chosen checkpoint of this very run
             return (chosen if ckpt_lib.pin(chosen) else None), str(run)
-        path = ckpt_lib.latest_valid(run, log=log.warn)
+        path = ckpt_lib.latest_valid(run)
         if path is None and chosen is not None:  # branched from `chosen`, stopped before its first save
             ckpt_lib.pin(chosen)
             path = chosen
         if path is None:
-            log(f"note: no valid checkpoint in {run}; starting it from step 0")
+            log.info(f"note: no valid checkpoint in {run}; starting it from step 0")
         return path, str(run)
     if cfg.ckpt:
-        path = ckpt_lib.resolve(cfg.ckpt, log=log.warn)
+        path = ckpt_lib.resolve(cfg.ckpt)
         origin = find_run_dir(path)
         if cfg.run_dir and origin is not None and _same(Path(cfg.run_dir), origin):
             if lock:
@@ -55,8 +58,8 @@ def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Opt
             return (path if ckpt_lib.pin(path) else None), cfg.run_dir
         cfg.ckpt = str(Path(path).resolve())  # the new run's origin, recorded in its config.yaml
         if origin is not None:
-            log(f"note: starting a new run folder from {cfg.ckpt} (its run folder {origin} is left as it is; "
-                f"to continue that run use --resume {origin})")
+            log.info(f"note: starting a new run folder from {cfg.ckpt} (its run folder {origin} is left as it is; "
+                     f"to continue that run use --resume {origin})")
         ckpt_lib.pin(path)
         return path, cfg.run_dir
     if cfg.run_dir:
@@ -64,7 +67,7 @@ def resume_point(cfg: PretrainConfig, log: Log, lock: bool = False) -> tuple[Opt
     return None, cfg.run_dir
 
 
-def resumed_run(cfg: PretrainConfig, log: Log) -> Optional[Path]:
+def resumed_run(cfg: PretrainConfig) -> Optional[Path]:
     """The run folder ``--resume`` names (None: none, or ``auto`` found none)."""
     if cfg.resume == "auto":
         if cfg.run_dir:
@@ -73,7 +76,7 @@ def resumed_run(cfg: PretrainConfig, log: Log) -> Optional[Path]:
             return run if run.is_dir() else None
         run = newest_run(Path(cfg.root) / cfg.name, "pretrain")
         if run is None:
-            log(f"note: no pretraining run under {Path(cfg.root) / cfg.name}; starting from step 0")
+            log.info(f"note: no pretraining run under {Path(cfg.root) / cfg.name}; starting from step 0")
         return run
     if not cfg.resume:
         return None
@@ -119,7 +122,7 @@ def config_changes(saved: dict, cfg: PretrainConfig) -> dict:
             if k in saved and saved[k] != getattr(cfg, k)}
 
 
-def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> dict:
+def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool) -> dict:
     """Read a pretraining checkpoint to continue from (then unpin it); check it fits ``cfg``, adopt its seed."""
     try:
         ck = ckpt_lib.read(path)
@@ -142,8 +145,8 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
     if changes and not cfg.allow_config_change:
         raise UserError(changes_message(path, changes))
     for k, (old, new) in changes.items():
-        log.warn(f"warning: {path} was trained with {k}={old!r}, this run continues with {k}={new!r} "
-                 f"(--allow_config_change)")
+        log.warning(f"warning: {path} was trained with {k}={old!r}, this run continues with {k}={new!r} "
+                    f"(--allow_config_change)")
     ck["config_changes"] = {k: list(v) for k, v in changes.items()}
     return ck
 
@@ -151,7 +154,7 @@ def read_resume(path: Path, cfg: PretrainConfig, seed_drawn: bool, log: Log) -> 
 def restore(s: Session, ck: dict, path: Path) -> None:
     """The checkpoint ``ck`` (read from ``path`` by :func:`read_resume`) into the session: weights, optimizer,
     probe, scaler, RNG, step and metrics."""
-    p, log = s.parts, s.log
+    p = s.parts
     ckpt_lib.load_weights(p.model, ck["model"], f"checkpoint {path}",
                           "resume with the run's own --arch, --width and projection options")
     optimizer_keys = config_lib.with_role(type(s.cfg), "optimizer")  # another value: another optimizer
@@ -169,21 +172,21 @@ def restore(s: Session, ck: dict, path: Path) -> None:
         if ck.get("probe"):
             p.probe.load_state_dict(ck["probe"])
         else:
-            log(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
+            log.info(f"note: {path} has no online probe: this run's probe starts from zero at step {ck['step']}")
     if ck.get("scaler"):
         p.scaler.load_state_dict(ck["scaler"])
     saved_compute = ck.get("compute")
     if isinstance(saved_compute, dict) and saved_compute != p.compute:  # e.g. moved to a CPU without bf16
-        log(f"note: {path} was trained with {_compute_text(saved_compute)}; this run continues with "
-            f"{_compute_text(p.compute)} (--precision and --channels_last resolve per machine; the run goes on "
-            f"from the same weights, a little apart numerically from an uninterrupted one)")
+        log.info(f"note: {path} was trained with {_compute_text(saved_compute)}; this run continues with "
+                 f"{_compute_text(p.compute)} (--precision and --channels_last resolve per machine; the run goes on "
+                 f"from the same weights, a little apart numerically from an uninterrupted one)")
     if ck.get("rng") and (note := set_rng_state(ck["rng"], p.device, s.dist.rank)):
-        log(note)
+        log.info(note)
     s.step = s.saved_step = int(ck["step"])
     s.nan_skips = int(ck.get("nan_skips", 0))
     if isinstance(ck.get("metrics"), dict):  # the kNN so far (best, at init, last): a finished run needs no rerun
         s.metrics = dict(ck["metrics"])
-    log(f"resumed from {path} at step {s.step}")
+    log.info(f"resumed from {path} at step {s.step}")
 
 
 def _compute_text(compute: dict) -> str:
@@ -216,7 +219,7 @@ def save(s: Session) -> Optional[Path]:
     last = s.step >= cfg.iters  # no later save of this run would prune what a reader holds now
     held = ckpt_lib.prune(s.run.path, cfg.keep_last, wait_s=FINAL_PRUNE_WAIT_S if last else 0.0)
     if held and last:
-        s.log.warn(f"kept {len(held)} checkpoint(s) beyond --keep_last {cfg.keep_last} that another process was "
-                   f"still reading after {FINAL_PRUNE_WAIT_S:g} s: {', '.join(p.name for p in held)}; delete them "
-                   f"by hand once it is done (with their .json cards)")
+        log.warning(f"kept {len(held)} checkpoint(s) beyond --keep_last {cfg.keep_last} that another process was "
+                    f"still reading after {FINAL_PRUNE_WAIT_S:g} s: {', '.join(p.name for p in held)}; delete them "
+                    f"by hand once it is done (with their .json cards)")
     return path

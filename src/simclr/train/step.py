@@ -6,9 +6,9 @@ stays behind: the step reads only the parts), :func:`wrap` (DDP, ``torch.compile
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from ..optim import build_optimizer, lr_schedule, scaled_lr, set_lr
 from ..options import PretrainConfig
 from ..runtime import autocast_dtype, channels_last_on, precision_name
 from .probe import Probe, build_probe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,11 +81,7 @@ def build(cfg: PretrainConfig, images, device: torch.device, rank: int = 0, worl
                  channels_last=channels_last, compile=compiled, compile_fallback=cfg.compile == "auto")
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def wrap(p: Parts, distributed_run: bool, warn: Callable[[str], None] = _stderr) -> None:
+def wrap(p: Parts, distributed_run: bool) -> None:
     """The module the step calls: DDP-wrapped with several processes, then compiled (``--compile``):
     ``compile(DDP(model))``, the documented order, which lets DDP overlap its all-reduce with the backward pass.
     With ``--compile auto`` a compile failure falls back to eager with one warning (:class:`EagerFallback`)."""
@@ -92,7 +90,7 @@ def wrap(p: Parts, distributed_run: bool, warn: Callable[[str], None] = _stderr)
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[p.device.index] if p.device.type == "cuda" else None)
     if p.compile:
-        forward = EagerFallback(forward, warn) if p.compile_fallback else torch.compile(forward)
+        forward = EagerFallback(forward) if p.compile_fallback else torch.compile(forward)
     p.forward = forward
     if p.probe is not None:
         p.probe.wrap(distributed_run, p.device)
@@ -106,9 +104,9 @@ class EagerFallback(nn.Module):
     later calls only on torch.compile's own errors. Every process compiles the same code, so they fall back
     together. Parameters are those of ``module`` (it is not registered twice)."""
 
-    def __init__(self, module: nn.Module, warn: Callable[[str], None]):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.module, self.warn, self.called = module, warn, False
+        self.module, self.called = module, False
         try:
             self.compiled: Optional[nn.Module] = torch.compile(module)
         except Exception as e:  # e.g. a platform torch.compile does not support
@@ -118,8 +116,8 @@ class EagerFallback(nn.Module):
     def _fall_back(self, e: BaseException) -> None:
         self.compiled = None
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        self.warn(f"warning: torch.compile failed ({type(e).__name__}: {why[:200]}); training continues eager "
-                  f"(pass --compile false to skip compiling, --compile true to stop on this error)")
+        log.warning(f"warning: torch.compile failed ({type(e).__name__}: {why[:200]}); training continues eager "
+                    f"(pass --compile false to skip compiling, --compile true to stop on this error)")
 
     def forward(self, *args, **kwargs):
         if self.compiled is not None:
