@@ -3,9 +3,11 @@ defined what it is to a run, and every reader of a role reads that declaration."
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
+from tests.conftest import run_cli
 from simclr.config import ROLES, fields, option, parse, with_role
 from simclr.errors import ConfigError
 from simclr.eval_options import EvalConfig, KnnConfig
@@ -63,3 +65,10 @@ def test_loss_names_are_checked_before_any_work():
         parse(PretrainConfig, ["--loss", "infonce"])
     with pytest.raises(ConfigError, match="--loss dcl needs --batch_size 2 or more"):
         parse(PretrainConfig, ["--loss", "dcl", "--batch_size", "1"])
+
+
+def test_eval_help_has_no_pretraining_width():
+    r = run_cli("eval", "--help")
+    assert r.returncode == 0
+    assert "--encoder_width" in r.stdout
+    assert not re.search(r"^\s*--width(_multiplier)?\b", r.stdout, re.M)

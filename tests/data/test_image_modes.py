@@ -4,6 +4,8 @@ and ``simclr embed`` in a real process. References are computed by hand from the
 written from, never by the decoder under test."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,47 @@ def test_embed_features_of_a_16_bit_png_equal_those_of_its_8_bit_twin(tmp_path, 
     assert np.allclose(feats["g16.png"], feats["g8.png"], rtol=0, atol=1e-6)
     assert np.allclose(feats["p.png"], feats["p_rgb.png"], rtol=0, atol=1e-6)
     assert np.abs(feats["g16.png"] - feats["white.png"]).max() > 1e-3  # not the all-white image
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) a JPEG's EXIF orientation was ignored: a phone's portrait photo was read sideways
+# ------------------------------------------------------------------------------------------------
+def _reference(raw: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels (H, W, 3) as EXIF orientation says they are seen, by numpy's own flips and turns."""
+    return {1: raw, 2: raw[:, ::-1], 3: raw[::-1, ::-1], 4: raw[::-1], 5: raw.transpose(1, 0, 2),
+            6: np.rot90(raw, -1), 7: raw.transpose(1, 0, 2)[::-1, ::-1], 8: np.rot90(raw, 1)}[orientation]
+
+
+def _photo(path: Path, orientation: int) -> np.ndarray:
+    """A 24x16 JPEG (wider than high: a landscape as stored) tagged with ``orientation``; its stored pixels."""
+    from PIL import Image
+    rng = np.random.default_rng(orientation)
+    blocks = rng.integers(0, 256, (3, 2, 3), dtype=np.uint8)  # 8x8 blocks: the JPEG keeps them nearly exact
+    pixels = np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as im:  # PIL decodes the stored pixels and ignores the tag
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    from simclr.data import get_dataset
+    from simclr.data.fast import decode_batch
+    from simclr.data.images import jpeg_orientation, open_rgb
+    for split in ("train", "test"):
+        for c in ("portrait", "landscape"):
+            (tmp_path / split / c).mkdir(parents=True)
+    raw = _photo(tmp_path / "train" / "portrait" / "phone.jpg", orientation)
+    _photo(tmp_path / "train" / "landscape" / "plain.jpg", 1)
+    want = _reference(raw, orientation)
+    path = tmp_path / "train" / "portrait" / "phone.jpg"
+    assert jpeg_orientation(path.read_bytes()) == orientation
+    assert np.array_equal(np.asarray(open_rgb(path)), want)  # the one decoder
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    (fast,) = decode_batch([data], torch.device("cpu"))  # the fast loader's batched JPEG decoder
+    assert np.array_equal(fast.permute(1, 2, 0).numpy(), want)
+    ds = get_dataset("folder", "train", str(tmp_path), 0)  # a dataset of such files (embed, eval, pretrain)
+    assert ds.classes == ["landscape", "portrait"] and ds.targets == [0, 1]  # image 1 is the phone's
+    assert np.array_equal(np.asarray(ds.load(1)), want)

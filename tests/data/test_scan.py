@@ -3,13 +3,15 @@ pretraining split and the kNN monitor's train split; the header check reads the 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 
 import pytest
 
 from tests.conftest import run_cli, tiny_args
-from simclr.data import datasets, scan
+from simclr.data import datasets, get_dataset, scan
+from simclr.errors import DataError
 
 CLASSES = ("airplane", "cat", "ship")
 
@@ -129,3 +131,32 @@ def test_forked_workers_reading_the_file_list_do_not_copy_it():
     grown_packed = _private_growth_in_a_forked_child(read_all(packed))
     assert grown_list > 10 * 2 ** 20  # the harness sees the copy-on-write growth of the old layout ...
     assert grown_packed < grown_list / 5  # ... and the packed list does not grow like it
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, data_root):
+    import shutil
+    for c in ("cat", "dog"):
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        (tmp_path / "d" / "test" / c).mkdir(parents=True)
+        for f in sorted((data_root / "cifar10" / "train" / c).iterdir())[:16]:
+            shutil.copy(f, tmp_path / "d" / "train" / c / f.name)
+        for f in sorted((data_root / "cifar10" / "test" / c).iterdir())[:8]:
+            shutil.copy(f, tmp_path / "d" / "test" / c / f.name)
+    os.mkfifo(tmp_path / "d" / "train" / "cat" / "zz.jpg")
+    r = run_cli("pretrain", *tiny_args(tmp_path, data="folder", data_path=tmp_path / "d", image_size=32,
+                                       train_subset=0, test_subset=0, batch_size=8, iters=1, knn_k=5), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # a counted skip with a warning (also in log.txt, metrics.jsonl and status.json)
+    assert f"warning: skipped 1 unreadable image file(s), e.g. {tmp_path / 'd' / 'train' / 'cat' / 'zz.jpg'}" \
+        in r.stderr
+    (run,) = [p.parent for p in (tmp_path / "logs").glob("t/*/status.json")]
+    assert json.loads((run / "status.json").read_text())["metrics"]["skipped_images"] == 1
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["skipped_images"] == 1
+
+
+def test_a_missing_folder_split_is_named_plainly(tmp_path):
+    with pytest.raises(DataError) as e:
+        get_dataset("folder", "train", data_path=str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "folder split folder" not in msg
+    assert msg.startswith(f"the train split of --data_path not found: {tmp_path / 'nowhere' / 'train'}")

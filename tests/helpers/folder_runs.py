@@ -1,4 +1,5 @@
-"""Helpers of the run-folder tests: a tiny real-image dataset, tiny runs, the CLI run in this process."""
+"""Helpers of the tests that run the CLI on tiny runs: a tiny real-image dataset, tiny runs, the CLI run in this
+process, and the one `error:` line of a refused command."""
 from __future__ import annotations
 
 import hashlib
@@ -71,3 +72,11 @@ def tree_digest(folder: Path) -> dict:
         if p.is_file() and not p.is_symlink():
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def one_error_line(r) -> str:
+    """The one `error:` line of a failed command (a hint how to continue may follow it)."""
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    return errors[0]

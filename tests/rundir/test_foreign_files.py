@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.folder_runs import cli, one_error, pretrain_args, tiny_folder, tree_digest
+from tests.conftest import run_cli
+from tests.helpers.folder_runs import cli, one_error, one_error_line, pretrain_args, tiny_folder, tree_digest
 from simclr import checkpoint as ckpt_lib
 
 _RUNS: list = []
@@ -216,3 +217,16 @@ def test_embed_on_a_full_disk_leaves_the_earlier_pair_as_it_was(tmp_path, data_r
     assert rc != 0 and "disk full" in err and "previous version is intact" in err
     assert {p.name: p.read_bytes() for p in tmp_path.glob("f.*")} == before
     assert np.load(tmp_path / "f.npy").shape[0] == len((tmp_path / "f.files.txt").read_text().splitlines())
+
+
+def test_a_report_folder_that_is_a_symlink_is_refused_and_its_target_untouched(trained_run, tmp_path):
+    run = trained_run
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mine.png").write_bytes(b"a picture of the user's")  # a stale-picture sweep would delete it
+    (run / "report").symlink_to(outside)
+    msg = one_error_line(run_cli("report", run, "--no_pictures"))
+    assert f"{run / 'report'} is a symbolic link" in msg and "--out" in msg
+    assert [p.name for p in outside.iterdir()] == ["mine.png"]
+    assert (outside / "mine.png").read_bytes() == b"a picture of the user's"
+    assert (run / "report").is_symlink() and not (run / "report.html").exists()

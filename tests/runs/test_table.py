@@ -1,19 +1,14 @@
-"""Small cuts a new user meets: where the example writes, eval's help, messages, the runs table, resume, install."""
+"""The runs table (`simclr runs`, simclr.runs.cli.format_table) and examples/read_runs.py: its steps, throughput and
+CSV columns, garbage lines in metrics.jsonl skipped and counted, and where the example writes its figure."""
 from __future__ import annotations
 
 import json
-import re
 import runpy
-import shutil
 import sys
-import warnings
 
 import pandas as pd
-import pytest
-from tests.conftest import REPO, run_cli, tiny_args
+from tests.conftest import REPO, run_cli
 
-from simclr.data import get_dataset
-from simclr.errors import DataError
 from simclr.runs.cli import format_table
 
 
@@ -39,21 +34,6 @@ def test_read_runs_writes_its_figure_next_to_the_runs(tmp_path, monkeypatch):
     assert list(cwd.iterdir()) == []  # nothing in the folder it was run from (the repo root, usually)
 
 
-def test_eval_help_has_no_pretraining_width():
-    r = run_cli("eval", "--help")
-    assert r.returncode == 0
-    assert "--encoder_width" in r.stdout
-    assert not re.search(r"^\s*--width(_multiplier)?\b", r.stdout, re.M)
-
-
-def test_a_missing_folder_split_is_named_plainly(tmp_path):
-    with pytest.raises(DataError) as e:
-        get_dataset("folder", "train", data_path=str(tmp_path / "nowhere"))
-    msg = str(e.value)
-    assert "folder split folder" not in msg
-    assert msg.startswith(f"the train split of --data_path not found: {tmp_path / 'nowhere' / 'train'}")
-
-
 def test_the_steps_column_of_a_run_with_unknown_progress():
     df = pd.DataFrame({"step": [float("nan"), 120.0, float("nan")], "iters": [300.0, 300.0, float("nan")]})
     assert format_table(df, ["steps"]).split()[1:] == ["?/300", "120/300"]  # third row: blank
@@ -75,31 +55,23 @@ def test_the_csv_keeps_the_steps(tmp_path):
     assert row.split(",")[:3] == ["r1", "30", "30"]
 
 
-def test_resuming_a_finished_run_does_not_rerun_the_knn(tmp_path, data_root):
-    first = run_cli("pretrain", *tiny_args(tmp_path, verbose="true"))
-    assert first.returncode == 0, first.stderr
-    run = next(ln.split(": ", 1)[1] for ln in first.stdout.splitlines() if ln.startswith("run folder: "))
-    knn = next(ln for ln in first.stdout.splitlines() if ln.startswith("kNN top-1 after pretraining"))
-    again = run_cli("pretrain", "--resume", run)
-    assert again.returncode == 0, again.stderr
-    assert "nothing to do: the run is already at step 4 of 4" in again.stderr
-    assert "kNN monitor" not in again.stderr  # the result of the checkpoint, not a second pass over the data
-    # nothing is announced as if it trained, and nothing is saved again
-    assert "pretraining resnet18" not in again.stderr and "saved checkpoint" not in again.stderr
-    assert knn in again.stdout
-
-
-def test_the_build_has_no_license_deprecation(tmp_path, monkeypatch):
-    from setuptools import build_meta
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, tmp_path / name)
-    shutil.copytree(REPO / "src" / "simclr", tmp_path / "src" / "simclr",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "meta").mkdir()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dist_info = build_meta.prepare_metadata_for_build_wheel(str(tmp_path / "meta"))
-    assert not [w for w in caught if "license" in str(w.message).lower()], [str(w.message)[:200] for w in caught]
-    meta = (tmp_path / "meta" / dist_info / "METADATA").read_text()
-    assert "License-Expression: MIT" in meta
+def test_garbage_lines_in_metrics_jsonl_are_skipped_and_counted_by_simclr_runs(trained_run, tmp_path):
+    root = tmp_path / "logs"
+    run = trained_run  # under root
+    good = (run / "metrics.jsonl").read_text()
+    records = [json.loads(ln) for ln in good.splitlines()]
+    last_loss = [r["loss"] for r in records if "loss" in r][-1]
+    knn = [r["knn_top1"] for r in records if "knn_top1" in r][-1]
+    garbage = ['{"step": 1e999, "loss": 1.0}',       # inf, as a crashed writer once left it
+               '{"step": 2, "loss": NaN, "lr": 0.1}', '{"step": "x", "loss": "abc"}', '["loss", 1]', '"loss"',
+               '{"step": 2, "knn_top1": Infinity}', '{"step": 1e999}', '{"step": 3, "loss": 0.']  # truncated
+    (run / "metrics.jsonl").write_text(good + "\n".join(garbage))
+    r = run_cli("runs", "--root", root, "--columns", "id,status,steps,loss,knn,metrics_skipped")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (row,) = r.stdout.splitlines()[1:]  # the run's row, its values from the good lines
+    assert row.split() == [run.name, "finished", "4/4", f"{last_loss:.4g}", f"{knn:.4g}", "7"]
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    # the summary reads the lines with a loss (from the end) and the kNN lines: 7 of the 8 are among them
+    assert len(warnings) == 1 and f"{run}/metrics.jsonl: skipped 7 unreadable" in warnings[0], r.stderr
+    r = run_cli("report", run, "--no_pictures")  # the figures read the same file
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]

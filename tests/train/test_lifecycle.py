@@ -184,3 +184,17 @@ def test_a_checkpoint_resumed_under_another_config_is_refused_and_nothing_rewrit
     assert "iters: 200 -> 20" in r.stderr and "--allow_config_change true" in r.stderr
     assert (run / "config.yaml").read_text() == before and "iters: 200" in before
     assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["checkpoint-00000003.pt"]
+
+
+def test_resuming_a_finished_run_does_not_rerun_the_knn(tmp_path, data_root):
+    first = run_cli("pretrain", *tiny_args(tmp_path, verbose="true"))
+    assert first.returncode == 0, first.stderr
+    run = next(ln.split(": ", 1)[1] for ln in first.stdout.splitlines() if ln.startswith("run folder: "))
+    knn = next(ln for ln in first.stdout.splitlines() if ln.startswith("kNN top-1 after pretraining"))
+    again = run_cli("pretrain", "--resume", run)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do: the run is already at step 4 of 4" in again.stderr
+    assert "kNN monitor" not in again.stderr  # the result of the checkpoint, not a second pass over the data
+    # nothing is announced as if it trained, and nothing is saved again
+    assert "pretraining resnet18" not in again.stderr and "saved checkpoint" not in again.stderr
+    assert knn in again.stdout
