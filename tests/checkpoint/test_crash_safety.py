@@ -2,7 +2,7 @@
 loading, and bad input found once the data is read as one ``error:`` line with exit code 2 and nothing written.
 
 The subprocess fault injections (SIGKILL at random steps, SIGTERM, a corrupt newest checkpoint on
-resume) live in test_reliability_faults.py.
+resume) live in tests/train/test_kill_and_resume.py.
 """
 from __future__ import annotations
 
@@ -407,7 +407,7 @@ def test_no_unpickling_without_the_trust_flag():
     found = {str(p.relative_to(REPO)): unsafe_loads(p.read_text()) for p in sources}
     assert {k: v for k, v in found.items() if v} == {}
     # that no entry point reaches the guarded full unpickling without the flag is tested by behaviour:
-    # test_checkpoint.py feeds pickles that run code through every public loading entry point
+    # tests/checkpoint/test_hostile_files.py feeds pickles that run code through every public loading entry point
 
 
 def test_resume_takes_the_checkpoints_seed_when_none_was_given(tmp_path, capsys):

@@ -16,7 +16,7 @@ from tests.conftest import REPO
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig):
     """A shell starts background jobs with SIGINT ignored; the entry point installs its handlers anyway. During the
-    SGD steps the signal lets the step end and saves the head (tests/test_eval_resume.py resumes it)."""
+    SGD steps the signal lets the step end and saves the head (tests/evaluate/test_resume.py resumes it)."""
     root = tmp_path / "logs"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "simclr", "eval", "--encoder_arch", "resnet18", "--encoder_width", "8",

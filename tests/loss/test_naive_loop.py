@@ -141,7 +141,7 @@ def test_dcl_value_for_identical_views_is_hand_computable():
 @pytest.mark.parametrize("m", [2, 3])
 @pytest.mark.parametrize("rank", [0, 2])
 def test_dcl_as_one_rank_of_a_group_matches_naive_loop_on_the_global_batch(monkeypatch, m, rank):
-    """As tests/test_gpu_core_loss.py simulates a process group: the all-gather replaced by fixed projections of
+    """As tests/loss/test_index_arithmetic.py simulates a process group: the all-gather replaced by fixed projections of
     the other ranks. The reference is the naive loop on the global batch, over this rank's anchors."""
     from simclr import loss as loss_mod
     world, n, d, t = 3, 2, 5, 0.5

@@ -15,7 +15,8 @@ What fake CUDA cannot reach, and where it is covered instead:
   of the right shapes (so the update still runs). The backward kernels are covered on the CPU by
   ``test_cpu_step_of_the_real_code_has_no_host_sync`` with the same detector.
 * **collectives** (DDP's all-reduce, the all-gather of NT-Xent, the cross-process batch norm): not run here; the
-  CPU/gloo tests of tests/test_distributed.py and tests/test_gpu_core_compile_ddp.py run them with real processes.
+  CPU/gloo tests of tests/distributed/test_data_parallel.py and tests/distributed/test_compiled_ddp.py run them with
+  real processes.
 * ``torch.Generator(device="cuda")`` needs a driver: the fast loader gets a CPU generator (fake kernels accept it).
 * ``nn.Module.to`` swaps parameters in place, which fake tensors refuse (the fake-tensor bookkeeping holds weak
   references): a stand-in ``to`` replaces each parameter and buffer by its converted copy instead.

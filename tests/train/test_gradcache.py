@@ -1,4 +1,5 @@
-"""Grad cache equals the one-shot batch (BN frozen). (foreach LARS = plain LARS: test_optim.py.)"""
+"""Grad cache equals the one-shot batch (BN frozen). (foreach LARS = plain LARS:
+tests/optim/test_lars_and_schedules.py.)"""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """--online_probe: the encoder trains exactly as without it, its logged accuracy is the one a replay of the probe
 computes before its update, a resumed run ends bit-identical to an uninterrupted one, the index shows its last
-value, and images without labels are refused. (Two processes: tests/test_distributed.py.)"""
+value, and images without labels are refused. (Two processes: tests/distributed/test_data_parallel.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
