@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real CLI on a real GPU, end to end, in about a minute: pretrain (fast path: CUDA augmentation, bf16,
 # channels_last, compile), SIGTERM mid-run and resume to the same final loss as an uninterrupted twin, kNN,
-# fast-linear evaluation, export, and the SGD linear evaluation stopped by SIGTERM and resumed. Complements tests/test_gpu_* (which run the CUDA step under fake CUDA on CI).
+# fast-linear evaluation, export, and the SGD linear evaluation stopped by SIGTERM and resumed. Complements the tests docs/gpu.md lists (which run the CUDA step under fake CUDA on CI).
 #   OUT=/folder DATA_ROOT=carry bash benchmarks/gpu_cli_check.sh
 # Exits non-zero on the first failure; prints "gpu_cli_check: ok" when every step passed.
 set -eu -o pipefail
@@ -57,7 +57,7 @@ $PY - "$W/lin-full" "$W/lin-cut" <<'PYEOF'
 import json, sys
 a, b = (json.load(open(f"{run}/eval.json"))["top1"] for run in sys.argv[1:])
 print("linear top-1: uninterrupted", a, "interrupted + resumed", b)
-assert abs(a - b) <= 2.0, (a, b)  # bit-exact on a CPU (tests/test_eval_resume.py); a GPU's kernels add noise
+assert abs(a - b) <= 2.0, (a, b)  # bit-exact on a CPU (tests/evaluate/test_resume.py); a GPU's kernels add noise
 PYEOF
 cp "$W/full/env.json" "$OUT/cli_env.json" 2>/dev/null || true
 step "gpu_cli_check: ok"

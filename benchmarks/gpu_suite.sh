@@ -31,7 +31,7 @@ MODE=${1:-gpu}
 case "$MODE" in gpu|smoke|plan) ;; *) echo "error: mode must be gpu, smoke or plan, got '$MODE'" >&2; exit 2;; esac
 
 PARTS=(env cache bench_resnet18 bench_resnet50 tta_resnet18)
-# time limits in seconds; gpu mode's sum must stay below 360 (6 minutes; tests/test_gpu_suite_smoke.py checks)
+# time limits in seconds; gpu mode's sum must stay below 360 (6 minutes; tests/bench/test_gpu_suite.py checks)
 declare -A GPU_LIMIT=([env]=20 [cache]=40 [bench_resnet18]=70 [bench_resnet50]=95 [tta_resnet18]=125)
 declare -A SMOKE_LIMIT=([env]=60 [cache]=300 [bench_resnet18]=300 [bench_resnet50]=300 [tta_resnet18]=240)
 declare -A JSON_OF=([env]="" [cache]="" [bench_resnet18]=bench_resnet18.json [bench_resnet50]=bench_resnet50.json

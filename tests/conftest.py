@@ -30,8 +30,8 @@ if not os.environ.get("DATA_ROOT"):
     os.environ["DATA_ROOT"] = str((REPO.parent / "shared" / "data").resolve())
 os.environ.setdefault("SIMCLR_CACHE", str(REPO / ".cache" / "simclr"))
 # The suite's exact comparisons across code paths (processes, resume, exports) are written for the spec's fp32
-# NCHW path: native bf16 is forced off here (subprocesses inherit it); tests/test_runtime_compute.py turns the
-# detection on and off explicitly.
+# NCHW path: native bf16 is forced off here (subprocesses inherit it); tests/runtime/test_precision_and_layout.py
+# turns the detection on and off explicitly.
 os.environ["SIMCLR_CPU_BF16"] = "0"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

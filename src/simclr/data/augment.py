@@ -16,7 +16,7 @@ range, resampling). Everything that augments is built from it: the reference loa
 on", and the linear evaluation's train-time augmentation (:func:`linear_eval_ops`).
 
 A new op is one class here plus its place in :meth:`AugSpec.ops` (and its option, if it has one);
-tests/test_augment_spec.py then checks each op's batched backend against its reference.
+tests/data/test_augment_backends.py then checks each op's batched backend against its reference.
 """
 from __future__ import annotations
 

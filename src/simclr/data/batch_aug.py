@@ -17,7 +17,7 @@ Two documented differences from the reference:
   images), which averages several samples per output pixel when a crop is shrunk, i.e. it
   antialiases like PIL does; plain bicubic sampling would alias. On CIFAR, bilinear views are
   about 10% less sharp than the reference's (mean |horizontal gradient|; bicubic within 4%),
-  see tests/test_fast_aug.py; the accuracy effect is measured by
+  see tests/data/test_batch_aug.py; the accuracy effect is measured by
   ``benchmarks/time_to_accuracy.py --interpolation``.
 * The reference jitters uint8 PIL images (every op rounds to 1/255); here all ops are in
   float32.
