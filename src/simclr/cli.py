@@ -252,10 +252,10 @@ def export_main(argv: Sequence[str]) -> int:
     from .export_options import ExportConfig
     a, _ = config_lib.parse(ExportConfig, argv)
     from .export import card_path, export_encoder
-    from .names import is_timm
+    from .names import is_named, is_timm
     card = export_encoder(a.ckpt, a.out, a.format, a.trust_checkpoint, a.include_head, a.force)
     out = Path(a.out)
-    what = card["arch"] if is_timm(card["arch"]) else f"{card['arch']} width {card['width']}"
+    what = card["arch"] if is_named(card["arch"]) else f"{card['arch']} width {card['width']}"
     print(f"wrote {out} ({card['format']}, {what}, {card['feat_dim']}-d features, "
           f"{card['input_size']}px input, sha256 {card['sha256'][:16]}...)")
     print(f"model card: {card_path(out)}")
@@ -265,6 +265,9 @@ def export_main(argv: Sequence[str]) -> int:
     elif card["torchvision_recipe"]:
         recipe = "\n    ".join(card["torchvision_recipe"]).replace("PATH", repr(str(out)))
         print("load it with torchvision:\n    " + recipe)
+    elif is_named(card["arch"]):
+        print(f"note: {card['arch']} is one of this project's backbones; load it with "
+              f"simclr.load_encoder({str(out)!r})")
     elif not card["torchvision_loadable"]:
         print(f"note: {card['arch']} of width {card['width']} has no torchvision counterpart (torchvision's "
               f"ResNet-18 to 152 have width 64); load it with simclr.load_encoder({str(out)!r})")

@@ -26,7 +26,7 @@ from .data.datasets import IMG_EXTENSIONS
 from .data.images import open_rgb
 from .errors import ConfigError, DataError, UserError
 from .files import claim_output, read_small_json, sha256_file
-from .models import is_timm
+from .models import is_named, is_timm
 from .models.timm_trunk import create_call
 from .names import DATA_ALIASES
 from .export_options import EXPORT_FORMATS as FORMATS
@@ -66,6 +66,11 @@ def timm_recipe(enc: Encoder) -> list:
 def _format(fmt: str, enc: Encoder) -> str:
     """``auto``: torchvision for the ResNets, timm for a timm: encoder; a format that does not fit is refused."""
     timm_enc = is_timm(enc.arch)
+    if is_named(enc.arch) and not timm_enc:  # an in-repo backbone (simclr.names.BACKBONES): no other library has it
+        if fmt in ("torchvision", "timm"):
+            raise ConfigError(f"--format {fmt}: {enc.arch} is one of this project's in-repo backbones; use --format "
+                              f"safetensors (or auto) and load it with simclr.load_encoder")
+        return "safetensors"
     if fmt == "auto":
         return "timm" if timm_enc else "torchvision"
     if fmt == "torchvision" and timm_enc:
@@ -133,7 +138,7 @@ def export_encoder(ckpt, out, fmt: str = "torchvision", trust: bool = False, inc
     timm_enc = is_timm(enc.arch)
     meta = {"arch": enc.arch, "width": enc.width, "cifar_stem": enc.cifar_stem, "feat_dim": enc.feat_dim,
             "input_size": enc.input_size}
-    if timm_enc:
+    if is_named(enc.arch):
         meta["timm_kwargs"] = enc.timm_kwargs
     if fmt == "safetensors":
         from safetensors.torch import save

@@ -68,6 +68,20 @@ def is_timm(arch) -> bool:
     return isinstance(arch, str) and arch.startswith(TIMM_PREFIX)
 
 
+# Encoders beside the ResNets and timm: name -> "module:callable" (imported when first built, so that the options stay
+# torch-free) or the callable itself (simclr.models.register_backbone, from a script). ``callable(image_size,
+# **kwargs)`` returns an nn.Module mapping images (N, 3, S, S) to features (N, feat_dim), with an int attribute
+# ``feat_dim``; ``--timm_kwargs`` passes it keyword arguments. A backbone in the package is its module and one line
+# here (docs/extending.md, "A backbone").
+BACKBONES: dict = {}
+
+
+def is_named(arch) -> bool:
+    """Whether ``arch`` is a trunk built by its name alone (a timm model or one of :data:`BACKBONES`): none of the
+    ResNets' width arithmetic, CIFAR stem or zero-init; its own initialisation; its arguments in ``--timm_kwargs``."""
+    return is_timm(arch) or (isinstance(arch, str) and arch in BACKBONES)
+
+
 def _scalar_or_list(v) -> bool:
     scalar = (str, int, float, bool, type(None))
     return isinstance(v, scalar) or (isinstance(v, list) and len(v) <= 64 and all(isinstance(x, scalar) for x in v))

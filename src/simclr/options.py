@@ -17,8 +17,8 @@ from typing import Optional
 
 from .config import auto_switch, nonneg, option, positive, seed_range
 from .errors import ConfigError
-from .names import (BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs, is_timm,
-                    resolve_width, split_arch)
+from .names import (BACKBONES, BASE_WIDTH, DATA_ALIASES, DATASETS, RESNETS, blur_sigma_range, canonical_kwargs,
+                    is_named, is_timm, resolve_width, split_arch)
 
 # Keys the spec writes into its saved configs that describe a past run (its exman bookkeeping: run id,
 # start time, final status, tmp flag, the file it was read from, the process count and GPU index of
@@ -102,25 +102,26 @@ def resolve_encoder(cfg, arch_key: str, width_key: str, mult_key: str = "") -> N
     options that do not apply to the encoder, are refused."""
     arch, width = getattr(cfg, arch_key), getattr(cfg, width_key)
     mult = getattr(cfg, mult_key) if mult_key else 0
-    if is_timm(arch):
-        from .models.timm_trunk import check_name  # a timm name is checked by timm itself (imports torch)
-        check_name(arch)
+    if is_named(arch):
+        if is_timm(arch):
+            from .models.timm_trunk import check_name  # a timm name is checked by timm itself (imports torch)
+            check_name(arch)
         given = [f"--{k} {getattr(cfg, k)}" for k in (width_key, mult_key) if k and getattr(cfg, k)]
         if given:
             raise ConfigError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the built-in ResNets, "
-                              f"not to {arch}: choose a wider timm model or set its own arguments with --timm_kwargs")
+                              f"not to {arch}: choose a wider model or set its own arguments with --timm_kwargs")
         if getattr(cfg, "zero_init_residual", False):
             raise ConfigError(f"--zero_init_residual applies to the built-in ResNets, not to {arch}; pass the "
                               f"model's own argument in --timm_kwargs (timm ResNets: '{{\"zero_init_last\": true}}')")
         return
     if cfg.timm_kwargs:
-        raise ConfigError(f"--timm_kwargs applies to timm: archs only, not to {arch}")
+        raise ConfigError(f"--timm_kwargs applies to timm: archs and the in-repo backbones only, not to {arch}")
     base, _ = split_arch(arch)
     if base not in RESNETS:
-        close = difflib.get_close_matches(base, list(RESNETS), n=1)
+        close = difflib.get_close_matches(base, [*RESNETS, *BACKBONES], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"option '{arch_key}' got {arch!r}; allowed: {', '.join(RESNETS)} (with an optional width "
-                          f"multiplier: resnet50x2), or timm:<model name>{hint}")
+        raise ConfigError(f"option '{arch_key}' got {arch!r}; allowed: {', '.join([*RESNETS, *BACKBONES])} (a ResNet "
+                          f"with an optional width multiplier: resnet50x2), or timm:<model name>{hint}")
     try:
         base, width = resolve_width(arch, width, mult)
     except ValueError as e:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import read, read_card, resolve, unwrap_state_dict
 from .errors import CheckpointError, UserError
-from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights, is_timm, split_arch
+from .models import ENCODERS, ProjectionHead, SimCLRModel, init_weights, is_named, split_arch
 from .names import parse_kwargs
 
 __all__ = ["Encoder", "load_encoder", "load_linear_head", "encoder_from_state"]
@@ -89,7 +89,7 @@ class Encoder(nn.Module):
         return self.model.encode(x, layer)
 
     def extra_repr(self) -> str:
-        shape = f"timm_kwargs={self.timm_kwargs}" if is_timm(self.arch) else \
+        shape = f"timm_kwargs={self.timm_kwargs}" if is_named(self.arch) else \
             f"width={self.width}, cifar_stem={self.cifar_stem}"
         return (f"arch={self.name}, {shape}, feat_dim={self.feat_dim}, input_size={self.input_size}, "
                 f"source={self.source!r}")
@@ -119,7 +119,7 @@ def _check_shapes(model: nn.Module, sd: dict, path) -> None:
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            what = model.name if is_timm(model.arch) else f"{model.arch} of width {model.width}"
+            what = model.name if is_named(model.arch) else f"{model.arch} of width {model.width}"
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but a {what} expects {tuple(own[k].shape)} "
                                   f"(a checkpoint of another architecture?)")
 
@@ -189,8 +189,12 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
         raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {_short(list(map(str, nonfinite)))}; "
                               f"the run diverged before this checkpoint — use an earlier one")
     sd = unwrap_state_dict(sd)
-    if is_timm(arch):
-        return _timm_encoder(sd, path, info, input_size, arch, timm_kwargs, card)
+    if isinstance(arch, str) and arch and not is_named(arch) and split_arch(arch.lower())[0] not in ENCODERS:
+        raise CheckpointError(f"{path}: its encoder is the backbone {arch!r}, which this process does not know: "
+                              f"register it first (simclr.models.register_backbone, as the script that trained it "
+                              f"did), then load the checkpoint")
+    if is_named(arch):
+        return _named_encoder(sd, path, info, input_size, arch, timm_kwargs, card)
     if not any(k.startswith("convnet.") for k in sd):
         if "conv1.weight" in sd:  # a bare torchvision-style trunk (our export, or a torchvision model)
             sd = {k if k.startswith("projection.") else f"convnet.{k}": v for k, v in sd.items()}
@@ -228,8 +232,9 @@ def encoder_from_state(sd: dict, path, info: Optional[dict] = None, input_size: 
     return Encoder(model, size, str(path), info, has_head, card)
 
 
-def _timm_encoder(sd: dict, path, info, input_size, arch: str, timm_kwargs, card) -> Encoder:
-    """A ``timm:`` encoder: ``convnet.*`` keys (our checkpoints) or timm's own names (exports)."""
+def _named_encoder(sd: dict, path, info, input_size, arch: str, timm_kwargs, card) -> Encoder:
+    """A ``timm:`` encoder or one of :data:`simclr.names.BACKBONES`: ``convnet.*`` keys (our checkpoints) or the
+    trunk's own names (exports)."""
     if not any(k.startswith("convnet.") for k in sd):
         if _looks_linear(sd):
             raise _linear_error(path)

@@ -138,9 +138,9 @@ def _load_encoder(cfg: EvalConfig, device: torch.device, layer: str) -> tuple[En
             unpin(Path(cfg.encoder_ckpt))  # ... until it is read
     else:
         from ..data import native_size
-        from ..models import build_model, is_timm
+        from ..models import build_model, is_named
         size = native_size(cfg.data, cfg.image_size)
-        width = "" if is_timm(cfg.encoder_arch) else f"width {cfg.encoder_width}, "
+        width = "" if is_named(cfg.encoder_arch) else f"width {cfg.encoder_width}, "
         log.info(f"note: no --encoder_ckpt given: evaluating a randomly initialised {cfg.encoder_arch} "
                  f"({width}seed {cfg.seed}) — a baseline, not a trained encoder")
         model = build_model(SimpleNamespace(arch=cfg.encoder_arch, width=cfg.encoder_width, proj_layers=2,

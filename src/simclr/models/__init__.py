@@ -2,20 +2,21 @@
 global BN."""
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..names import BASE_WIDTH, arch_name, is_timm, parse_kwargs, resolve_width, split_arch
+from ..names import BACKBONES, BASE_WIDTH, arch_name, is_named, is_timm, parse_kwargs, resolve_width, split_arch
 from .batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from .head import ProjectionHead
 from .resnet import ENCODERS, ResNet
 
 __all__ = ["BASE_WIDTH", "ENCODERS", "GlobalBatchNorm", "ResNet", "ProjectionHead", "SimCLRModel", "arch_name",
-           "build_model", "convert_sync_batchnorm", "init_weights", "is_timm", "resolve_width", "split_arch",
-           "zero_init_last_bn"]
+           "build_model", "convert_sync_batchnorm", "init_weights", "is_named", "is_timm", "named_trunk",
+           "register_backbone", "resolve_width", "split_arch", "zero_init_last_bn"]
 
 
 class SimCLRModel(nn.Module):
@@ -34,22 +35,21 @@ class SimCLRModel(nn.Module):
                  proj_layers: int = 2, proj_dim: int = 128, zero_init_residual: bool = False,
                  timm_kwargs: Optional[dict] = None, image_size: Optional[int] = None, width_multiplier: int = 0):
         super().__init__()
-        if is_timm(arch):
-            from .timm_trunk import create, feat_dim
-            self.convnet, self.timm_kwargs = create(arch, timm_kwargs, image_size)
-            self.arch, self.width, self.cifar_stem, self._feat_dim = arch, 0, False, feat_dim(self.convnet)
+        if is_named(arch):
+            self.convnet, self.timm_kwargs, self._feat_dim = named_trunk(arch, timm_kwargs, image_size)
+            self.arch, self.width, self.cifar_stem = arch, 0, False
         else:
             if timm_kwargs:
-                raise ValueError(f"timm_kwargs apply to timm: archs only, not {arch}")
+                raise ValueError(f"timm_kwargs apply to timm: archs and BACKBONES only, not {arch}")
             self.arch, width = resolve_width(arch, width, width_multiplier)  # the one place a model's width is read
             self.convnet = ResNet(self.arch, cifar_stem=cifar_stem, width=width)
             self.width, self.cifar_stem, self.timm_kwargs = width, cifar_stem, {}
             self._feat_dim = self.convnet.feat_dim
         self.projection = ProjectionHead(self._feat_dim, proj_dim, proj_layers)
-        # the official SimCLR initialisation is a ResNet's; a timm trunk keeps the initialisation timm gives it
-        init_weights(self.projection if is_timm(arch) else self)
+        # the official SimCLR initialisation is a ResNet's; a named trunk keeps the initialisation it is built with
+        init_weights(self.projection if is_named(arch) else self)
         if zero_init_residual:
-            if is_timm(arch):
+            if is_named(arch):
                 raise ValueError("zero_init_residual applies to the built-in ResNets; for a timm model pass its own "
                                  "argument in timm_kwargs (e.g. zero_init_last for timm ResNets)")
             zero_init_last_bn(self.convnet)
@@ -61,7 +61,7 @@ class SimCLRModel(nn.Module):
     @property
     def name(self) -> str:
         """``resnet50x2``, ``timm:vit_tiny_patch16_224``: the encoder as tables name it."""
-        return self.arch if is_timm(self.arch) else arch_name(self.arch, self.width)
+        return self.arch if is_named(self.arch) else arch_name(self.arch, self.width)
 
     def forward(self, x: torch.Tensor) -> dict:
         h = self.convnet(x)
@@ -111,11 +111,34 @@ def zero_init_last_bn(encoder: nn.Module) -> None:
             nn.init.zeros_(m.bn2.weight)
 
 
+def named_trunk(arch: str, kwargs: Optional[dict], image_size: Optional[int]) -> tuple[nn.Module, dict, int]:
+    """(trunk, the keyword arguments it was built with, its feature size) of a timm model or one of
+    :data:`simclr.names.BACKBONES`."""
+    if is_timm(arch):
+        from .timm_trunk import create, feat_dim
+        trunk, kw = create(arch, kwargs, image_size)
+        return trunk, kw, feat_dim(trunk)
+    factory = BACKBONES[arch]
+    if isinstance(factory, str):
+        module, _, name = factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    trunk = factory(image_size=image_size, **(kwargs or {}))
+    return trunk, dict(kwargs or {}), int(trunk.feat_dim)
+
+
+def register_backbone(name: str, factory) -> None:
+    """Make ``factory`` (see :data:`simclr.names.BACKBONES`) the encoder of ``--arch name``, from a script that then
+    starts the run (or loads its checkpoints: a process builds only the backbones it knows)."""
+    if not name or name != name.lower() or name.startswith("timm:") or split_arch(name)[0] in ENCODERS:
+        raise ValueError(f"backbone name {name!r}: a new lower-case name, not a ResNet's or a timm: one")
+    BACKBONES[name] = factory
+
+
 def build_model(cfg, image_size: int) -> SimCLRModel:
     """The model a pretraining config describes, for inputs of ``image_size`` px. ResNets get the CIFAR stem for
     small inputs (32 px CIFAR, 96 px STL-10), the ImageNet stem above; a timm model is built as timm makes it."""
     arch = cfg.arch
-    if is_timm(arch):
+    if is_named(arch):
         return SimCLRModel(arch=arch, proj_layers=cfg.proj_layers, proj_dim=cfg.proj_dim,
                            timm_kwargs=parse_kwargs(getattr(cfg, "timm_kwargs", "")), image_size=image_size)
     return SimCLRModel(arch=arch, cifar_stem=image_size <= 96, width=cfg.width,

@@ -30,7 +30,7 @@ from ..lifecycle import Lifecycle
 from ..evaluate.monitor import knn_monitor
 from ..files import append_line
 from ..models import build_model
-from ..names import is_timm, resolve_width
+from ..names import is_named, resolve_width
 from ..options import PretrainConfig
 from ..rundir import RunDir, environment, release_held
 from ..runtime import autocast_dtype, channels_last_on, resolve_device, seed_everything, tune_backends
@@ -76,7 +76,7 @@ def out_of_memory_error(cfg: PretrainConfig, s: Optional[Session]) -> UserError:
     """What was asked of the device, and the three ways to ask less (the activations grow with the batch, and with
     the model's width and depth)."""
     device = s.parts.device if s is not None and s.parts is not None else cfg.device
-    if is_timm(cfg.arch):
+    if is_named(cfg.arch):
         model = cfg.arch
     else:
         arch, width = resolve_width(cfg.arch, cfg.width, cfg.width_multiplier)
