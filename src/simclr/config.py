@@ -53,6 +53,7 @@ ROLES = {
     "per_process": "each process may hold its own value (where it runs, what it prints or writes)",
     "optimizer": "another value makes another optimizer, whose state cannot be carried over",
     "knn": "`simclr knn` takes it (of the eval options, those the kNN protocol reads)",
+    "bookkeeping": "where or how a run ran, not what it learned: `simclr compare` lists it apart from the differences",
 }
 
 
@@ -60,7 +61,7 @@ def option(default=None, help: str = "", choices: Sequence | None = None, check:
            check_msg: str = "", *, aliases: Sequence[str] = (), positional: bool = False,
            convert: Callable[[Any], Any] | None = None, default_factory=None, switch: bool = False,
            trajectory: bool | None = None, shapes: bool = False, per_process: bool = False, optimizer: bool = False,
-           knn: bool = False):
+           knn: bool = False, bookkeeping: bool = False):
     """A schema field.
 
     ``aliases``: other accepted key names (``"wd"``; a one-letter alias is also a short flag ``-j``).
@@ -68,13 +69,13 @@ def option(default=None, help: str = "", choices: Sequence | None = None, check:
     ``switch``: a text option that, like a boolean, may stand alone on the command line (``--flag`` = true).
     ``convert``: maps an accepted spelling to the canonical value before type checking (``cifar`` -> ``cifar10``);
     it sees YAML mappings and lists too (returned unchanged, or bounded work: a YAML alias bomb is huge).
-    ``trajectory``, ``shapes``, ``per_process``, ``optimizer``, ``knn``: its roles (:data:`ROLES`); ``trajectory``
-    None means not declared (only options no pretraining reads).
+    ``trajectory``, ``shapes``, ``per_process``, ``optimizer``, ``knn``, ``bookkeeping``: its roles (:data:`ROLES`);
+    ``trajectory`` None means not declared (only options no pretraining reads).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "check": check, "check_msg": check_msg,
             "aliases": tuple(aliases), "positional": positional, "convert": convert, "switch": switch,
             "trajectory": trajectory, "shapes": shapes, "per_process": per_process, "optimizer": optimizer,
-            "knn": knn}
+            "knn": knn, "bookkeeping": bookkeeping}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)

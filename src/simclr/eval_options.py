@@ -107,17 +107,18 @@ class EvalConfig(CommonConfig):
     cache_features: bool = option(True, "reuse features cached on disk, keyed by encoder hash + data + transform",
                                   knn=True, trajectory=False)
     run_dir: str = option("", "write into this exact run folder instead of <root>/<name>/<run-id>", knn=True,
-                          trajectory=False)
+                          trajectory=False, bookkeeping=True)
     resume: str = option("", "continue an interrupted SGD linear evaluation (--protocol linear): RUN_DIR (its newest "
                          "valid head checkpoint, with its config.yaml as the base config) or 'auto' (the run folder "
                          "--run_dir, else the newest unfinished evaluation of this --name; a fresh start when there "
                          "is none)",
-                         trajectory=False)
+                         trajectory=False, bookkeeping=True)
     stop_after: int = option(0, "stop the SGD linear evaluation (saving a head checkpoint, status 'interrupted') "
                              "after this many steps of this invocation; continue with --resume; 0 = off",
-                             check=nonneg, check_msg="must be >= 0", trajectory=False)
+                             check=nonneg, check_msg="must be >= 0", trajectory=False, bookkeeping=True)
     keep_last: int = option(2, "head checkpoints written for --save_freq kept (the newest N; those of --ckpt_iter "
-                            "are all kept)", check=positive, check_msg="must be > 0", trajectory=False)
+                            "are all kept)", check=positive, check_msg="must be > 0", trajectory=False,
+                            bookkeeping=True)
 
     def notes(self) -> list:
         """Values accepted that change nothing, said once each. The spec's eval configs carry ``dist: dp``

@@ -167,9 +167,9 @@ class CommonConfig:
     problem: str = option("sim-clr", "which job: sim-clr (pretraining), eval (linear evaluation) or "
                           "semi-supervised-eval (the spec's semi-supervised protocol)", PROBLEMS, trajectory=False)
     name: str = option("", "run name; the run folder is <root>/<name>/<run-id>/ (default: the config file's stem)",
-                       trajectory=False, knn=True)
+                       trajectory=False, knn=True, bookkeeping=True)
     root: str = option("", "folder holding all runs (default: $SIMCLR_LOGS or $EXMAN_PATH or ./logs)",
-                       convert=_path, trajectory=False, per_process=True, knn=True)
+                       convert=_path, trajectory=False, per_process=True, knn=True, bookkeeping=True)
     data: str = option("cifar10", f"dataset: {', '.join(DATASETS)} (alias cifar = cifar10; folder = any image "
                        f"folder, --data_path)", DATASETS, convert=_data, trajectory=True, knn=True)
     # not a trajectory option, and each process's own: a staged copy, or each node's copy at its own path, is the
@@ -202,28 +202,29 @@ class CommonConfig:
     seed: int = option(-1, "random seed; -1 draws one and records it in the run folder", **seed_range(draw=True),
                        trajectory=True, knn=True)
     workers: int = option(2, "DataLoader worker processes", **within(0, 512), aliases=("j",),
-                          trajectory=False, per_process=True, knn=True)
+                          trajectory=False, per_process=True, knn=True, bookkeeping=True)
     device: str = option("auto", "auto, cpu or cuda (cuda:N also accepted)",
-                         trajectory=False, per_process=True, knn=True)
+                         trajectory=False, per_process=True, knn=True, bookkeeping=True)
     precision: str = option("auto", "auto (bf16 autocast on CUDA and on a CPU with native bf16: AVX512-BF16 or "
                          "AMX; fp32 elsewhere), bf16, fp16, fp32 (the loss is fp32 always)",
                          ["auto", "bf16", "fp16", "fp32"], trajectory=False, knn=True)
     eval_freq: int = option(0, "steps between evaluations (kNN monitor in pretraining); 0 = only at the end",
-                         check=nonneg, check_msg="must be >= 0", trajectory=False)
+                         check=nonneg, check_msg="must be >= 0", trajectory=False, bookkeeping=True)
     save_freq: int = option(0, "steps between checkpoints; 0 = only at the end", check=nonneg, check_msg="must be >= 0",
-                            trajectory=False)
-    log_freq: int = option(10, "steps between log lines", check=positive, check_msg="must be > 0", trajectory=False)
+                            trajectory=False, bookkeeping=True)
+    log_freq: int = option(10, "steps between log lines", check=positive, check_msg="must be > 0", trajectory=False,
+                           bookkeeping=True)
     ckpt: str = option("", "checkpoint to resume from (pretraining) or a saved head (eval-only)",
-                       convert=_path, trajectory=False)
-    verbose: bool = option(True, "print progress", trajectory=False, per_process=True, knn=True)
+                       convert=_path, trajectory=False, bookkeeping=True)
+    verbose: bool = option(True, "print progress", trajectory=False, per_process=True, knn=True, bookkeeping=True)
     dist: str = option("none", "distributed pretraining: none; ddp (one process per GPU of each node, with "
                        "--world_size/--node_rank/--dist_address; or start it with torchrun); dp (the spec's "
                        "single-node mode: one DDP process per visible GPU of this node; one process without a GPU). "
-                       "Evaluation runs in one process", ["none", "ddp", "dp"], trajectory=False)
+                       "Evaluation runs in one process", ["none", "ddp", "dp"], trajectory=False, bookkeeping=True)
     dist_address: str = option("127.0.0.1:1234", "<address>:<port> of the main node (spec's --dist ddp form)",
-                               trajectory=False, per_process=True)
+                               trajectory=False, per_process=True, bookkeeping=True)
     node_rank: int = option(0, "rank of this node (spec's --dist ddp form)", check=nonneg, check_msg="must be >= 0",
-                            trajectory=False, per_process=True)
+                            trajectory=False, per_process=True, bookkeeping=True)
     world_size: int = option(1, "number of nodes (spec's --dist ddp form)", check=positive, check_msg="must be > 0",
                              trajectory=False)
     train_subset: int = option(0, "use a class-balanced subset of this many training images (0 = all)",
@@ -236,10 +237,11 @@ class CommonConfig:
                          "file store, <run>/mlruns); none = only the run folder's files. wandb and mlflow are the "
                          "extras simclr-torch[wandb] / simclr-torch[mlflow]", check=_loggers_ok,
                          check_msg=f"must be a comma-separated list of {', '.join(LOGGERS)} (or none)",
-                         trajectory=False, per_process=True, knn=True)
+                         trajectory=False, per_process=True, knn=True, bookkeeping=True)
     mlflow_uri: str = option("", "MLflow tracking URI for --logger mlflow (default: the file store "
-                             "file:<run folder>/mlruns)", trajectory=False, per_process=True, knn=True)
-    model_id: int = compatibility_only("model_id", trajectory=False)
+                             "file:<run folder>/mlruns)", trajectory=False, per_process=True, knn=True,
+                             bookkeeping=True)
+    model_id: int = compatibility_only("model_id", trajectory=False, bookkeeping=True)
 
     IGNORED_KEYS = IGNORED_KEYS
 
@@ -338,16 +340,17 @@ class PretrainConfig(CommonConfig):
     knn_t: float = option(0.1, "temperature of the weighted kNN monitor", check=positive, check_msg="must be > 0",
                           trajectory=False)
     eval_at_start: bool = option(False, "run the kNN monitor once before the first step (the random-init baseline)",
-                                 trajectory=False)
+                                 trajectory=False, bookkeeping=True)
     resume: str = option("", "continue a run: RUN_DIR (its newest valid checkpoint, with its config.yaml as the base "
                          "config) or 'auto' (the run folder --run_dir, else the newest run of this --name; a fresh "
-                         "start when it has no checkpoint)", trajectory=False)
+                         "start when it has no checkpoint)", trajectory=False, bookkeeping=True)
     allow_config_change: bool = option(False, "let a resumed run change options that shape its trajectory (iters, "
-                                       "lr, batch_size, ...); the old and new values are logged", trajectory=False)
+                                       "lr, batch_size, ...); the old and new values are logged", trajectory=False,
+                                       bookkeeping=True)
     run_dir: str = option("", "use this exact run folder instead of creating <root>/<name>/<run-id>",
-                          trajectory=False, per_process=True)
+                          trajectory=False, per_process=True, bookkeeping=True)
     keep_last: int = option(2, "checkpoints kept in the run folder (the newest N)", check=positive,
-                         check_msg="must be > 0", trajectory=False)
+                         check_msg="must be > 0", trajectory=False, bookkeeping=True)
     on_nan: str = option("stop", "non-finite loss: stop (keep the last good checkpoint) or skip the step",
                       ["stop", "skip"], trajectory=False)
     loader: str = option("auto", "input pipeline: reference (PIL transforms in workers), fast (batched tensor "
@@ -374,4 +377,4 @@ class PretrainConfig(CommonConfig):
                                     check=positive, check_msg="must be > 0", trajectory=False)
     stop_after: int = option(0, "stop (saving a checkpoint, status 'interrupted') after this many steps of this "
                           "invocation, e.g. to fit a job time limit; resume with --ckpt or --resume auto; 0 = off",
-                          check=nonneg, check_msg="must be >= 0", trajectory=False)
+                          check=nonneg, check_msg="must be >= 0", trajectory=False, bookkeeping=True)

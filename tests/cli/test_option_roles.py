@@ -44,7 +44,7 @@ def test_an_option_without_a_trajectory_role_is_caught():
 
 
 def test_roles_are_the_declared_ones_and_unknown_roles_are_refused():
-    assert set(ROLES) == {"trajectory", "shapes", "per_process", "optimizer", "knn"}
+    assert set(ROLES) == {"trajectory", "shapes", "per_process", "optimizer", "knn", "bookkeeping"}
     shapes = with_role(PretrainConfig, "shapes")
     assert set(shapes) == {"arch", "width", "timm_kwargs", "proj_layers", "proj_dim"}
     assert "loss" in with_role(PretrainConfig, "trajectory")  # --loss dcl is another run
@@ -72,3 +72,17 @@ def test_eval_help_has_no_pretraining_width():
     assert r.returncode == 0
     assert "--encoder_width" in r.stdout
     assert not re.search(r"^\s*--width(_multiplier)?\b", r.stdout, re.M)
+
+
+def test_the_options_compare_lists_apart_are_those_that_say_where_or_how_a_run_ran():
+    """The bookkeeping role replaces the report's hand-kept set; the set it replaced is the reference."""
+    from simclr.report.plots import BOOKKEEPING, config_diff
+    before = {"resume", "device", "name", "root", "run_dir", "ckpt", "verbose", "log_freq", "save_freq", "eval_freq",
+              "keep_last", "workers", "logger", "mlflow_uri", "model_id", "dist", "dist_address", "node_rank",
+              "stop_after", "allow_config_change", "eval_at_start"}
+    assert BOOKKEEPING == before
+    for cls in (PretrainConfig, EvalConfig):  # none of them changes what a run learns
+        assert not set(with_role(cls, "bookkeeping")) & set(with_role(cls, "trajectory"))
+    runs = [{"lr": 0.1, "device": "cpu", "seed": 0}, {"lr": 0.2, "device": "cuda", "seed": 0}]
+    assert config_diff(runs) == {"lr": [0.1, 0.2]}
+    assert config_diff(runs, bookkeeping=True) == {"device": ["cpu", "cuda"]}

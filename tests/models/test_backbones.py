@@ -109,7 +109,8 @@ def test_width_spellings_agree_and_disagreeing_ones_are_refused(tmp_path):
     for argv, needle in ((["--arch", "resnet50", "--width", "8", "--width_multiplier", "2"], "64 x k = 128"),
                          (["--arch", "resnet50x2", "--width_multiplier", "4"], "give one of them"),
                          (["--arch", "resnet51"], "did you mean 'resnet50'"),
-                         (["--arch", "resnet50x2", "--timm_kwargs", '{"a": 1}'], "applies to timm: archs and the in-repo backbones only")):
+                         (["--arch", "resnet50x2", "--timm_kwargs", '{"a": 1}'],
+                          "applies to timm: archs and the in-repo")):
         with pytest.raises(ConfigError, match=needle):
             parse(*argv)
     # a width on the command line replaces the file's multiplier (a tiny run of a big config); in one place, both

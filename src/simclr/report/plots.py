@@ -20,7 +20,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..config import with_role
+from ..eval_options import EvalConfig
 from ..files import atomic_write
+from ..options import PretrainConfig
 from ..progress import rate
 from ..runs import read_config, read_metrics
 
@@ -327,10 +330,8 @@ _MISSING = "<missing>"
 KEY_ORDER = ("iters", "lr", "width", "temperature", "batch_size", "arch", "data", "multiplier", "opt",
              "weight_decay", "lr_schedule", "warmup", "proj_dim", "proj_layers", "color_dist_s", "scale_lower",
              "blur", "image_size", "train_subset", "precision", "seed")
-# where or how a run ran, not what it trained: never a config difference (listed apart)
-BOOKKEEPING = frozenset({"resume", "device", "name", "root", "run_dir", "ckpt", "verbose", "log_freq", "save_freq",
-                         "eval_freq", "keep_last", "workers", "logger", "mlflow_uri", "model_id", "dist",
-                         "dist_address", "node_rank", "stop_after", "allow_config_change", "eval_at_start"})
+# where or how a run ran, not what it trained: never a config difference (listed apart); the options declare it
+BOOKKEEPING = frozenset(with_role(PretrainConfig, "bookkeeping") + with_role(EvalConfig, "bookkeeping"))
 
 
 def _key_rank(key: str) -> tuple:
