@@ -8,6 +8,9 @@ import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
+import torch
+
 from simclr.cli import main
 
 CLASSES = ("airplane", "cat", "dog", "ship")
@@ -80,3 +83,25 @@ def one_error_line(r) -> str:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
     return errors[0]
+
+
+def tiny_data_setup(data: list):
+    """A module's set-up, as an autouse fixture to assign at its top level (``_setup = tiny_data_setup(_DATA)``):
+    ``data[0]`` is a tiny image folder of real CIFAR-10 images, and torch runs on 1 thread while the module's tests
+    run (their bit-exact comparisons are made at that count)."""
+    @pytest.fixture(autouse=True, scope="module")
+    def _setup(data_root, tmp_path_factory):
+        data[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root)]
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)
+    return _setup
+
+
+def one_run(data: Path, tmp_path: Path, **over) -> Path:
+    """The run folder of a finished ``pretrain_args(data, tmp_path / "logs", **over)``."""
+    rc, out, err = cli(*pretrain_args(data, tmp_path / "logs", **over))
+    assert rc == 0, err
+    (status,) = (tmp_path / "logs").rglob("status.json")
+    return status.parent

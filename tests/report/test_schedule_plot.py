@@ -6,28 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.helpers.folder_runs import cli, pretrain_args, tiny_folder
+from tests.helpers.folder_runs import cli, one_run as run_folder_of, tiny_data_setup
 
 
 _DATA: list = []
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _setup(data_root, tmp_path_factory):
-    _DATA[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root)]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_setup = tiny_data_setup(_DATA)
 
 
 def one_run(tmp_path: Path, **over) -> Path:
-    rc, out, err = cli(*pretrain_args(_DATA[0], tmp_path / "logs", **over))
-    assert rc == 0, err
-    (status,) = (tmp_path / "logs").rglob("status.json")
-    return status.parent
+    return run_folder_of(_DATA[0], tmp_path, **over)
 
 
 # ------------------------------------------------------------------------------------------------

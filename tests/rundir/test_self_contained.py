@@ -9,23 +9,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.helpers.folder_runs import cli, knn_args, one_error, pretrain_args, tiny_folder, tree_digest
+from tests.helpers.folder_runs import cli, knn_args, one_error, pretrain_args, tiny_data_setup, tree_digest
 from simclr import checkpoint as ckpt_lib
 from simclr.checkpoint import reader as ckpt_reader
 
 _DATA: list = []
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _setup(data_root, tmp_path_factory):
-    _DATA[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root)]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_setup = tiny_data_setup(_DATA)
 
 
 def pretrain(root: Path, **over) -> tuple[int, str, str]:

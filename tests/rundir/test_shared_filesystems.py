@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.helpers.folder_runs import cli, knn_args, pretrain_args, tiny_folder
+from tests.helpers.folder_runs import cli, knn_args, pretrain_args, tiny_data_setup
 from simclr import checkpoint as ckpt_lib
 from simclr import locks
 
@@ -23,13 +22,7 @@ _DATA: list = []
 _REAL_FLOCK = fcntl.flock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _setup(data_root, tmp_path_factory):
-    _DATA[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root)]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_setup = tiny_data_setup(_DATA)
 
 
 @pytest.fixture(autouse=True)
