@@ -139,3 +139,37 @@ def test_extending_example_op_has_two_backends_that_agree(images):
         hit = (views - solarized).abs().flatten(1).amax(1) < 5e-3  # the reference rounds through uint8
         miss = (views - x).abs().flatten(1).amax(1) < 5e-3
         assert bool((hit | miss).all()) and 0.16 < float(hit.float().mean()) < 0.24
+
+
+@pytest.mark.parametrize("loader", ["fast", "reference"])
+def test_extending_example_op_in_the_recipe_trains_two_steps(tmp_path, data_root, monkeypatch, loader):
+    """The same Solarize appended to the recipe (AugSpec.ops, the one place an op joins it): a 2-step
+    `simclr pretrain` applies it through the input pipeline asked for, the batched backend on every step's views or
+    the reference transform on every image of the reference loader."""
+    import re
+    from pathlib import Path
+
+    from tests.conftest import run_cli, tiny_args
+    page = (Path(__file__).resolve().parents[2] / "docs" / "extending.md").read_text()
+    (code,) = re.findall(r"<!-- tested: tests/data/test_augment_backends.py -->\n```python\n(.*?)```", page, re.S)
+    scope: dict = {"__name__": "extending_example"}
+    exec(compile(code, "docs/extending.md", "exec"), scope)
+    calls = {"batch": 0, "reference": 0}
+
+    class Counted(scope["Solarize"]):
+        def batch(self, x, p):
+            calls["batch"] += x.shape[0]
+            return super().batch(x, p)
+
+        def reference(self):
+            inner = super().reference()
+
+            def apply(x):
+                calls["reference"] += 1
+                return inner(x)
+            return apply
+    ops = AugSpec.ops
+    monkeypatch.setattr(AugSpec, "ops", lambda self: [*ops(self), Counted()])
+    r = run_cli("pretrain", *tiny_args(tmp_path, iters=2, batch_size=16, loader=loader))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert calls["batch" if loader == "fast" else "reference"] == 2 * 16 * 2  # 2 steps x 16 images x 2 views

@@ -320,7 +320,8 @@ class BatchAugment:
         self.spec, self.m, self.size = spec, multiplier, spec.size
         self.ops = spec.ops()
         self.crop, self.rest = self.ops[0], self.ops[1:]
-        self.blur_kernel = self.ops[-1].kernel
+        # the blur's kernel side (0: no blur), wherever the blur sits in the recipe (ops may be appended after it)
+        self.blur_kernel = next((op.kernel for op in self.ops if isinstance(op, Blur)), 0)
 
     def params(self, heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator) -> AugParams:
         return draw(self.ops, heights, widths, generator)
