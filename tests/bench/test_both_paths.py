@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from simclr.cli import main
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
     """The numbers are checked against clocks the test reads itself, not against bench's own formulas.
 

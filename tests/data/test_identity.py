@@ -194,6 +194,7 @@ def test_two_processes_with_different_lr_and_width_refuse_naming_the_keys_on_eve
     assert not list((tmp_path / "logs").rglob("checkpoint-*.pt"))
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_a_master_port_that_never_answers_fails_within_the_timeout_with_one_line(tmp_path):
     """Observation: a MASTER_PORT where another TCP service listens blocked the rendezvous forever
     (SIMCLR_DIST_TIMEOUT not applied). A real process: the hang is the point; 120 s bounds the test, not asserted."""

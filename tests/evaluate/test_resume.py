@@ -151,6 +151,7 @@ def test_a_resume_of_a_folder_in_use_is_refused_before_reading_data_or_checkpoin
     assert touched == [] and status(run)["status"] == "interrupted"
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_sigterm_saves_the_head_at_a_step_exits_0_and_resumes_bit_identical(tmp_path, trained_ckpt):
     """A real process signalled as SLURM does (its whole process group): the step ends, the head is saved, exit 0."""
     common = dict(iters=3000)

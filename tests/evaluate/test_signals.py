@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_an_evaluation_even_when_sigint_was_ignored(tmp_path, sig):
     """A shell starts background jobs with SIGINT ignored; the entry point installs its handlers anyway. During the

@@ -254,6 +254,7 @@ def _hide_timm(tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_without_timm_a_timm_arch_is_one_error_line_and_nothing_else_needs_it(tmp_path):
     env = _hide_timm(tmp_path)
     r = run_cli("pretrain", *tiny_args(tmp_path, arch="timm:resnet18", width=0), env=env, subprocess=True)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO, run_cli, tiny_args
 from tests.helpers.folder_runs import one_error_line
 
@@ -17,6 +19,7 @@ def test_run_name_cannot_leave_the_root(tmp_path):
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
     import socket
     run = tmp_path / "run"

@@ -101,6 +101,7 @@ def test_the_documented_requeue_script_trains_to_the_end_with_the_data_staged_an
     assert len(list((tmp_path / "cache").glob("cifar10-train-*.npz"))) == 1
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_a_refused_resume_stops_the_requeue_loop(tmp_path, data_root):
     """Really other images (one removed from the source after the first start) are refused on the second start;
     status.json then says failed with the error, and the script's loop stops instead of requeueing forever."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import torch
 from tests.helpers.folder_runs import cli, one_error, tree_digest
 
@@ -64,6 +66,7 @@ def _capped(*args) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_a_batch_beyond_the_memory_is_one_line_in_a_real_process(tmp_path):
     p = _capped("pretrain", "--data", "cifar10", "--arch", "resnet18", "--width", 8, "--train_subset", 8192,
                 "--test_subset", 100, "--batch_size", 8192, "--iters", 2, "--eval_freq", 0, "--save_freq", 0,

@@ -6,6 +6,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 from tests.conftest import REPO, run_cli, tiny_args
@@ -52,6 +54,7 @@ def test_train_py_users_get_the_train_py_form(tmp_path, monkeypatch):
     assert cli.resume_command("logs/x") == ".venv/bin/python ./train.py --resume logs/x"
 
 
+@pytest.mark.slow  # a real process or a long wait: `make test` runs it, `make test-fast` leaves it out
 def test_the_printed_command_runs_without_the_venv_on_path(tmp_path, data_root):
     r = run_cli("pretrain", *tiny_args(tmp_path, stop_after=2))
     assert r.returncode == 0, r.stderr
