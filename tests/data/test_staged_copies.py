@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers.folder_runs import CLASSES, cli, knn_args, one_error, pretrain_args, tiny_folder
+from tests.helpers.folder_runs import CLASSES, cli, knn_args, one_error, pretrain_args, tiny_data_setup
 from simclr import checkpoint as ckpt_lib
 from simclr.data import get_dataset
 from simclr.data.identity import files_identity
@@ -21,13 +21,7 @@ from simclr.data.identity import files_identity
 _DATA: list = []
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _setup(data_root, tmp_path_factory):
-    _DATA[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root, n_train=4, n_test=3)]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_setup = tiny_data_setup(_DATA, n_train=4, n_test=3)
 
 
 def stage(src: Path, dst: Path, how: str) -> Path:

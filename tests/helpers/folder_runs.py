@@ -85,13 +85,14 @@ def one_error_line(r) -> str:
     return errors[0]
 
 
-def tiny_data_setup(data: list):
+def tiny_data_setup(data: list, **sizes):
     """A module's set-up, as an autouse fixture to assign at its top level (``_setup = tiny_data_setup(_DATA)``):
     ``data[0]`` is a tiny image folder of real CIFAR-10 images, and torch runs on 1 thread while the module's tests
-    run (their bit-exact comparisons are made at that count)."""
+    run (their bit-exact comparisons are made at that count). ``sizes``: :func:`tiny_folder`'s ``n_train`` and
+    ``n_test``."""
     @pytest.fixture(autouse=True, scope="module")
     def _setup(data_root, tmp_path_factory):
-        data[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root)]
+        data[:] = [tiny_folder(tmp_path_factory.mktemp("tiny"), data_root, **sizes)]
         n = torch.get_num_threads()
         torch.set_num_threads(1)
         yield

@@ -119,7 +119,7 @@ def load_inputs(cfg: EvalConfig) -> Inputs:
             ds = ds.base
         bad = getattr(ds, "bad_images", None)
         if bad:  # --skip_bad_images true
-            log.info(f"warning: skipped {len(bad)} unreadable image file(s) of the {split} split, e.g. {bad[0]}")
+            log.warning(f"warning: skipped {len(bad)} unreadable image file(s) of the {split} split, e.g. {bad[0]}")
     inp = Inputs(device, autocast_dtype(cfg.precision, device), encoder, encoder_hash, layer, image_size,
                  cfg.augmentation if cfg.aug else "none", head_state, train, test, unlabeled, classes, channels_last)
     if head_state is not None:  # a head that does not fit fails before any folder is created
@@ -339,10 +339,10 @@ def run_eval(cfg: EvalConfig, should_stop: Callable[[], bool] = lambda: False,
                                 data=data_folder(cfg.data, cfg.data_path))
         finally:
             release_held()
+        life.begin(run, cfg, dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute),
+                   protocol=cfg.protocol, iters=cfg.iters)  # from here on, whatever stops the job closes the folder
         feats = Features(cfg, inp)
         ckpts = HeadCheckpoints(cfg, inp, run, point, should_stop, started, data_ids["train"])
-        life.begin(run, cfg, dict(environment(str(inp.device)), data_fingerprint=data_ids, compute=inp.compute),
-                   protocol=cfg.protocol, iters=cfg.iters)
         train_part = "" if cfg.eval_only else f"{len(inp.train)} labelled training images, "
         log.info(f"evaluating {inp.encoder.name} from {cfg.encoder_ckpt or 'random init'} "
                  f"(sha256 {inp.encoder_hash[:12] or '-'}) on {cfg.data}: {train_part}{len(inp.test)} test images, "

@@ -147,11 +147,11 @@ def setup(cfg: PretrainConfig, life: Optional[Lifecycle] = None) -> Session:
     wrap(s.parts, dist.enabled)
     if dist.is_main:
         run = RunDir.create(cfg.root, cfg.name, run_dir, data=data_folder(cfg.data, cfg.data_path))
+        life.begin(run, cfg, dict(environment(str(device)), data_fingerprint=fingerprint, compute=s.parts.compute),
+                   step=s.step, iters=cfg.iters)  # from here on, whatever stops the run closes the folder
         if ck is not None and ck["config_changes"]:  # --allow_config_change: what changed, and when
             append_line(run.path / "config_history.jsonl", json.dumps(
                 {"time": time.time(), "step": s.step, "changes": ck["config_changes"]}, default=str) + "\n")
-        life.begin(run, cfg, dict(environment(str(device)), data_fingerprint=fingerprint, compute=s.parts.compute),
-                   step=s.step, iters=cfg.iters)
         s.run = run
     return s
 
