@@ -40,6 +40,7 @@ from typing import Optional
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
 from .locks import BUSY, try_lock
+from .runtime import cpu_allocator
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -61,7 +62,7 @@ def environment(device: str = "") -> dict:
            "device": device, "cuda": torch.version.cuda, "git_commit": git.commit, "git_dirty": git.dirty,
            "command": " ".join(sys.argv), "cwd": os.getcwd(),
            "data_root": str(data_root().resolve()),
-           "imagenet_path": os.environ.get("IMAGENET_PATH", "")}
+           "imagenet_path": os.environ.get("IMAGENET_PATH", ""), "cpu_allocator": cpu_allocator()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpus_visible"] = torch.cuda.device_count()

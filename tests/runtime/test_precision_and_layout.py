@@ -100,6 +100,7 @@ def test_a_run_prints_and_records_its_compute_and_resumes_on_another_with_one_no
     run = run_folder(tmp_path / "logs")
     env = json.loads((run / "env.json").read_text())
     assert env["compute"] == {"precision": "bf16", "channels_last": True}
+    assert env["cpu_allocator"] == runtime.cpu_allocator() != "default"  # the fast way keeps freed memory
     ck = read(run / "checkpoints" / "checkpoint-00000002.pt")
     assert ck["compute"] == {"precision": "bf16", "channels_last": True}
 

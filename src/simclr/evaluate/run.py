@@ -77,12 +77,13 @@ def run_kind(cfg: EvalConfig) -> str:
 
 
 def load_inputs(cfg: EvalConfig) -> Inputs:
-    from ..runtime import autocast_dtype, channels_last_on, resolve_device
+    from ..runtime import autocast_dtype, channels_last_on, resolve_device, tune_cpu
     require(cfg.logger, cfg.mlflow_uri)  # a tracker that is not installed stops the job before any work
     if cfg.run_dir and Path(cfg.run_dir).is_dir():  # a folder of another kind is refused before any work
         check_run_folder(Path(cfg.run_dir))
         check_kind(Path(cfg.run_dir), run_kind(cfg))
     device = resolve_device(cfg.device)
+    tune_cpu(device)  # as pretraining does: feature extraction and a fine-tuning step are its steps
     if cfg.seed < 0:  # a random-init baseline is reproducible by default (seed 0); a trained encoder draws one
         cfg.seed = 0 if not cfg.encoder_ckpt else random.SystemRandom().randrange(2 ** 31)
     torch.manual_seed(cfg.seed)
