@@ -81,6 +81,9 @@ class BenchConfig:
     seed: int = option(0, "random seed of the model and the data order", **seed_range(draw=False))
     threads: int = option(0, "CPU threads of the main process (0 = torch's default)", check=nonneg,
                           check_msg="must be >= 0")
+    isolate: str = option("auto", "run each timed run in a fresh process of its own, as each path would run as a "
+                          "program, so that one path's process-wide settings (the allocator, threads, heap) never "
+                          "reach the other (auto: on a CPU)", ["auto", "on", "off"])
     repeat: int = option(1, "run the paths this many times, alternating, and report each path's median run (for "
                             "noisy shared machines)", check=positive, check_msg="must be > 0")
     scan_files: int = option(0, "instead of training: time a start's read of a synthetic image folder of this "
@@ -129,10 +132,12 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     from . import config as config_lib
     from .data.fast import FastLoader
     from .options import PretrainConfig
-    from .runtime import fast_compute
+    from .runtime import cpu_allocator, fast_compute, tune_cpu
     from .train import build, train_step, wrap
 
     fast = path == "fast"
+    if fast:  # what simclr pretrain sets up on this device; the reference path runs in a process of its own
+        tune_cpu(device)
     channels_last = fast and _on(args.channels_last, device, fast_compute(device))
     compiled = fast and _on(args.compile, device, device.type == "cuda")
     cfg = config_lib.build(PretrainConfig, dict(
@@ -206,7 +211,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
         "precision": str(amp).replace("torch.", "") if amp else "fp32", "channels_last": channels_last,
         "compile": compiled, "workers": args.workers if not fast else 0, "final_loss": final_loss,
         "lars": "foreach" if fast else "plain", "data_only": bool(args.data_only),
-        "threads": torch.get_num_threads(), "aug_thread": aug_thread,
+        "threads": torch.get_num_threads(), "aug_thread": aug_thread, "cpu_allocator": cpu_allocator(),
+        "process": os.getpid(),
     }
 
 
@@ -234,6 +240,30 @@ def guarded_run(path: str, args, images, device: torch.device) -> dict:
     return failure
 
 
+def isolated_run(path: str, args, device: torch.device) -> dict:
+    """:func:`guarded_run` in a fresh process (``spawn``: nothing of this process's heap, threads or allocator
+    settings is inherited), which reads the images itself. On a CPU a path's process-wide set-up is part of what
+    is measured: the fast path keeps freed memory for the next step (``runtime.tune_cpu``), as ``simclr pretrain``
+    does, while the spec's program runs with the C library's defaults; in one shared process the second path
+    would inherit the first's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child_run, path, args, str(device)).result()
+
+
+def _child_run(path: str, args, device: str) -> dict:
+    import torch
+
+    from .data import get_dataset, maybe_subset
+    from .progress import TERMINAL
+    TERMINAL.muted = True  # the parent prints; a failure comes back as the run's status
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
+    return guarded_run(path, args, images, torch.device(device))
+
+
 def format_table(results: list) -> str:
     lines = [f"{'path':<10} {'images/s':>10} {'ms/step':>9} {'data wait':>9} {'peak mem':>9} {'warm-up':>8}  setup"]
     for r in results:
@@ -249,6 +279,8 @@ def format_table(results: list) -> str:
         setup += f"{r.get('threads', '?')} intra-op threads, "
         setup += (f"{r['workers']} workers" if r["path"] == "reference" else
                   "aug in a background thread" if r.get("aug_thread") else "on-device aug")
+        if r.get("cpu_allocator", "default") != "default":
+            setup += ", freed memory kept"
         lines.append(f"{r['path']:<10} {r['images_per_s']:>10.1f} {r['ms_per_step']:>9.1f} "
                      f"{100 * r['data_wait_frac']:>8.1f}% {mem:>9} {r['warmup_s']:>7.1f}s  {setup}")
     return "\n".join(lines)
@@ -320,6 +352,9 @@ def main(argv) -> int:
           f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "
           f"{args.steps} timed steps per path, {device_name(device)}", flush=True)
     runs: dict = {p: [] for p in paths}
+    isolate = args.isolate == "on" or (args.isolate == "auto" and device.type == "cpu")
+    if isolate:
+        print("each run in a fresh process of its own (--isolate)", flush=True)
 
     def summary(final: bool) -> dict:
         results = [path_result(runs[p]) for p in paths if runs[p]]
@@ -340,7 +375,7 @@ def main(argv) -> int:
         for p in paths:
             if any(r["status"] != "ok" for r in runs[p]):
                 continue  # a path that failed (out of memory) fails again: its repeats would only cost time
-            runs[p].append(guarded_run(p, args, images, device))
+            runs[p].append(isolated_run(p, args, device) if isolate else guarded_run(p, args, images, device))
             print(format_table(runs[p][-1:]).splitlines()[-1], flush=True)
             summary(final=False)
     out = summary(final=True)

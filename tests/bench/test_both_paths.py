@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -36,7 +37,7 @@ def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
     try:
         rc = main(["bench", "--arch", "resnet18", "--width", "8", "--batch_size", str(batch), "--steps", str(steps),
                    "--warmup", str(warmup), "--train_subset", "64", "--device", "cpu", "--workers", "0",
-                   "--json", str(out)])
+                   "--isolate", "off", "--json", str(out)])  # the hooks see this process's steps
     finally:
         returned = time.perf_counter()
         for h in hooks:
@@ -67,7 +68,7 @@ def test_bench_prints_both_paths_and_the_ratio(tmp_path, capsys, data_root):
 
 def test_bench_data_only_times_the_input_pipelines(capsys, data_root):
     rc = main(["bench", "--data_only", "--batch_size", "16", "--steps", "2", "--warmup", "1", "--train_subset", "64",
-               "--device", "cpu", "--workers", "0", "--arch", "resnet18", "--width", "8"])
+               "--device", "cpu", "--workers", "0", "--arch", "resnet18", "--width", "8", "--isolate", "off"])
     text = capsys.readouterr().out
     assert rc == 0 and text.count("input pipeline only") >= 2 and "speed-up" in text
 
@@ -79,3 +80,22 @@ def test_bench_bad_input_is_one_line(capsys):
     assert main(["bench", "--steps", "many"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: option 'steps' expects an integer, got 'many' (on the command line)"
+
+
+@pytest.mark.slow  # four fresh processes
+def test_on_a_cpu_each_run_has_a_fresh_process_of_its_own(tmp_path, capsys, monkeypatch, data_root):
+    """--isolate (auto: on a CPU): each timed run comes from a process of its own, so the fast path's process-wide
+    set-up (the kept-memory allocator, on a CPU with native bf16) never reaches the spec's path, which runs with
+    the C library's defaults as the spec's program does."""
+    from simclr.runtime import cpu_native_bf16
+    monkeypatch.delenv("SIMCLR_CPU_BF16", raising=False)  # this machine's own CPU defaults, as a user's bench
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--arch", "resnet18", "--width", "8", "--batch_size", "16", "--steps", "1", "--warmup", "1",
+               "--train_subset", "64", "--device", "cpu", "--workers", "0", "--repeat", "2", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "each run in a fresh process of its own" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["all_runs"]
+    pids = [r["process"] for p in ("fast", "reference") for r in runs[p]]
+    assert len(set(pids)) == 4 and os.getpid() not in pids
+    assert [r["cpu_allocator"] for r in runs["reference"]] == ["default", "default"]
+    assert {r["cpu_allocator"] != "default" for r in runs["fast"]} == {bool(cpu_native_bf16())}

@@ -13,7 +13,7 @@ from simclr.cli import main
 from simclr.runtime import out_of_memory
 
 TINY = ["--arch", "resnet18", "--width", "8", "--batch_size", "16", "--steps", "1", "--warmup", "1",
-        "--train_subset", "64", "--device", "cpu", "--workers", "0"]
+        "--train_subset", "64", "--device", "cpu", "--workers", "0", "--isolate", "off"]  # run_path patched here
 
 
 def _failing(monkeypatch, path: str, exc: Exception) -> list:
@@ -75,7 +75,7 @@ def test_bench_reads_the_image_folder_it_is_given(tmp_path, capsys):
     out = tmp_path / "b.json"
     rc = main(["bench", "--data", "folder", "--data_path", str(tmp_path / "imgs"), "--image_size", "32",
                "--arch", "resnet18", "--width", "8", "--batch_size", "8", "--steps", "1", "--warmup", "1",
-               "--device", "cpu", "--workers", "0", "--json", str(out)])
+               "--device", "cpu", "--workers", "0", "--isolate", "off", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
     assert res["n_images"] == 16 and res["image_size"] == 32 and res["failed"] == []
