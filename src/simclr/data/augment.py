@@ -119,7 +119,7 @@ class Flip(Op):
         return {"flip": u[:, 0] < 0.5}
 
     def batch(self, x, p):
-        return torch.where(p.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return kernels.per_view(p.flip, x.flip(-1), x)
 
     def reference(self):
         return T.RandomHorizontalFlip(p=0.5)
@@ -164,7 +164,7 @@ class Grayscale(Op):
         return {"gray": u[:, 0] < 0.2}
 
     def batch(self, x, p):
-        return torch.where(p.gray.view(-1, 1, 1, 1), kernels.grayscale(x).expand_as(x), x)
+        return kernels.per_view(p.gray, kernels.grayscale(x).expand_as(x), x)
 
     def reference(self):
         return T.RandomGrayscale(p=0.2)
