@@ -16,7 +16,7 @@ from torchvision import transforms as T
 
 from simclr.data import get_dataset, maybe_subset
 from simclr.data.augment import AugSpec, BatchAugment, sample_params, simclr_transform
-from simclr.data.batch_aug import adjust_hue, color_jitter, gaussian_blur, resized_crops
+from simclr.data.batch_aug import adjust_hue, color_jitter, gaussian_blur, per_view, resized_crops
 
 N = 20000  # views per distribution test: a rate's standard error is <= 0.0035
 
@@ -98,6 +98,37 @@ def test_crop_resampling_matches_independent_paths():
     patch = TF.crop(x[1], 5, 3, 24, 16)
     up = torch.nn.functional.interpolate(patch[None], size=(32, 32), mode="bicubic", align_corners=False)[0]
     assert torch.allclose(bic[:, 4:-4, 4:-4], up.clamp(0, 1)[:, 4:-4, 4:-4], atol=1e-5)
+
+
+def test_bicubic_crops_equal_grid_sample_on_the_box_grid():
+    """The separable (matrix) bicubic resampling against torch's grid_sample (bicubic, border, the box's affine
+    grid): random boxes, square and oblong sources, enlarged and same-size crops, STL-10's 96 px."""
+    import torch.nn.functional as F
+    torch.manual_seed(3)
+    for h, w, size in ((32, 32, 32), (24, 40, 32), (96, 96, 96)):
+        x = torch.rand(8, 3, h, w)
+        n = 64
+        cw, ch = torch.randint(1, w + 1, (n,)).float(), torch.randint(1, h + 1, (n,)).float()
+        left, top = (torch.rand(n) * (w - cw + 1)).floor(), (torch.rand(n) * (h - ch + 1)).floor()
+        boxes = torch.stack([left, top, left + cw, top + ch], 1)
+        src = torch.randint(0, 8, (n,))
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = cw / w, (2 * left + cw) / w - 1
+        theta[:, 1, 1], theta[:, 1, 2] = ch / h, (2 * top + ch) / h - 1
+        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+        ref = F.grid_sample(x[src], grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+        out = resized_crops(x, boxes, src, size, "bicubic")
+        assert out.shape == ref.shape and out.is_contiguous()
+        assert torch.allclose(out, ref, atol=5e-5), (h, w, size, (out - ref).abs().max())
+
+
+def test_per_view_selection_is_where_exactly():
+    torch.manual_seed(4)
+    a, b = torch.rand(16, 3, 8, 8), torch.rand(16, 3, 8, 8)
+    mask = torch.rand(16) < 0.5
+    assert torch.equal(per_view(mask, a, b), torch.where(mask.view(-1, 1, 1, 1), a, b))
+    gray = torch.rand(16, 1, 8, 8)  # a broadcast operand, as the grayscale op passes it
+    assert torch.equal(per_view(mask, gray.expand_as(a), a), torch.where(mask.view(-1, 1, 1, 1), gray, a))
 
 
 # ---------------------------------------------------------------------------- parameter distributions
