@@ -1,10 +1,11 @@
-"""``simclr bench``: the reference input/compute path against the fast one, in one process.
+"""``simclr bench``: the reference input/compute path against the fast one.
 
     simclr bench --arch resnet50 --data cifar10 --batch_size 1024 --steps 50
 
-The fast path runs first, then the reference; each in its own guard: a path that runs out of
-memory is recorded as ``"oom"`` (another failure as its error message) and the other path is
-still timed and reported; the exit status is 1 when a path failed. Both paths train the same
+The fast path runs first, then the reference (``--repeat``: alternating); on CUDA in this process, on a CPU each
+run in a fresh process of its own (``--isolate``, :func:`isolated_run`). Each run in its own guard: a path that
+runs out of memory is recorded as ``"oom"`` (another failure as its error message) and the other path is still timed
+and reported; the exit status is 1 when a path failed. Both paths train the same
 model for ``--warmup`` untimed steps (worker start-up, cuDNN autotuning, ``torch.compile``) and
 then ``--steps`` timed ones:
 

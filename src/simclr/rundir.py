@@ -40,7 +40,6 @@ from typing import Optional
 from .errors import UserError
 from .files import append_line, atomic_write, check_own, git_state, is_temp, open_own, read_small_json
 from .locks import BUSY, try_lock
-from .runtime import cpu_allocator
 from .trackers import Trackers
 
 HEARTBEAT_S = 30.0
@@ -53,6 +52,7 @@ def new_run_id() -> str:
 
 def environment(device: str = "") -> dict:
     from .data.datasets import data_root
+    from .runtime import cpu_allocator
     import numpy
     import torch
     import torchvision
