@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from simclr import runtime
@@ -41,6 +42,7 @@ def _faults_per_step(mode: str, **env) -> tuple[int, str]:
     return int(r.stdout.strip()), r.stderr.strip()
 
 
+@pytest.mark.slow  # three real processes: `make test` runs it, `make test-fast` leaves it out
 def test_kept_memory_is_reused_without_page_faults():
     """A real process each (the point is the process-wide allocator): with the C library's defaults a freed 40 MiB
     block goes back to the kernel, and writing the next one faults in its 10,240 pages again; with the policy the
