@@ -256,13 +256,17 @@ def isolated_run(path: str, args, device: torch.device) -> dict:
 def _child_run(path: str, args, device: str) -> dict:
     import torch
 
-    from .data import get_dataset, maybe_subset
     from .progress import TERMINAL
     TERMINAL.muted = True  # the parent prints; a failure comes back as the run's status
     if args.threads:
         torch.set_num_threads(args.threads)
-    images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
-    return guarded_run(path, args, images, torch.device(device))
+    return guarded_run(path, args, bench_images(args), torch.device(device))
+
+
+def bench_images(args):
+    """The images both paths train on: ``--data`` (its pretraining split), ``--train_subset`` of them."""
+    from .data import get_dataset, maybe_subset
+    return maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
 
 
 def format_table(results: list) -> str:
@@ -340,14 +344,13 @@ def main(argv) -> int:
     paths = sorted(set(args.path_list()), key=PATHS.index)
     if args.json:  # before any work: never over a file another program (or the user) wrote
         claim_output(Path(args.json), BENCH_MARK, "bench", args.force, "--json")
-    from .data import get_dataset, maybe_subset
     from .runtime import resolve_device
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":  # both paths: cuDNN picks its fastest kernels during the warm-up steps
         torch.backends.cudnn.benchmark = True
-    images = maybe_subset(get_dataset(args.data, "pretrain", args.data_path, args.image_size), args.train_subset, 0)
+    images = bench_images(args)
     width = f" (width {args.width})" if args.width else ""
     print(f"simclr bench: {args.arch}{width} on {args.data} ({len(images)} images, "
           f"{images.image_size}px), batch {args.batch_size} x {args.multiplier} views, {args.warmup} warm-up + "
