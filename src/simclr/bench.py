@@ -13,7 +13,10 @@ then ``--steps`` timed ones:
   fp32, NCHW, no compile, the plain per-parameter LARS step;
 * fast — the project's defaults: the dataset on the device, batched per-view augmentation there (on a CPU in
   a background thread, one step ahead), bf16 autocast and channels_last (on CUDA, and on a CPU that computes
-  bf16 natively: ``runtime.fast_compute``), ``torch.compile`` (CUDA), multi-tensor LARS.
+  bf16 natively: ``runtime.fast_compute``), ``torch.compile`` (CUDA), multi-tensor LARS;
+* fast-step (only when asked for, ``--paths fast,reference,fast-step``) — the fast path's training step alone,
+  every step on the same first batch: no input pipeline at all, so its images/s bound what any input path could
+  give the fast path's step (the ``ceiling`` line: fast-step / reference).
 
 Each path reports unique images/s, ms per step, the data-wait fraction (the share of the
 timed interval spent producing the next batch: on CUDA the device time between two events
@@ -24,6 +27,7 @@ CUDA events; the step has no host synchronisation (loss values are never read).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import sys
@@ -40,7 +44,8 @@ from .files import atomic_write, claim_output, git_state
 if TYPE_CHECKING:  # imported where used: --help and a bad option answer without torch
     import torch
 
-PATHS = ("fast", "reference")  # the order they run in
+PATHS = ("fast", "reference", "fast-step")  # the order they run in
+DEFAULT_PATHS = "fast,reference"
 
 BENCH_MARK = b'"command": "simclr bench'  # the first key of every --json file bench writes
 
@@ -68,7 +73,8 @@ class BenchConfig:
                           "CPU count, at most 16)", check=nonneg, check_msg="must be >= 0")
     train_subset: int = option(0, "use this many training images (0 = all)", check=nonneg, check_msg="must be >= 0")
     device: str = option("auto", "device to time on: auto, cpu or cuda")
-    paths: str = option("fast,reference", "comma-separated: fast, reference (they run in that order)")
+    paths: str = option(DEFAULT_PATHS, "comma-separated: fast, reference, fast-step (they run in that order; "
+                        "fast-step: the fast path's step alone on one fixed batch, the bound of any input path)")
     compile: str = option("auto", "torch.compile on the fast path (auto: on CUDA)", ["auto", "on", "off"])
     channels_last: str = option("auto", "channels_last on the fast path (auto: on CUDA and on a CPU with native "
                                 "bf16)", ["auto", "on", "off"])
@@ -95,6 +101,9 @@ class BenchConfig:
         for p in self.path_list():
             if p not in PATHS:
                 raise ConfigError(f"--paths: unknown path {p!r}; allowed: {', '.join(PATHS)}")
+        if self.data_only and "fast-step" in self.path_list():
+            raise ConfigError("--data_only times the input pipelines, and the fast-step path has none: drop one "
+                              "of --data_only and fast-step from --paths")
 
     def path_list(self) -> list:
         return [p.strip() for p in self.paths.split(",") if p.strip()]
@@ -136,7 +145,7 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     from .runtime import cpu_allocator, fast_compute, tune_cpu
     from .train import build, train_step, wrap
 
-    fast = path == "fast"
+    fast = path in ("fast", "fast-step")
     if fast:  # what simclr pretrain sets up on this device; the reference path runs in a process of its own
         tune_cpu(device)
     channels_last = fast and _on(args.channels_last, device, fast_compute(device))
@@ -144,7 +153,8 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     cfg = config_lib.build(PretrainConfig, dict(
         arch=args.arch, width=args.width, timm_kwargs=args.timm_kwargs, image_size=args.image_size, data=args.data,
         data_path=args.data_path, batch_size=args.batch_size, multiplier=args.multiplier,
-        seed=args.seed, workers=args.workers, loader=path, device=str(device), lr=0.1, iters=args.warmup + args.steps,
+        seed=args.seed, workers=args.workers, loader="fast" if fast else "reference", device=str(device), lr=0.1,
+        iters=args.warmup + args.steps,
         lr_schedule="const", precision=args.precision if fast else "fp32", channels_last=channels_last,
         compile=compiled))
     cuda = device.type == "cuda"
@@ -162,6 +172,10 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
 
     total = args.warmup + args.steps
     batches = parts.loader.batches(0, total)
+    if path == "fast-step":  # the first batch, made once, then every step trains on it: no input pipeline
+        first = next(batches)
+        batches.close()
+        batches = itertools.repeat(first)
     host_wait, dev_marks = 0.0, []
     t_setup = time.perf_counter()
     t_start = ev_start = ev_end = None
@@ -198,8 +212,9 @@ def run_path(path: str, args, images, device: torch.device) -> dict:
     else:
         seconds = time.perf_counter() - t_start
         data_s, peak = host_wait, None
-    batches.close()  # shuts the reference path's workers down
-    aug_thread = bool(getattr(parts.loader, "prefetch", False))  # the fast path on a CPU
+    if path != "fast-step":
+        batches.close()  # shuts the reference path's workers down
+    aug_thread = path == "fast" and bool(getattr(parts.loader, "prefetch", False))  # the fast path on a CPU
     final_loss = float(loss.detach())
     del parts, batches, x, loss
     gc.collect()
@@ -283,6 +298,7 @@ def format_table(results: list) -> str:
                       f"{'compiled' if r['compile'] else 'eager'}, {r['lars']} LARS, ")
         setup += f"{r.get('threads', '?')} intra-op threads, "
         setup += (f"{r['workers']} workers" if r["path"] == "reference" else
+                  "one fixed batch, no input pipeline" if r["path"] == "fast-step" else
                   "aug in a background thread" if r.get("aug_thread") else "on-device aug")
         if r.get("cpu_allocator", "default") != "default":
             setup += ", freed memory kept"
@@ -363,13 +379,15 @@ def main(argv) -> int:
     def summary(final: bool) -> dict:
         results = [path_result(runs[p]) for p in paths if runs[p]]
         by = {r["path"]: r for r in results if r["status"] == "ok"}
-        speedup = by["fast"]["images_per_s"] / by["reference"]["images_per_s"] if len(by) == 2 else None
+        ref = by.get("reference", {}).get("images_per_s")
+        speedup = by["fast"]["images_per_s"] / ref if ref and "fast" in by else None
+        ceiling = by["fast-step"]["images_per_s"] / ref if ref and "fast-step" in by else None
         failed = sorted({r["path"] for p in paths for r in runs[p] if r["status"] != "ok"}, key=PATHS.index)
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "commit": git_state().label, "device": device_name(device), "torch": torch.__version__,
                "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
                "complete": final, "failed": failed,
-               "results": results, "speedup": speedup, "all_runs": runs}
+               "results": results, "speedup": speedup, "ceiling": ceiling, "all_runs": runs}
         if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(args.json), json.dumps(out, indent=2))
@@ -387,6 +405,9 @@ def main(argv) -> int:
     print(format_table(out["results"]))
     if out["speedup"] is not None:
         print(f"speed-up (fast / reference images/s): {out['speedup']:.2f}x")
+    if out["ceiling"] is not None:
+        print(f"ceiling (fast-step / reference images/s: the fast path's step with no input pipeline): "
+              f"{out['ceiling']:.2f}x")
     if args.json:
         print(f"wrote {args.json}")
     if out["failed"]:

@@ -76,7 +76,7 @@ def test_bench_data_only_times_the_input_pipelines(capsys, data_root):
 def test_bench_bad_input_is_one_line(capsys):
     assert main(["bench", "--paths", "reference,turbo"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: fast, reference"
+    assert err.strip() == "error: --paths: unknown path 'turbo'; allowed: fast, reference, fast-step"
     assert main(["bench", "--steps", "many"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: option 'steps' expects an integer, got 'many' (on the command line)"
@@ -99,3 +99,54 @@ def test_on_a_cpu_each_run_has_a_fresh_process_of_its_own(tmp_path, capsys, monk
     assert len(set(pids)) == 4 and os.getpid() not in pids
     assert [r["cpu_allocator"] for r in runs["reference"]] == ["default", "default"]
     assert {r["cpu_allocator"] != "default" for r in runs["fast"]} == {bool(cpu_native_bf16())}
+
+
+def test_fast_step_trains_every_step_on_one_batch_and_reports_the_ceiling(tmp_path, capsys, data_root):
+    """The fast-step path is the fast path's step with no input pipeline: every step's input is the same batch
+    (the fast path's inputs differ step to step), and the ceiling is its images/s over the reference's."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from simclr.models import SimCLRModel
+    inputs: list = []
+
+    def seen(module, args):
+        if isinstance(module, SimCLRModel):
+            inputs.append(args[0].detach().float().clone())
+
+    hook = register_module_forward_pre_hook(seen)
+    out = tmp_path / "bench.json"
+    try:
+        rc = main(["bench", "--arch", "resnet18", "--width", "8", "--batch_size", "8", "--steps", "2", "--warmup", "1",
+                   "--train_subset", "32", "--device", "cpu", "--workers", "0", "--isolate", "off",
+                   "--paths", "fast-step,fast", "--json", str(out)])
+    finally:
+        hook.remove()
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert len(inputs) == 6  # fast (3 steps), then fast-step (3 steps): the order of PATHS
+    fast, fixed = inputs[:3], inputs[3:]
+    assert all(x.equal(fixed[0]) for x in fixed[1:])
+    assert not fast[0].equal(fast[1]) and not fast[1].equal(fast[2])
+    res = json.loads(out.read_text())
+    assert [r["path"] for r in res["results"]] == ["fast", "fast-step"]
+    assert res["ceiling"] is None and res["speedup"] is None  # no reference path to divide by
+    assert "one fixed batch, no input pipeline" in text
+
+
+def test_ceiling_is_fast_step_over_reference(tmp_path, capsys, data_root):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--arch", "resnet18", "--width", "8", "--batch_size", "8", "--steps", "1", "--warmup", "1",
+               "--train_subset", "32", "--device", "cpu", "--workers", "0", "--isolate", "off",
+               "--paths", "reference,fast-step", "--json", str(out)])
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    by = {r["path"]: r["images_per_s"] for r in res["results"]}
+    assert rc == 0 and res["ceiling"] == pytest.approx(by["fast-step"] / by["reference"])
+    assert f"ceiling (fast-step / reference images/s: the fast path's step with no input pipeline): " \
+           f"{res['ceiling']:.2f}x" in text
+
+
+def test_fast_step_has_no_input_pipeline_to_time(capsys):
+    assert main(["bench", "--data_only", "--paths", "fast,fast-step"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data_only times the input pipelines, and the fast-step path has none")
