@@ -307,6 +307,20 @@ def format_table(results: list) -> str:
     return "\n".join(lines)
 
 
+def pair_ratios(runs: list, reference: list) -> list:
+    """Run k's images/s over the reference's run k, for each k where both succeeded: the two runs of a pair are
+    next to each other in time, so a machine's slow drift cancels in their ratio (with ``--repeat``)."""
+    return [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs, reference)
+            if a["status"] == b["status"] == "ok"]
+
+
+def spread_note(ratios: list) -> str:
+    """How far the pairs' ratios spread (several pairs only): the noise of the machine around the medians' ratio."""
+    if len(ratios) < 2:
+        return ""
+    return f" (pair by pair: {min(ratios):.2f}x to {max(ratios):.2f}x over {len(ratios)} pairs)"
+
+
 def path_result(runs: list) -> dict:
     """A path's reported run: the median of its successful runs, else its first failure."""
     ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["images_per_s"])
@@ -382,12 +396,14 @@ def main(argv) -> int:
         ref = by.get("reference", {}).get("images_per_s")
         speedup = by["fast"]["images_per_s"] / ref if ref and "fast" in by else None
         ceiling = by["fast-step"]["images_per_s"] / ref if ref and "fast-step" in by else None
+        spread = {p: pair_ratios(runs.get(p, []), runs.get("reference", [])) for p in ("fast", "fast-step")}
         failed = sorted({r["path"] for p in paths for r in runs[p] if r["status"] != "ok"}, key=PATHS.index)
         out = {"command": "simclr bench " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "commit": git_state().label, "device": device_name(device), "torch": torch.__version__,
                "args": config_lib.to_dict(args), "n_images": len(images), "image_size": images.image_size,
                "complete": final, "failed": failed,
-               "results": results, "speedup": speedup, "ceiling": ceiling, "all_runs": runs}
+               "results": results, "speedup": speedup, "ceiling": ceiling,
+               "speedup_pairs": spread["fast"], "ceiling_pairs": spread["fast-step"], "all_runs": runs}
         if args.json:  # written after every run, so a run cut short by a time limit keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(args.json), json.dumps(out, indent=2))
@@ -404,10 +420,10 @@ def main(argv) -> int:
     print("\nmedian of %d run(s) per path:" % args.repeat if args.repeat > 1 else "")
     print(format_table(out["results"]))
     if out["speedup"] is not None:
-        print(f"speed-up (fast / reference images/s): {out['speedup']:.2f}x")
+        print(f"speed-up (fast / reference images/s): {out['speedup']:.2f}x{spread_note(out['speedup_pairs'])}")
     if out["ceiling"] is not None:
         print(f"ceiling (fast-step / reference images/s: the fast path's step with no input pipeline): "
-              f"{out['ceiling']:.2f}x")
+              f"{out['ceiling']:.2f}x{spread_note(out['ceiling_pairs'])}")
     if args.json:
         print(f"wrote {args.json}")
     if out["failed"]:

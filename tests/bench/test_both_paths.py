@@ -93,8 +93,14 @@ def test_on_a_cpu_each_run_has_a_fresh_process_of_its_own(tmp_path, capsys, monk
     rc = main(["bench", "--arch", "resnet18", "--width", "8", "--batch_size", "16", "--steps", "1", "--warmup", "1",
                "--train_subset", "64", "--device", "cpu", "--workers", "0", "--repeat", "2", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
-    assert "each run in a fresh process of its own" in capsys.readouterr().out
-    runs = json.loads(out.read_text())["all_runs"]
+    text = capsys.readouterr().out
+    assert "each run in a fresh process of its own" in text
+    res = json.loads(out.read_text())
+    runs = res["all_runs"]
+    # with --repeat, the spread of the ratios pair by pair (run k of each path) beside the medians' ratio
+    pairs = [f["images_per_s"] / r["images_per_s"] for f, r in zip(runs["fast"], runs["reference"])]
+    assert res["speedup_pairs"] == pytest.approx(pairs) and len(pairs) == 2
+    assert f"(pair by pair: {min(pairs):.2f}x to {max(pairs):.2f}x over 2 pairs)" in text
     pids = [r["process"] for p in ("fast", "reference") for r in runs[p]]
     assert len(set(pids)) == 4 and os.getpid() not in pids
     assert [r["cpu_allocator"] for r in runs["reference"]] == ["default", "default"]

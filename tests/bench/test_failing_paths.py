@@ -57,6 +57,7 @@ def test_a_failing_fast_path_is_an_error_string_and_the_reference_still_runs(tmp
     assert by["reference"]["status"] == "ok" and by["reference"]["images_per_s"] > 0
     # a failed path is not repeated; the reference is
     assert len(res["all_runs"]["fast"]) == 1 and len(res["all_runs"]["reference"]) == 2
+    assert res["speedup_pairs"] == [] and res["speedup"] is None  # no pair has two successful runs
     # what older torch, the CPU allocator (its real message) and numpy raise are OOMs too
     assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
